@@ -1,0 +1,1 @@
+"""Heads (scikit-learn estimators) trained and evaluated on cached features."""

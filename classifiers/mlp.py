@@ -1,0 +1,164 @@
+"""The paper's head as a scikit-learn estimator: Dense(256, relu) → Dropout(0.5) → softmax, Adam."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import LabelEncoder
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from extract.runtime import load_keras
+
+LR_SCHEDULES = ("constant", "cosine", "plateau")
+
+
+class MLPHead(ClassifierMixin, BaseEstimator):
+    """A Keras multilayer perceptron on feature vectors.
+
+    The defaults are the paper's recipe: one hidden layer of 256 ReLU units, dropout 0.5,
+    softmax output, Adam (learning rate 1e-3), cross-entropy, batch 128, 10 epochs. Early
+    stopping watches the validation loss and restores the best weights.
+
+    `fit` takes `validation_data=(X_val, y_val)`; without it, `validation_fraction` of the
+    training rows is held out (stratified, seeded) when early stopping is on.
+    """
+
+    def __init__(
+        self,
+        hidden: Sequence[int] = (256,),
+        *,
+        dropout: float = 0.5,
+        l2: float = 0.0,
+        batch_norm: bool = False,
+        learning_rate: float = 1e-3,
+        lr_schedule: str = "constant",
+        label_smoothing: float = 0.0,
+        class_weight: str | None = None,
+        epochs: int = 10,
+        batch_size: int = 128,
+        early_stopping: bool = True,
+        patience: int = 3,
+        validation_fraction: float = 0.1,
+        random_state: int = 0,
+        verbose: int = 0,
+    ) -> None:
+        self.hidden = hidden
+        self.dropout = dropout
+        self.l2 = l2
+        self.batch_norm = batch_norm
+        self.learning_rate = learning_rate
+        self.lr_schedule = lr_schedule
+        self.label_smoothing = label_smoothing
+        self.class_weight = class_weight
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.early_stopping = early_stopping
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def _check_params(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"Expected dropout in [0, 1). Received: dropout={self.dropout}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"Expected lr_schedule in {LR_SCHEDULES}. Received: {self.lr_schedule!r}")
+        if self.class_weight not in (None, "balanced"):
+            raise ValueError(f"Expected class_weight None or 'balanced'. Received: {self.class_weight!r}")
+        if int(self.epochs) < 1 or int(self.batch_size) < 1:
+            raise ValueError(f"Expected epochs and batch_size >= 1. Received: {self.epochs}, {self.batch_size}")
+        if any(int(units) < 1 for units in self.hidden):
+            raise ValueError(f"Expected hidden sizes >= 1. Received: hidden={self.hidden}")
+
+    def _build(self, n_features: int, n_classes: int, steps: int) -> Any:
+        keras = load_keras()
+
+        regularizer = keras.regularizers.L2(self.l2) if self.l2 else None
+        layers: list[Any] = [keras.Input(shape=(n_features,))]
+        for units in self.hidden:
+            layers.append(keras.layers.Dense(int(units), activation=None if self.batch_norm else "relu",
+                                             kernel_regularizer=regularizer))
+            if self.batch_norm:
+                layers += [keras.layers.BatchNormalization(), keras.layers.Activation("relu")]
+            if self.dropout:
+                layers.append(keras.layers.Dropout(self.dropout))
+        layers.append(keras.layers.Dense(n_classes, activation="softmax",
+                                         kernel_regularizer=regularizer))
+        model = keras.Sequential(layers, name="mlp_head")
+        learning_rate: Any = float(self.learning_rate)
+        if self.lr_schedule == "cosine":
+            learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=float(self.label_smoothing)),
+            metrics=["accuracy"],
+        )
+        return model
+
+    def fit(self, X: Any, y: Any, validation_data: tuple[Any, Any] | None = None) -> "MLPHead":
+        """Train on features X (n_samples × n_features) and labels y."""
+        keras = load_keras()
+
+        self._check_params()
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
+        self.label_encoder_ = LabelEncoder().fit(y)
+        self.classes_ = self.label_encoder_.classes_
+        if len(self.classes_) < 2:
+            raise ValueError("MLPHead needs samples of at least 2 classes; got 1 class.")
+        encoded = self.label_encoder_.transform(y)
+        X_val = y_val = None
+        if validation_data is not None:
+            X_val = validate_data(self, validation_data[0], dtype=np.float32, reset=False)
+            y_val = self.label_encoder_.transform(np.asarray(validation_data[1]))
+        elif self.early_stopping and self.validation_fraction > 0 and len(X) >= 20:
+            counts = np.bincount(encoded)
+            stratify = encoded if counts.min() >= 2 else None
+            X, X_val, encoded, y_val = train_test_split(
+                X, encoded, test_size=self.validation_fraction,
+                random_state=self.random_state, stratify=stratify)
+        keras.utils.set_random_seed(int(self.random_state))
+        n_classes = len(self.classes_)
+        steps = int(self.epochs) * -(-len(X) // int(self.batch_size))
+        model = self._build(X.shape[1], n_classes, steps)
+        callbacks: list[Any] = []
+        fit_validation = None
+        if X_val is not None and len(X_val):
+            fit_validation = (X_val, keras.utils.to_categorical(y_val, n_classes))
+            if self.early_stopping:
+                callbacks.append(keras.callbacks.EarlyStopping(
+                    monitor="val_loss", patience=int(self.patience), restore_best_weights=True))
+            if self.lr_schedule == "plateau":
+                callbacks.append(keras.callbacks.ReduceLROnPlateau(
+                    monitor="val_loss", factor=0.3, patience=max(1, int(self.patience) // 2)))
+        history = model.fit(
+            X, keras.utils.to_categorical(encoded, n_classes),
+            batch_size=int(self.batch_size), epochs=int(self.epochs),
+            validation_data=fit_validation, callbacks=callbacks, shuffle=True,
+            class_weight=self._class_weights(encoded, n_classes), verbose=self.verbose,
+        )
+        self.model_ = model
+        self.history_ = {k: [float(v) for v in values] for k, values in history.history.items()}
+        self.n_iter_ = len(next(iter(self.history_.values()), []))
+        return self
+
+    def _class_weights(self, encoded: np.ndarray, n_classes: int) -> dict[int, float] | None:
+        if self.class_weight != "balanced":
+            return None
+        counts = np.bincount(encoded, minlength=n_classes).astype(float)
+        return {i: float(len(encoded) / (n_classes * c)) if c else 0.0 for i, c in enumerate(counts)}
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities, columns in the order of `classes_`."""
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
+        proba = np.asarray(self.model_.predict(X, batch_size=4096, verbose=0), dtype=np.float64)
+        return proba / proba.sum(axis=1, keepdims=True)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The most probable class of each row."""
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]

@@ -1,0 +1,278 @@
+"""headstart's command line: a thin typer app over the extract, store and classifiers packages.
+
+    python cli.py extract cifar10          # one backbone pass, features cached in HDF5
+    python cli.py fit --head mlp           # train a head on the cached features
+    python cli.py evaluate                 # test-split metrics of every head
+    python cli.py list                     # caches and heads in the store
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from store.errors import HeadstartError  # noqa: E402
+from store.store import STORE_ENV, Store  # noqa: E402
+
+app = typer.Typer(
+    help="Cache frozen backbone features in HDF5 once; train heads on them in seconds.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+StoreOption = typer.Option(
+    None, "--store", envvar=STORE_ENV, help="Store folder [default: ~/.cache/headstart].",
+    show_default=False,
+)
+CacheOption = typer.Option(
+    None, "--cache", help="Cache to use: a fingerprint prefix or a name from 'list' "
+    "[default: the most recently finished].",
+)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn HeadstartError into one sentence on stderr and exit 1; Ctrl-C into exit 130."""
+    try:
+        yield
+    except HeadstartError as error:
+        err.print(f"[red]Error:[/red] {error}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("Interrupted. Finished work is kept; run the same command again to resume.")
+        raise typer.Exit(130) from None
+
+
+def parse_options(pairs: list[str]) -> dict[str, str]:
+    """KEY=VALUE pairs from --param into a dict."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise HeadstartError(f"--param expects KEY=VALUE; got {pair!r}.")
+        options[key.strip()] = value.strip()
+    return options
+
+
+@app.command()
+def extract(
+    dataset: str = typer.Argument(..., help="A Keras dataset (cifar10, cifar100, mnist, "
+                                  "fashion_mnist) or an image folder."),
+    backbone: str = typer.Option("vgg16", help="Backbone name; see 'backbones'."),
+    weights: str = typer.Option("imagenet", help="'imagenet', 'none' (random) or a weights file."),
+    alpha: Optional[float] = typer.Option(None, help="Width multiplier (MobileNet family)."),
+    image_size: Optional[int] = typer.Option(None, help="Input size [default: the backbone's "
+                                             "native size; 32 reproduces the paper]."),
+    pooling: str = typer.Option("avg", help="avg, max or flatten (the paper's Flatten)."),
+    dtype: str = typer.Option("float16", help="Stored feature type: float16 or float32."),
+    batch_size: int = typer.Option(64, help="Images per backbone batch."),
+    test_fraction: float = typer.Option(0.2, help="Test share for DIR/<class>/* folders "
+                                        "(split by a hash of each file's path)."),
+    workers: int = typer.Option(4, min=1, max=64, help="Image decoding threads."),
+    store: Optional[Path] = StoreOption,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Run the backbone once over DATASET and cache the features (resumes if interrupted).
+
+    Example: python cli.py extract ../shared/data/cifar10-mini --backbone mobilenet --alpha 0.25
+    --weights ../shared/weights/mobilenet_2_5_224_tf_no_top.h5 --image-size 128
+    """
+    from extract.backbones import Weights, get_backbone
+    from extract.datasets import open_dataset
+    from extract.pipeline import ExtractionPlan, extract_features
+
+    with user_errors():
+        the_store = Store(store)
+        spec = get_backbone(backbone)
+        plan = ExtractionPlan(
+            dataset=open_dataset(dataset, test_fraction),
+            backbone=spec,
+            weights=Weights.parse(weights),
+            image_size=image_size or spec.native_size,
+            pooling=pooling,
+            alpha=alpha,
+            dtype=dtype,
+            batch_size=batch_size,
+            workers=workers,
+        )
+        sizes = ", ".join(f"{len(s)} {n}" for n, s in plan.dataset.splits.items())
+        err.print(f"Dataset {plan.dataset.name}: {len(plan.dataset.class_names)} classes, {sizes} images.")
+        result = extract_features(plan, the_store, progress=not quiet)
+    cache = result.cache
+    if result.reused:
+        out.print(f"Reused cache {cache.name} ({cache.short_id}): no backbone pass needed.")
+    else:
+        out.print(f"Extracted {result.computed} images in {result.seconds:.1f} s "
+                  f"({result.images_per_second:.0f} images/s).")
+    rows = ", ".join(f"{n} {r}" for n, r in cache.split_sizes.items())
+    out.print(f"Features: {rows} rows x {cache.width} ({cache.dtype}).")
+    if result.skipped:
+        out.print(f"Skipped {len(result.skipped)} unusable files:")
+        for item in result.skipped[:20]:
+            out.print(f"  {item['split']}/{item['id']}: {item['reason']}")
+        if len(result.skipped) > 20:
+            out.print(f"  ... and {len(result.skipped) - 20} more (all listed in the cache).")
+    out.print(f"Cache written to {cache.path}")
+
+
+@app.command()
+def fit(
+    head: str = typer.Option("mlp", help="Head kind; see 'heads'."),
+    param: List[str] = typer.Option([], "--param", "-p", help="Head option KEY=VALUE "
+                                    "(repeatable), e.g. -p epochs=20 -p hidden=512,256."),
+    name: Optional[str] = typer.Option(None, help="Save under this name [default: the kind]."),
+    cache: Optional[str] = CacheOption,
+    store: Optional[Path] = StoreOption,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch progress."),
+) -> None:
+    """Train a head on cached training features and save it beside the cache.
+
+    Example: python cli.py fit --head mlp -p epochs=10 -p dropout=0.5
+    """
+    from classifiers.training import fit_head
+
+    with user_errors():
+        the_store = Store(store)
+        chosen = the_store.find_cache(cache)
+        options = parse_options(param)
+        err.print(f"Fitting {head} on cache {chosen.name} ({chosen.short_id}), "
+                  f"{chosen.split_sizes['train']} training rows x {chosen.width}.")
+        verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
+        record, sidecar = fit_head(the_store, chosen, head, options, name, verbose=verbose)
+    metrics = record["metrics"]
+    out.print(f"Fitted {head} in {record['fit_seconds']:.1f} s: validation accuracy "
+              f"{metrics['validation']['accuracy']:.4f}, test accuracy "
+              f"{metrics['test']['accuracy']:.4f}.")
+    out.print(f"Head saved to {sidecar}")
+
+
+@app.command()
+def evaluate(
+    head: List[str] = typer.Option([], help="Head name (repeatable) [default: all heads]."),
+    cache: Optional[str] = CacheOption,
+    store: Optional[Path] = StoreOption,
+    as_json: bool = typer.Option(False, "--json", help="Print the full reports as JSON."),
+) -> None:
+    """Score heads on the test split: accuracy, top-5, per-class P/R/F1, confusion matrix.
+
+    Example: python cli.py evaluate --head mlp --json
+    """
+    from classifiers.training import evaluate_heads
+
+    with user_errors():
+        the_store = Store(store)
+        chosen = the_store.find_cache(cache)
+        reports = evaluate_heads(the_store, chosen, head or None)
+        if not reports:
+            raise HeadstartError(
+                f"No heads are fitted on cache {chosen.name}; run 'python cli.py fit --head mlp'.")
+    if as_json:
+        print(json.dumps(reports, indent=2))
+        return
+    out.print(f"Cache {chosen.name} ({chosen.short_id}), test split:")
+    for report in reports:
+        _print_report(report, chosen.class_names)
+
+
+def _print_report(report: dict, class_names: list[str]) -> None:
+    top5 = f", top-5 {report['top5_accuracy']:.4f}" if "top5_accuracy" in report else ""
+    out.print(f"\n[bold]{report['head']}[/bold] ({report['kind']}): accuracy "
+              f"{report['accuracy']:.4f}{top5} on {report['rows']} rows")
+    table = Table("class", "precision", "recall", "f1", "support", box=None)
+    for name, row in report["per_class"].items():
+        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}",
+                      f"{row['f1']:.3f}", str(row["support"]))
+    out.print(table)
+    matrix = Table("true \\ predicted", *[n[:6] for n in class_names], box=None)
+    for name, row in zip(class_names, report["confusion_matrix"]):
+        matrix.add_row(name, *[str(v) for v in row])
+    out.print(matrix)
+
+
+@app.command("list")
+def list_command(
+    store: Optional[Path] = StoreOption,
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """List caches (dataset, backbone, size, rows, dtype, disk size) and fitted heads."""
+    from store.heads import list_heads
+
+    with user_errors():
+        the_store = Store(store)
+        caches = the_store.caches()
+        heads = list_heads(the_store)
+        unfinished = the_store.unfinished()
+    if as_json:
+        print(json.dumps({"store": str(the_store.root), "caches": [c.summary() for c in caches],
+                          "heads": heads, "unfinished": [str(p) for p in unfinished]}, indent=2))
+        return
+    out.print(f"Store {the_store.root}")
+    table = Table("cache", "id", "backbone", "size", "pooling", "rows (train/test)", "width",
+                  "dtype", "disk", "skipped", title="Caches", title_justify="left")
+    for c in caches:
+        s = c.summary()
+        table.add_row(c.name, c.short_id, s["backbone"], str(s["image_size"]), s["pooling"],
+                      "/".join(str(v) for v in s["rows"].values()), str(s["width"]), s["dtype"],
+                      _size(s["disk_bytes"]), str(s["skipped"]))
+    out.print(table if caches else "No caches yet: run 'python cli.py extract DATASET'.")
+    if unfinished:
+        out.print(f"{len(unfinished)} unfinished extraction(s); rerun their extract command to resume.")
+    heads_table = Table("head", "kind", "cache", "val acc", "test acc", "fit s", title="Heads",
+                        title_justify="left")
+    for h in heads:
+        m = h.get("metrics", {})
+        heads_table.add_row(h["name"], h.get("kind", "?"), f"{h['cache_name']} ({h['cache'][:12]})",
+                            f"{m.get('validation', {}).get('accuracy', float('nan')):.4f}",
+                            f"{m.get('test', {}).get('accuracy', float('nan')):.4f}",
+                            f"{h.get('fit_seconds', 0):.1f}")
+    out.print(heads_table if heads else "No heads yet: run 'python cli.py fit --head mlp'.")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def backbones() -> None:
+    """List the registered backbones with input size and feature width."""
+    from extract.backbones import backbone_names, get_backbone
+
+    table = Table("backbone", "native size", "min size", "avg/max width", "alpha", "preprocess_input")
+    for name in backbone_names():
+        b = get_backbone(name)
+        table.add_row(name, str(b.native_size), str(b.min_size), str(b.width),
+                      ",".join(str(a) for a in b.alphas) or "-",
+                      b.preprocessing(b.native_size).preprocess_input)
+    out.print(table)
+
+
+@app.command()
+def heads() -> None:
+    """List the head kinds and their options with defaults (set them with fit -p KEY=VALUE)."""
+    from classifiers.registry import HEADS
+
+    for kind in HEADS.values():
+        out.print(f"[bold]{kind.name}[/bold]: {kind.summary}")
+        for option, default in kind.defaults().items():
+            out.print(f"    {option} = {default}")
+
+
+if __name__ == "__main__":
+    app()

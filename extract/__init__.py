@@ -1,0 +1,1 @@
+"""Datasets, backbones and the one backbone pass that fills a feature cache."""

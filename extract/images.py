@@ -1,0 +1,86 @@
+"""Decoding image files into RGB arrays, safely.
+
+Every image, whether read from a folder, a Keras array or an upload, goes through `to_rgb` and
+`resize`, so training and inference see identical pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: File name endings treated as images; anything else in a class folder is ignored.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+#: Images with more pixels than this are refused before decoding (below Pillow's own
+#: decompression-bomb limit, so Pillow never warns first).
+MAX_PIXELS = 64_000_000
+
+RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class BadImage(Exception):
+    """An image that cannot be used; the message is the reason shown in reports."""
+
+
+def is_image_file(path: Path) -> bool:
+    """True for files whose name ends in a known image suffix (case-insensitive)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Apply EXIF rotation and convert any mode (grey, palette, CMYK, alpha, 16-bit) to 8-bit RGB."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode != "F" and values.max(initial=0) > 255 else 255.0
+        if image.mode == "F":
+            peak = max(float(values.max(initial=0)), 1.0)
+        image = Image.fromarray(np.clip(values * (255.0 / peak), 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open and fully decode an image file as RGB, or raise BadImage with the reason."""
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage("empty file (0 bytes)")
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise BadImage(
+                    f"too large to decode safely ({width}x{height} pixels, limit {MAX_PIXELS:,})"
+                )
+            image.load()
+            return to_rgb(image)
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as error:
+        raise BadImage(f"too large to decode safely ({error})") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image file Pillow can read") from None
+    except PermissionError:
+        raise BadImage("cannot be read (permission denied)") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        text = str(error) or type(error).__name__
+        if "truncated" in text.lower():
+            raise BadImage("truncated image file") from None
+        raise BadImage(f"cannot be decoded ({text})") from None
+
+
+def resize(image: Image.Image, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Squash an RGB image to size x size pixels; returns a uint8 array of shape (size, size, 3)."""
+    if image.size != (size, size):
+        image = image.resize((size, size), RESAMPLING[interpolation])
+    return np.asarray(image, dtype=np.uint8)

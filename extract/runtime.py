@@ -1,0 +1,38 @@
+"""Importing Keras (TensorFlow) once, without its start-up chatter on stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from types import ModuleType
+from typing import Iterator
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null; C++ start-up logs go there, exceptions do not."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@functools.lru_cache(maxsize=1)
+def load_keras() -> ModuleType:
+    """Import Keras and initialise TensorFlow's devices quietly; returns the keras module."""
+    with _stderr_silenced():
+        import keras
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    return keras

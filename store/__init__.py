@@ -1,0 +1,1 @@
+"""The feature store: finished HDF5 caches, resumable partial ones, and fitted heads."""

@@ -1,0 +1,131 @@
+"""Reading a finished feature cache."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from store import layout
+from store.errors import HeadstartError
+
+
+class FeatureCache:
+    """A finished, read-only feature cache. Opening it checks its format and version."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            with h5py.File(self.path, "r") as handle:
+                attrs = dict(handle.attrs)
+                self._check_format(attrs)
+                self.class_names = [c.decode() if isinstance(c, bytes) else str(c)
+                                    for c in handle["classes"][...]]
+                self.split_sizes = {s: int(handle[s]["labels"].shape[0])
+                                    for s in layout.SPLITS if s in handle}
+                first = handle[next(iter(self.split_sizes))]["features"]
+                self.width = int(first.shape[1])
+                self.dtype = str(first.dtype)
+                skipped = handle["skipped"]
+                self.skipped = [
+                    {"split": s.decode(), "id": i.decode(), "reason": r.decode()}
+                    for s, i, r in zip(skipped["split"][...], skipped["id"][...],
+                                       skipped["reason"][...])
+                ]
+        except (OSError, KeyError) as error:
+            raise HeadstartError(f"{self.path} is not a readable headstart cache ({error}).") from None
+        self.fingerprint = str(attrs["fingerprint"])
+        self.inputs: dict[str, Any] = json.loads(attrs["inputs"])
+        self.preprocessing: dict[str, Any] = json.loads(attrs["preprocessing"])
+        self.libraries: dict[str, str] = json.loads(attrs["libraries"])
+        self.created = str(attrs["created"])
+        self.dataset = str(attrs["dataset"])
+        self.version = str(attrs["encoding-version"])
+
+    def _check_format(self, attrs: dict[str, Any]) -> None:
+        if attrs.get("encoding-type") != layout.ENCODING_TYPE:
+            raise HeadstartError(f"{self.path} is not a headstart feature cache.")
+        version = str(attrs.get("encoding-version", "?"))
+        if layout.major(version) != layout.major(layout.ENCODING_VERSION):
+            raise HeadstartError(
+                f"Cache {self.path.name} has format version {version}, but this headstart reads "
+                f"version {layout.ENCODING_VERSION}; upgrade headstart, or delete the cache and "
+                "extract again."
+            )
+
+    @property
+    def short_id(self) -> str:
+        """The first 12 hex digits of the fingerprint, as shown to users."""
+        return self.fingerprint[:12]
+
+    @cached_property
+    def name(self) -> str:
+        """A readable name: dataset, backbone, alpha, size and pooling."""
+        inputs = self.inputs
+        backbone = inputs["backbone"]
+        if inputs.get("alpha") is not None:
+            backbone += f"-a{inputs['alpha']}"
+        weights = str(inputs["weights"])
+        suffix = "" if weights.startswith("keras-imagenet") else (
+            "-random" if weights.startswith("random") else "-" + weights.split(":")[-1][:6])
+        return f"{self.dataset}_{backbone}{suffix}_{inputs['image_size']}_{inputs['pooling']}"
+
+    def features(self, split: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """Features of a split (or of some of its rows) as float32."""
+        with h5py.File(self.path, "r") as handle:
+            data = self._split(handle, split)["features"]
+            values = data[...] if rows is None else data[rows]
+        return np.asarray(values, dtype=np.float32)
+
+    def labels(self, split: str) -> np.ndarray:
+        """Integer labels of a split, indexing `class_names`."""
+        with h5py.File(self.path, "r") as handle:
+            return np.asarray(self._split(handle, split)["labels"][...], dtype=np.int64)
+
+    def ids(self, split: str) -> np.ndarray:
+        """Sample ids of a split, as an array of str."""
+        with h5py.File(self.path, "r") as handle:
+            return self._split(handle, split)["ids"].asstr()[...].astype(str)
+
+    def iter_feature_blocks(self, split: str) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 block) over a split, one HDF5 chunk-row block at a time."""
+        with h5py.File(self.path, "r") as handle:
+            data = self._split(handle, split)["features"]
+            step = data.chunks[0] if data.chunks else 4096
+            for start in range(0, data.shape[0], step):
+                yield start, np.asarray(data[start:start + step], dtype=np.float32)
+
+    def _split(self, handle: h5py.File, split: str) -> h5py.Group:
+        if split not in handle:
+            raise HeadstartError(f"Cache {self.name} has no {split!r} split.")
+        return handle[split]
+
+    @property
+    def disk_bytes(self) -> int:
+        """Size of the cache file on disk."""
+        return self.path.stat().st_size
+
+    def summary(self) -> dict[str, Any]:
+        """The facts `list` shows, as plain JSON values."""
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "dataset": self.dataset,
+            "backbone": self.inputs["backbone"],
+            "alpha": self.inputs.get("alpha"),
+            "weights": self.inputs["weights"],
+            "image_size": self.inputs["image_size"],
+            "pooling": self.inputs["pooling"],
+            "width": self.width,
+            "dtype": self.dtype,
+            "rows": self.split_sizes,
+            "classes": len(self.class_names),
+            "skipped": len(self.skipped),
+            "disk_bytes": self.disk_bytes,
+            "created": self.created,
+            "path": str(self.path),
+        }

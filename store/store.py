@@ -1,0 +1,120 @@
+"""A store: one folder holding finished caches, unfinished ones, and fitted heads.
+
+    STORE/caches/<fingerprint>.h5        finished caches, one HDF5 file each
+    STORE/caches/<fingerprint>.partial/  an extraction in progress (segments + manifest)
+    STORE/caches/<fingerprint>.lock      held while a process writes that cache
+    STORE/heads/<fingerprint[:16]>/      fitted heads of that cache (model file + JSON sidecar)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+from store.cache import FeatureCache
+from store.errors import HeadstartError
+
+STORE_ENV = "HEADSTART_STORE"
+
+
+def default_store_root() -> Path:
+    """$HEADSTART_STORE, else $XDG_CACHE_HOME/headstart, else ~/.cache/headstart."""
+    if os.environ.get(STORE_ENV):
+        return Path(os.environ[STORE_ENV]).expanduser()
+    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache_home) / "headstart"
+
+
+class Store:
+    """The caches and heads below one root folder."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root).expanduser() if root else default_store_root()
+        if self.root.exists() and not self.root.is_dir():
+            raise HeadstartError(f"Store {self.root} is a file, not a folder.")
+
+    @property
+    def caches_dir(self) -> Path:
+        return self.root / "caches"
+
+    @property
+    def heads_dir(self) -> Path:
+        return self.root / "heads"
+
+    def cache_path(self, fingerprint: str) -> Path:
+        """Where the finished cache with this fingerprint lives."""
+        return self.caches_dir / f"{fingerprint}.h5"
+
+    def partial_dir(self, fingerprint: str) -> Path:
+        """Where an unfinished extraction of this fingerprint keeps its segments."""
+        return self.caches_dir / f"{fingerprint}.partial"
+
+    def head_dir(self, cache: FeatureCache) -> Path:
+        """The folder of the heads fitted on `cache`."""
+        return self.heads_dir / cache.fingerprint[:16]
+
+    def finished(self, fingerprint: str) -> FeatureCache | None:
+        """The finished cache with this fingerprint, if there is one."""
+        path = self.cache_path(fingerprint)
+        return FeatureCache(path) if path.is_file() else None
+
+    def caches(self) -> list[FeatureCache]:
+        """Every finished cache, oldest first."""
+        if not self.caches_dir.is_dir():
+            return []
+        found = [FeatureCache(p) for p in self.caches_dir.glob("*.h5")
+                 if re.fullmatch(r"[0-9a-f]{64}", p.stem)]
+        return sorted(found, key=lambda c: (c.created, c.fingerprint))
+
+    def unfinished(self) -> list[Path]:
+        """Folders of extractions that were started and have not finished."""
+        if not self.caches_dir.is_dir():
+            return []
+        return sorted(self.caches_dir.glob("*.partial"))
+
+    def find_cache(self, selector: str | None = None) -> FeatureCache:
+        """The cache named by a fingerprint prefix or a readable name; by default the newest."""
+        caches = self.caches()
+        if not caches:
+            raise HeadstartError(
+                f"No finished cache in store {self.root}; run 'python cli.py extract DATASET' first."
+            )
+        if selector is None:
+            return caches[-1]
+        matches = [c for c in caches if c.name == selector]
+        if not matches and re.fullmatch(r"[0-9a-fA-F]{4,64}", selector):
+            matches = [c for c in caches if c.fingerprint.startswith(selector.lower())]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            known = ", ".join(f"{c.name} ({c.short_id})" for c in caches)
+            raise HeadstartError(f"No cache matches {selector!r}; caches in this store: {known}.")
+        names = ", ".join(c.short_id for c in matches)
+        raise HeadstartError(
+            f"{selector!r} matches several caches ({names}); give a longer fingerprint prefix."
+        )
+
+    @contextlib.contextmanager
+    def writing(self, fingerprint: str) -> Iterator[None]:
+        """Hold the write lock of one cache; a second writer stops with a clear message."""
+        self.caches_dir.mkdir(parents=True, exist_ok=True)
+        lock_path = self.caches_dir / f"{fingerprint}.lock"
+        with open(lock_path, "a+") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno in (errno.EAGAIN, errno.EACCES):
+                    raise HeadstartError(
+                        f"Another headstart process is writing cache {fingerprint[:12]} right "
+                        "now; wait for it to finish (its work will be reused)."
+                    ) from None
+                raise
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
