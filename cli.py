@@ -82,6 +82,14 @@ def extract(
     test_fraction: float = typer.Option(0.2, help="Test share for DIR/<class>/* folders "
                                         "(split by a hash of each file's path)."),
     workers: int = typer.Option(4, min=1, max=64, help="Image decoding threads."),
+    augment: int = typer.Option(0, min=0, max=64, help="Also cache K augmented views of every "
+                                "training image (test images are never augmented)."),
+    aug_rotation: float = typer.Option(15.0, help="View rotation range, degrees."),
+    aug_shift: float = typer.Option(0.1, help="View shift range, fraction of the size."),
+    aug_zoom: float = typer.Option(0.2, help="View zoom range, fraction."),
+    aug_flip: bool = typer.Option(True, help="Random horizontal flips in views."),
+    aug_contrast: float = typer.Option(0.0, help="View contrast range (0 = off)."),
+    aug_seed: int = typer.Option(0, help="Seed of the views."),
     store: Optional[Path] = StoreOption,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -90,11 +98,14 @@ def extract(
     Example: python cli.py extract ../shared/data/cifar10-mini --backbone mobilenet --alpha 0.25
     --weights ../shared/weights/mobilenet_2_5_224_tf_no_top.h5 --image-size 128
     """
+    from extract.augment import Augmentation
     from extract.backbones import Weights, get_backbone
     from extract.datasets import open_dataset
-    from extract.pipeline import ExtractionPlan, extract_features
+    from extract.pipeline import ExtractionPlan, extract_features, extract_views
 
     with user_errors():
+        augmentation = Augmentation(aug_rotation, aug_shift, aug_zoom, aug_flip, aug_contrast,
+                                    aug_seed) if augment else None
         the_store = Store(store)
         spec = get_backbone(backbone)
         plan = ExtractionPlan(
@@ -111,6 +122,8 @@ def extract(
         sizes = ", ".join(f"{len(s)} {n}" for n, s in plan.dataset.splits.items())
         err.print(f"Dataset {plan.dataset.name}: {len(plan.dataset.class_names)} classes, {sizes} images.")
         result = extract_features(plan, the_store, progress=not quiet)
+        views = (extract_views(plan, augmentation, augment, the_store, progress=not quiet)
+                 if augmentation else [])
     cache = result.cache
     if result.reused:
         out.print(f"Reused cache {cache.name} ({cache.short_id}): no backbone pass needed.")
@@ -126,6 +139,46 @@ def extract(
         if len(result.skipped) > 20:
             out.print(f"  ... and {len(result.skipped) - 20} more (all listed in the cache).")
     out.print(f"Cache written to {cache.path}")
+    if views:
+        made = sum(not v.reused for v in views)
+        out.print(f"Augmented views: {len(views)} of every training image ({made} computed now, "
+                  f"{len(views) - made} reused), settings {augmentation.key}; written to "
+                  f"{the_store.caches_dir} (one file per view).")
+
+
+@app.command("show-augment")
+def show_augment(
+    dataset: str = typer.Argument(..., help="Dataset, as for extract."),
+    image_size: int = typer.Option(128, help="Image size, as for extract."),
+    backbone: str = typer.Option("vgg16", help="Backbone (its preprocessing sizes the images)."),
+    count: int = typer.Option(8, help="Images (rows)."),
+    views: int = typer.Option(4, help="Views per image (columns after the original)."),
+    aug_rotation: float = typer.Option(15.0, help="Rotation range, degrees."),
+    aug_shift: float = typer.Option(0.1, help="Shift range, fraction of the size."),
+    aug_zoom: float = typer.Option(0.2, help="Zoom range, fraction."),
+    aug_flip: bool = typer.Option(True, help="Random horizontal flips."),
+    aug_contrast: float = typer.Option(0.0, help="Contrast range (0 = off)."),
+    aug_seed: int = typer.Option(0, help="Seed of the views."),
+    test_fraction: float = typer.Option(0.2, help="As for extract."),
+    output: Path = typer.Option(Path("augment.png"), "--out", help="PNG file to write."),
+) -> None:
+    """Write a PNG grid of training images beside their augmented views, made as extract makes them.
+
+    Example: python cli.py show-augment ../shared/data/cifar10-mini --image-size 64 --out aug.png
+    """
+    from extract.augment import Augmentation
+    from extract.backbones import get_backbone
+    from extract.datasets import open_dataset
+    from extract.preview import augmentation_grid, save_png
+
+    with user_errors():
+        augmentation = Augmentation(aug_rotation, aug_shift, aug_zoom, aug_flip, aug_contrast,
+                                    aug_seed)
+        preprocessing = get_backbone(backbone).preprocessing(image_size)
+        grid = augmentation_grid(open_dataset(dataset, test_fraction), preprocessing,
+                                 augmentation, count, views)
+        path = save_png(grid, output)
+    out.print(f"Augmentation grid ({count} images x {views} views) written to {path.resolve()}")
 
 
 @app.command()
@@ -134,6 +187,8 @@ def fit(
     param: List[str] = typer.Option([], "--param", "-p", help="Head option KEY=VALUE "
                                     "(repeatable), e.g. -p epochs=20 -p hidden=512,256."),
     name: Optional[str] = typer.Option(None, help="Save under this name [default: the kind]."),
+    augmented: bool = typer.Option(False, "--augmented", help="Also train on the cache's "
+                                   "augmented views (made with extract --augment K)."),
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch progress."),
@@ -151,12 +206,55 @@ def fit(
         err.print(f"Fitting {head} on cache {chosen.name} ({chosen.short_id}), "
                   f"{chosen.split_sizes['train']} training rows x {chosen.width}.")
         verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
-        record, sidecar = fit_head(the_store, chosen, head, options, name, verbose=verbose)
+        record, sidecar = fit_head(the_store, chosen, head, options, name, verbose=verbose,
+                                   augmented=augmented)
     metrics = record["metrics"]
     out.print(f"Fitted {head} in {record['fit_seconds']:.1f} s: validation accuracy "
               f"{metrics['validation']['accuracy']:.4f}, test accuracy "
               f"{metrics['test']['accuracy']:.4f}.")
     out.print(f"Head saved to {sidecar}")
+
+
+@app.command()
+def finetune(
+    head: str = typer.Option("mlp", help="A fitted Keras head of the cache."),
+    unfreeze: str = typer.Option("2", help="Top backbone blocks to train, or 'all'."),
+    epochs: int = typer.Option(3, help="Epochs (early stopping on the validation split)."),
+    learning_rate: float = typer.Option(1e-5, help="Adam learning rate (keep it low)."),
+    batch_size: int = typer.Option(32, help="Images per batch."),
+    patience: int = typer.Option(2, help="Early-stopping patience, epochs."),
+    augment: bool = typer.Option(True, help="Augment training images on the fly."),
+    weights: Optional[str] = typer.Option(None, help="The cache's weights file, if it moved."),
+    dataset: Optional[str] = typer.Option(None, help="The cache's dataset, if it moved."),
+    cache: Optional[str] = CacheOption,
+    store: Optional[Path] = StoreOption,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress."),
+) -> None:
+    """Fine-tune backbone + head end to end, then re-extract a new cache from the new weights.
+
+    Example: python cli.py finetune --head mlp --unfreeze 2 --epochs 3
+    """
+    from classifiers.finetune import FinetuneSettings, finetune as run_finetune, parse_unfreeze
+    from classifiers.finetune import print_progress_note
+
+    with user_errors():
+        the_store = Store(store)
+        chosen = the_store.find_cache(cache)
+        settings = FinetuneSettings(parse_unfreeze(unfreeze), epochs, learning_rate, batch_size,
+                                    patience, augment)
+        err.print(f"Fine-tuning {head} of cache {chosen.name} ({chosen.short_id}).")
+        if not quiet:
+            print_progress_note()
+        result = run_finetune(the_store, chosen, head, settings, weights, dataset,
+                              verbose=0 if quiet else (1 if sys.stdout.isatty() else 2))
+    record = result.record
+    out.print(f"Trained {len(record['unfrozen_layers'])} backbone layers + head in "
+              f"{record['train_seconds']:.0f} s.")
+    out.print(f"Test accuracy: original head on original cache {record['test_before']['accuracy']:.4f}"
+              f" -> fine-tuned model {record['test_after']['accuracy']:.4f}.")
+    out.print(f"Run record and weights: {result.run_dir}")
+    out.print(f"Refreshed cache {result.cache.name} ({result.cache.short_id}): {result.cache.path}")
+    out.print(f"Fine-tuned head saved to {result.head_sidecar}")
 
 
 @app.command()

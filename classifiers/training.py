@@ -13,6 +13,7 @@ from classifiers.evaluation import accuracy_figures, classification_report, full
 from classifiers.persistence import load_fitted_head, save_fitted_head
 from classifiers.registry import get_head_kind
 from store.cache import FeatureCache
+from store.errors import HeadstartError
 from store.fingerprint import unit_fraction
 from store.heads import check_head_name, list_heads
 from store.store import Store
@@ -32,11 +33,44 @@ def head_proba(estimator: Any, X: np.ndarray, n_classes: int) -> np.ndarray:
     return full_proba(estimator.predict_proba(X), estimator.classes_, n_classes)
 
 
+def augmented_views(store: Store, cache: FeatureCache) -> list[FeatureCache]:
+    """The cached views of `cache` with the newest augmentation settings."""
+    views = store.views_of(cache)
+    if not views:
+        raise HeadstartError(
+            f"Cache {cache.name} has no augmented views; run its extract command again with "
+            "--augment K first.")
+    newest = max(views, key=lambda v: v.created).augmentation
+    return [v for v in views if v.augmentation == newest]
+
+
+def training_rows(store: Store, cache: FeatureCache, augmented: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(X_fit, y_fit, X_val, y_val, view caches used) for training a head on `cache`.
+
+    Validation rows are original images picked by sample id; with `augmented`, the views of
+    the other training images are added to the fit rows and no view of a validation image is.
+    """
+    X = cache.features("train")
+    y = cache.labels("train")
+    held_out = validation_mask(cache.ids("train"))
+    X_fit, y_fit = [X[~held_out]], [y[~held_out]]
+    used: list[str] = []
+    if augmented:
+        for view in augmented_views(store, cache):
+            keep = ~validation_mask(view.ids("train"))
+            X_fit.append(view.features("train")[keep])
+            y_fit.append(view.labels("train")[keep])
+            used.append(view.fingerprint)
+    return np.concatenate(X_fit), np.concatenate(y_fit), X[held_out], y[held_out], used
+
+
 def fit_head(store: Store, cache: FeatureCache, kind_name: str,
              options: dict[str, str] | None = None, name: str | None = None,
-             verbose: int = 0) -> tuple[dict[str, Any], Path]:
+             verbose: int = 0, augmented: bool = False) -> tuple[dict[str, Any], Path]:
     """Fit one head on the cache's training rows (minus the validation rows) and save it.
 
+    With `augmented`, the cached augmented views of the training images are trained on too.
     Returns the sidecar record and its path. Validation and test accuracy are recorded.
     """
     kind = get_head_kind(kind_name)
@@ -44,26 +78,24 @@ def fit_head(store: Store, cache: FeatureCache, kind_name: str,
     estimator = kind.create(options)
     if kind.file_format == "keras" and verbose:
         estimator.set_params(verbose=verbose)
-    X = cache.features("train")
-    y = cache.labels("train")
-    held_out = validation_mask(cache.ids("train"))
-    fit_rows = ~held_out
+    X_fit, y_fit, X_val, y_val, views = training_rows(store, cache, augmented)
     n_classes = len(cache.class_names)
     started = time.perf_counter()
     if kind.file_format == "keras":
-        estimator.fit(X[fit_rows], y[fit_rows], validation_data=(X[held_out], y[held_out]))
+        estimator.fit(X_fit, y_fit, validation_data=(X_val, y_val))
     else:
-        estimator.fit(X[fit_rows], y[fit_rows])
+        estimator.fit(X_fit, y_fit)
     fit_seconds = time.perf_counter() - started
     metrics = {
-        "validation": accuracy_figures(y[held_out], head_proba(estimator, X[held_out], n_classes)),
+        "validation": accuracy_figures(y_val, head_proba(estimator, X_val, n_classes)),
         "test": accuracy_figures(cache.labels("test"),
                                  head_proba(estimator, cache.features("test"), n_classes)),
     }
     record = {
         "classes": cache.class_names,
         "fit_seconds": round(fit_seconds, 3),
-        "rows": {"train": int(fit_rows.sum()), "validation": int(held_out.sum())},
+        "rows": {"train": int(len(y_fit)), "validation": int(len(y_val))},
+        "views": views,
         "metrics": metrics,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

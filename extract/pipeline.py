@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -14,6 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from extract.augment import Augmentation
 from extract.backbones import Backbone, Weights, build_feature_model, check_options
 from extract.datasets import SPLITS, Dataset
 from extract.images import BadImage
@@ -46,6 +48,10 @@ class ExtractionPlan:
     batch_size: int = 64
     workers: int = 4
     compression: str | None = None
+    augmentation: Augmentation | None = None  # set for a cache of augmented training views
+    view: int = 0
+    base: "ExtractionPlan | None" = None  # the plan of the cache these views belong to
+    lineage: dict[str, Any] | None = None  # e.g. the parent cache of a fine-tuned backbone
 
     def __post_init__(self) -> None:
         check_options(self.backbone, self.alpha, self.image_size, self.pooling)
@@ -60,9 +66,22 @@ class ExtractionPlan:
     def preprocessing(self) -> Preprocessing:
         return self.backbone.preprocessing(self.image_size, self.interpolation)
 
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """Views are made of training images only; test images are never augmented."""
+        return ("train",) if self.augmentation else SPLITS
+
+    def view_plans(self, augmentation: Augmentation, count: int) -> list["ExtractionPlan"]:
+        """Plans for views 0..count-1 of this plan's training images."""
+        return [dataclasses.replace(self, augmentation=augmentation, view=v, base=self)
+                for v in range(count)]
+
     @cached_property
     def inputs(self) -> dict[str, Any]:
         """The fingerprint inputs (reading every file once for the dataset digest)."""
+        if self.base is not None and self.augmentation is not None:
+            return {**self.base.inputs, "augmentation": self.augmentation.to_dict(),
+                    "view": self.view, "splits": list(self.splits)}
         source = {k: v for k, v in self.dataset.source.items() if k != "path"}
         return {
             "dataset": {"digest": self.dataset.content_digest(), "source": source,
@@ -123,8 +142,8 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
             store.cache_path(plan.fingerprint),
             attrs=_cache_attrs(plan),
             class_names=dataset.class_names,
-            split_ids={s: dataset.splits[s].ids for s in SPLITS},
-            split_labels={s: dataset.splits[s].labels for s in SPLITS},
+            split_ids={s: dataset.splits[s].ids for s in plan.splits},
+            split_labels={s: dataset.splits[s].labels for s in plan.splits},
             width=width,
             dtype=plan.dtype,
             compression=plan.compression,
@@ -143,7 +162,7 @@ def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
     """
     todo = [
         (split, k)
-        for split in SPLITS
+        for split in plan.splits
         for k in range(partial.segment_count(len(plan.dataset.splits[split])))
         if not partial.has_segment(split, k)
     ]
@@ -163,7 +182,8 @@ def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
     try:
         with ThreadPoolExecutor(max_workers=plan.workers) as pool:
             for split, k, loads in _prefetch(plan, partial, pool, todo):
-                segment = _compute_segment(plan, model, loads, width, bar)
+                first_row = _segment_rows(plan, partial, split, k).start
+                segment = _compute_segment(plan, model, loads, width, bar, split, first_row)
                 partial.write_segment(split, k, segment)
                 computed += len(segment.rows) + len(segment.skipped_rows)
     finally:
@@ -205,28 +225,30 @@ def _prefetch(
 
 
 def _compute_segment(plan: ExtractionPlan, model: Any, loads: list[Future], width: int,
-                     bar: Any) -> Segment:
-    """Run the backbone over one segment's decoded images, a batch at a time."""
-    features: list[np.ndarray] = []
+                     bar: Any, split: str, first_row: int) -> Segment:
+    """Run the backbone over one segment's decoded (and, for views, augmented) images."""
     rows: list[int] = []
+    pixels: list[np.ndarray] = []
     skipped_rows: list[int] = []
     reasons: list[str] = []
-    for start in range(0, len(loads), plan.batch_size):
-        batch_rows, pixels = [], []
-        for future in loads[start:start + plan.batch_size]:
-            row, image, reason = future.result()
-            if image is None:
-                skipped_rows.append(row)
-                reasons.append(reason)
-            else:
-                batch_rows.append(row)
-                pixels.append(image)
-        if pixels:
-            batch = plan.preprocessing.apply(np.stack(pixels))
-            output = np.asarray(model.predict_on_batch(batch))
-            features.append(output.reshape(len(pixels), -1).astype(plan.dtype))
-            rows.extend(batch_rows)
-        bar.update(min(plan.batch_size, len(loads) - start))
+    for future in loads:
+        row, image, reason = future.result()
+        if image is None:
+            skipped_rows.append(row)
+            reasons.append(reason)
+        else:
+            rows.append(row)
+            pixels.append(image)
+    images = np.stack(pixels) if pixels else np.zeros((0, plan.image_size, plan.image_size, 3), np.uint8)
+    if plan.augmentation is not None and len(images):
+        images = plan.augmentation.apply(images, plan.view, split, first_row)
+    features: list[np.ndarray] = []
+    for start in range(0, len(images), plan.batch_size):
+        batch = plan.preprocessing.apply(images[start:start + plan.batch_size])
+        output = np.asarray(model.predict_on_batch(batch))
+        features.append(output.reshape(len(batch), -1).astype(plan.dtype))
+        bar.update(len(batch))
+    bar.update(len(skipped_rows))
     return Segment(
         np.concatenate(features) if features else np.zeros((0, width), dtype=plan.dtype),
         np.asarray(rows, dtype=np.int64),
@@ -237,7 +259,7 @@ def _compute_segment(plan: ExtractionPlan, model: Any, loads: list[Future], widt
 
 def _width_of_finished(plan_partial: PartialCache, plan: ExtractionPlan) -> int:
     """Feature width read back from any finished segment (0 when none has rows)."""
-    for split in SPLITS:
+    for split in plan.splits:
         for k in range(plan_partial.segment_count(len(plan.dataset.splits[split]))):
             segment = plan_partial.read_segment(split, k)
             if segment is not None and segment.features.ndim == 2 and len(segment.rows):
@@ -256,8 +278,15 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _cache_attrs(plan: ExtractionPlan) -> dict[str, str]:
+def _cache_attrs(plan: ExtractionPlan) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"kind": "features"}
+    if plan.augmentation is not None and plan.base is not None:
+        attrs = {"kind": "views", "parent": plan.base.fingerprint, "view": plan.view,
+                 "augmentation": json.dumps(plan.augmentation.to_dict())}
+    if plan.lineage:
+        attrs["lineage"] = json.dumps(plan.lineage)
     return {
+        **attrs,
         "encoding-type": layout.ENCODING_TYPE,
         "encoding-version": layout.ENCODING_VERSION,
         "fingerprint": plan.fingerprint,
@@ -265,6 +294,19 @@ def _cache_attrs(plan: ExtractionPlan) -> dict[str, str]:
         "preprocessing": json.dumps(plan.preprocessing.to_dict()),
         "dataset": plan.dataset.name,
         "source": json.dumps(plan.dataset.source),
+        "weights_file": str(plan.weights.path) if plan.weights.path else "",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "libraries": json.dumps(library_versions()),
     }
+
+
+def extract_views(plan: ExtractionPlan, augmentation: Augmentation, count: int, store: Store,
+                  progress: bool = True) -> list[ExtractionResult]:
+    """Cache views 0..count-1 of the training images; views already cached are reused.
+
+    Each view is its own cache file (kind "views", linked to its parent), so asking for more
+    views later extends the set without recomputing the ones that exist.
+    """
+    if not 1 <= count <= 64:
+        raise HeadstartError(f"--augment must be between 1 and 64 views; got {count}.")
+    return [extract_features(view, store, progress) for view in plan.view_plans(augmentation, count)]

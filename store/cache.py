@@ -45,6 +45,15 @@ class FeatureCache:
         self.created = str(attrs["created"])
         self.dataset = str(attrs["dataset"])
         self.version = str(attrs["encoding-version"])
+        self.source: dict[str, Any] = json.loads(attrs.get("source", "{}"))
+        self.weights_file = str(attrs.get("weights_file", "")) or None  # where a file came from
+        self.kind = str(attrs.get("kind", "features"))  # "features", or "views" (augmented)
+        self.parent = str(attrs["parent"]) if "parent" in attrs else None
+        self.view = int(attrs["view"]) if "view" in attrs else None
+        self.augmentation: dict[str, Any] | None = (
+            json.loads(attrs["augmentation"]) if "augmentation" in attrs else None)
+        self.lineage: dict[str, Any] | None = (
+            json.loads(attrs["lineage"]) if "lineage" in attrs else None)
 
     def _check_format(self, attrs: dict[str, Any]) -> None:
         if attrs.get("encoding-type") != layout.ENCODING_TYPE:
@@ -72,7 +81,8 @@ class FeatureCache:
         weights = str(inputs["weights"])
         suffix = "" if weights.startswith("keras-imagenet") else (
             "-random" if weights.startswith("random") else "-" + weights.split(":")[-1][:6])
-        return f"{self.dataset}_{backbone}{suffix}_{inputs['image_size']}_{inputs['pooling']}"
+        name = f"{self.dataset}_{backbone}{suffix}_{inputs['image_size']}_{inputs['pooling']}"
+        return name if self.view is None else f"{name}_view{self.view}"
 
     def features(self, split: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """Features of a split (or of some of its rows) as float32."""
@@ -125,6 +135,10 @@ class FeatureCache:
             "rows": self.split_sizes,
             "classes": len(self.class_names),
             "skipped": len(self.skipped),
+            "kind": self.kind,
+            "parent": self.parent,
+            "view": self.view,
+            "lineage": self.lineage,
             "disk_bytes": self.disk_bytes,
             "created": self.created,
             "path": str(self.path),

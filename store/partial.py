@@ -110,7 +110,7 @@ class PartialCache:
     def assemble(
         self,
         target: Path,
-        attrs: dict[str, str],
+        attrs: dict[str, Any],
         class_names: Sequence[str],
         split_ids: dict[str, Sequence[str]],
         split_labels: dict[str, np.ndarray],
@@ -125,7 +125,7 @@ class PartialCache:
             with h5py.File(temporary, "w") as handle:
                 handle.attrs.update(attrs)
                 handle.create_dataset("classes", data=list(class_names), dtype=text)
-                for split in layout.SPLITS:
+                for split in split_ids:
                     segments = [self.read_segment(split, k)
                                 for k in range(self.segment_count(len(split_ids[split])))]
                     if any(s is None for s in segments):
@@ -151,6 +151,8 @@ class PartialCache:
                     ids = np.asarray(split_ids[split], dtype=object)[rows]
                     group.create_dataset("labels", data=split_labels[split][rows].astype(np.int32))
                     group.create_dataset("ids", data=ids.tolist(), dtype=text)
+                    if attrs.get("kind") == "views":
+                        group.create_dataset("views", data=np.full(len(rows), attrs["view"], np.int32))
                 group = handle.create_group("skipped")
                 for position, column in enumerate(("split", "id", "reason")):
                     group.create_dataset(column, data=[row[position] for row in skipped],

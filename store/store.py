@@ -71,6 +71,15 @@ class Store:
                  if re.fullmatch(r"[0-9a-f]{64}", p.stem)]
         return sorted(found, key=lambda c: (c.created, c.fingerprint))
 
+    def feature_caches(self) -> list[FeatureCache]:
+        """Finished caches of original images (not augmented views), oldest first."""
+        return [c for c in self.caches() if c.kind == "features"]
+
+    def views_of(self, cache: FeatureCache) -> list[FeatureCache]:
+        """The finished augmented-view caches made from `cache`'s training images."""
+        return sorted((c for c in self.caches() if c.parent == cache.fingerprint),
+                      key=lambda c: (c.view or 0, c.created))
+
     def unfinished(self) -> list[Path]:
         """Folders of extractions that were started and have not finished."""
         if not self.caches_dir.is_dir():
@@ -79,7 +88,7 @@ class Store:
 
     def find_cache(self, selector: str | None = None) -> FeatureCache:
         """The cache named by a fingerprint prefix or a readable name; by default the newest."""
-        caches = self.caches()
+        caches = self.feature_caches()
         if not caches:
             raise HeadstartError(
                 f"No finished cache in store {self.root}; run 'python cli.py extract DATASET' first."
