@@ -95,7 +95,8 @@ def _batches(dataset: Dataset, rows: np.ndarray, labels: np.ndarray, n_classes: 
             images = np.stack(list(self.pool.map(
                 lambda r: dataset.load("train", int(rows[r]), preprocessing), picked)))
             if augmentation is not None:
-                images = augmentation.apply(images, self.epoch, "finetune", index * batch_size)
+                images = augmentation.apply(images, np.arange(len(picked)), self.epoch,
+                                            f"finetune-batch-{index}")
             return preprocessing.apply(images), keras.utils.to_categorical(labels[picked], n_classes)
 
         def on_epoch_end(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -44,25 +45,39 @@ def augmented_views(store: Store, cache: FeatureCache) -> list[FeatureCache]:
     return [v for v in views if v.augmentation == newest]
 
 
-def training_rows(store: Store, cache: FeatureCache, augmented: bool = False
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(X_fit, y_fit, X_val, y_val, view caches used) for training a head on `cache`.
+@dataclass
+class TrainingRows:
+    """The rows a head is fitted on, and the validation rows it is judged on."""
 
-    Validation rows are original images picked by sample id; with `augmented`, the views of
-    the other training images are added to the fit rows and no view of a validation image is.
+    X_fit: np.ndarray
+    y_fit: np.ndarray
+    fit_ids: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    val_ids: np.ndarray
+    views: list[str] = field(default_factory=list)  # fingerprints of the view caches used
+
+
+def training_rows(store: Store, cache: FeatureCache, augmented: bool = False) -> TrainingRows:
+    """Split a cache's training rows into fit and validation rows (by sample id).
+
+    With `augmented`, the views of the fit images are added to the fit rows; no view of a
+    validation image is ever trained on.
     """
     X = cache.features("train")
     y = cache.labels("train")
-    held_out = validation_mask(cache.ids("train"))
-    X_fit, y_fit = [X[~held_out]], [y[~held_out]]
+    ids = cache.ids("train")
+    held_out = validation_mask(ids)
+    parts = [(X[~held_out], y[~held_out], ids[~held_out])]
     used: list[str] = []
     if augmented:
         for view in augmented_views(store, cache):
-            keep = ~validation_mask(view.ids("train"))
-            X_fit.append(view.features("train")[keep])
-            y_fit.append(view.labels("train")[keep])
+            view_ids = view.ids("train")
+            keep = ~validation_mask(view_ids)
+            parts.append((view.features("train")[keep], view.labels("train")[keep], view_ids[keep]))
             used.append(view.fingerprint)
-    return np.concatenate(X_fit), np.concatenate(y_fit), X[held_out], y[held_out], used
+    X_fit, y_fit, fit_ids = (np.concatenate(column) for column in zip(*parts))
+    return TrainingRows(X_fit, y_fit, fit_ids, X[held_out], y[held_out], ids[held_out], used)
 
 
 def fit_head(store: Store, cache: FeatureCache, kind_name: str,
@@ -78,24 +93,24 @@ def fit_head(store: Store, cache: FeatureCache, kind_name: str,
     estimator = kind.create(options)
     if kind.file_format == "keras" and verbose:
         estimator.set_params(verbose=verbose)
-    X_fit, y_fit, X_val, y_val, views = training_rows(store, cache, augmented)
+    rows = training_rows(store, cache, augmented)
     n_classes = len(cache.class_names)
     started = time.perf_counter()
     if kind.file_format == "keras":
-        estimator.fit(X_fit, y_fit, validation_data=(X_val, y_val))
+        estimator.fit(rows.X_fit, rows.y_fit, validation_data=(rows.X_val, rows.y_val))
     else:
-        estimator.fit(X_fit, y_fit)
+        estimator.fit(rows.X_fit, rows.y_fit)
     fit_seconds = time.perf_counter() - started
     metrics = {
-        "validation": accuracy_figures(y_val, head_proba(estimator, X_val, n_classes)),
+        "validation": accuracy_figures(rows.y_val, head_proba(estimator, rows.X_val, n_classes)),
         "test": accuracy_figures(cache.labels("test"),
                                  head_proba(estimator, cache.features("test"), n_classes)),
     }
     record = {
         "classes": cache.class_names,
         "fit_seconds": round(fit_seconds, 3),
-        "rows": {"train": int(len(y_fit)), "validation": int(len(y_val))},
-        "views": views,
+        "rows": {"train": int(len(rows.y_fit)), "validation": int(len(rows.y_val))},
+        "views": rows.views,
         "metrics": metrics,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -1,9 +1,10 @@
 """Augmented views of training images, made with Keras preprocessing layers, reproducibly.
 
 Defaults are the paper's ImageDataGenerator settings: rotation 15°, shifts 0.1, horizontal
-flip, zoom 0.2. Each chunk of AUGMENT_CHUNK images gets its own seed derived from the
-augmentation seed, the view number and the chunk's position, so a view is the same whatever the
-batch size and however often extraction was interrupted.
+flip, zoom 0.2. The rows of a split are cut into fixed chunks of AUGMENT_CHUNK rows; the images of
+one chunk are augmented together under a seed derived from the augmentation seed, the view
+number and the chunk's index, so a view is the same whatever the batch or segment size and
+however often extraction was interrupted (segments of views are whole chunks).
 """
 
 from __future__ import annotations
@@ -65,20 +66,21 @@ class Augmentation:
             layers.append(keras.layers.RandomContrast(self.contrast, seed=seed + 4))
         return keras.Sequential(layers)
 
-    def chunk_seed(self, view: int, split: str, first_row: int) -> int:
-        """The seed of the chunk of images starting at `first_row` of a split, for one view."""
-        text = f"{self.seed}:{view}:{split}:{first_row}"
+    def chunk_seed(self, view: int, split: str, chunk: int) -> int:
+        """The seed of chunk `chunk` (rows chunk*AUGMENT_CHUNK onwards) of a split, for one view."""
+        text = f"{self.seed}:{view}:{split}:{chunk}"
         return int(digest_text(text)[:8], 16) % (2**31 - 16)
 
-    def apply(self, images: np.ndarray, view: int, split: str, first_row: int) -> np.ndarray:
-        """Augment uint8 images (N×S×S×3) whose first is row `first_row` of the split.
+    def apply(self, images: np.ndarray, rows: np.ndarray, view: int, split: str) -> np.ndarray:
+        """Augment uint8 images (N×S×S×3) that are rows `rows` (ascending) of a split.
 
         Returns uint8 images, so a view is decoded pixels like any other image.
         """
         out = np.empty_like(images)
-        for start in range(0, len(images), AUGMENT_CHUNK):
-            chunk = images[start:start + AUGMENT_CHUNK].astype(np.float32)
-            seed = self.chunk_seed(view, split, first_row + start)
-            augmented = np.asarray(self._layers(seed)(chunk, training=True))
-            out[start:start + AUGMENT_CHUNK] = np.clip(np.rint(augmented), 0, 255).astype(np.uint8)
+        chunks = np.asarray(rows) // AUGMENT_CHUNK
+        for chunk in np.unique(chunks):
+            members = np.flatnonzero(chunks == chunk)
+            layers = self._layers(self.chunk_seed(view, split, int(chunk)))
+            augmented = np.asarray(layers(images[members].astype(np.float32), training=True))
+            out[members] = np.clip(np.rint(augmented), 0, 255).astype(np.uint8)
         return out

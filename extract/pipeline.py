@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from extract.augment import Augmentation
+from extract.augment import AUGMENT_CHUNK, Augmentation
 from extract.backbones import Backbone, Weights, build_feature_model, check_options
 from extract.datasets import SPLITS, Dataset
 from extract.images import BadImage
@@ -101,8 +101,12 @@ class ExtractionPlan:
 
     @property
     def segment_size(self) -> int:
-        """Samples per segment: about SEGMENT_BYTES of decoded images, whole batches."""
+        """Samples per segment: about SEGMENT_BYTES of decoded images, whole batches (whole
+        augmentation chunks for views)."""
         per_image = self.image_size * self.image_size * 3
+        if self.augmentation is not None:  # whole augmentation chunks, so views never depend on it
+            chunks = max(1, SEGMENT_BYTES // (per_image * AUGMENT_CHUNK))
+            return min(max(1, MAX_SEGMENT_SIZE // AUGMENT_CHUNK), chunks) * AUGMENT_CHUNK
         batches = max(1, SEGMENT_BYTES // (per_image * self.batch_size))
         return min(MAX_SEGMENT_SIZE, batches * self.batch_size) or self.batch_size
 
@@ -182,8 +186,7 @@ def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
     try:
         with ThreadPoolExecutor(max_workers=plan.workers) as pool:
             for split, k, loads in _prefetch(plan, partial, pool, todo):
-                first_row = _segment_rows(plan, partial, split, k).start
-                segment = _compute_segment(plan, model, loads, width, bar, split, first_row)
+                segment = _compute_segment(plan, model, loads, width, bar, split)
                 partial.write_segment(split, k, segment)
                 computed += len(segment.rows) + len(segment.skipped_rows)
     finally:
@@ -225,7 +228,7 @@ def _prefetch(
 
 
 def _compute_segment(plan: ExtractionPlan, model: Any, loads: list[Future], width: int,
-                     bar: Any, split: str, first_row: int) -> Segment:
+                     bar: Any, split: str) -> Segment:
     """Run the backbone over one segment's decoded (and, for views, augmented) images."""
     rows: list[int] = []
     pixels: list[np.ndarray] = []
@@ -241,7 +244,7 @@ def _compute_segment(plan: ExtractionPlan, model: Any, loads: list[Future], widt
             pixels.append(image)
     images = np.stack(pixels) if pixels else np.zeros((0, plan.image_size, plan.image_size, 3), np.uint8)
     if plan.augmentation is not None and len(images):
-        images = plan.augmentation.apply(images, plan.view, split, first_row)
+        images = plan.augmentation.apply(images, np.asarray(rows), plan.view, split)
     features: list[np.ndarray] = []
     for start in range(0, len(images), plan.batch_size):
         batch = plan.preprocessing.apply(images[start:start + plan.batch_size])

@@ -27,16 +27,19 @@ def augmentation_grid(dataset: Dataset, preprocessing: Preprocessing, augmentati
     if not 1 <= count <= AUGMENT_CHUNK or not 1 <= views <= 16:
         raise HeadstartError(f"show-augment takes 1-{AUGMENT_CHUNK} images and 1-16 views.")
     originals: list[np.ndarray] = []
+    rows: list[int] = []
     split = dataset.splits["train"]
     for row in range(min(len(split), AUGMENT_CHUNK)):
         try:
             originals.append(dataset.load("train", row, preprocessing))
+            rows.append(row)
         except BadImage:
             continue
     if not originals:
         raise HeadstartError("No usable training image to show.")
     images = np.stack(originals)
-    columns = [images] + [augmentation.apply(images, view, "train", 0) for view in range(views)]
+    columns = [images] + [augmentation.apply(images, np.asarray(rows), view, "train")
+                          for view in range(views)]
     size = preprocessing.image_size
     cell = max(size, CELL_MIN)
     shown = min(count, len(images))
