@@ -30,7 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 220)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 StoreOption = typer.Option(
@@ -310,21 +310,28 @@ def list_command(
 
     with user_errors():
         the_store = Store(store)
-        caches = the_store.caches()
+        everything = the_store.caches()
         heads = list_heads(the_store)
         unfinished = the_store.unfinished()
+    caches = [c for c in everything if c.kind == "features"]
+    views: dict[str, int] = {}
+    for c in everything:
+        if c.parent:
+            views[c.parent] = views.get(c.parent, 0) + 1
     if as_json:
-        print(json.dumps({"store": str(the_store.root), "caches": [c.summary() for c in caches],
+        print(json.dumps({"store": str(the_store.root), "caches": [c.summary() for c in everything],
                           "heads": heads, "unfinished": [str(p) for p in unfinished]}, indent=2))
         return
     out.print(f"Store {the_store.root}")
     table = Table("cache", "id", "backbone", "size", "pooling", "rows (train/test)", "width",
-                  "dtype", "disk", "skipped", title="Caches", title_justify="left")
+                  "dtype", "disk", "skipped", "views", "from", title="Caches", title_justify="left")
     for c in caches:
         s = c.summary()
+        parent = (c.lineage or {}).get("parent")
         table.add_row(c.name, c.short_id, s["backbone"], str(s["image_size"]), s["pooling"],
                       "/".join(str(v) for v in s["rows"].values()), str(s["width"]), s["dtype"],
-                      _size(s["disk_bytes"]), str(s["skipped"]))
+                      _size(s["disk_bytes"]), str(s["skipped"]), str(views.get(c.fingerprint, 0)),
+                      f"finetuned {parent[:12]}" if parent else "")
     out.print(table if caches else "No caches yet: run 'python cli.py extract DATASET'.")
     if unfinished:
         out.print(f"{len(unfinished)} unfinished extraction(s); rerun their extract command to resume.")
