@@ -202,6 +202,99 @@ def _print_report(report: dict, class_names: list[str]) -> None:
     out.print(matrix)
 
 
+HeadOption = typer.Option("mlp", "--head", help="Name of a fitted head (see 'list').")
+WeightsOption = typer.Option(
+    None, "--weights", help="The backbone weights file the cache was extracted with [default: "
+    "the path the cache recorded].")
+
+
+@app.command()
+def predict(
+    inputs: List[str] = typer.Argument(..., help="Image files, folders or globs."),
+    head: str = HeadOption,
+    top: int = typer.Option(3, min=1, help="Classes to show per image."),
+    output: str = typer.Option("table", "--format", help="table, csv or json."),
+    batch_size: int = typer.Option(64, help="Images per backbone batch."),
+    weights: Optional[str] = WeightsOption,
+    cache: Optional[str] = CacheOption,
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Classify images with the cache's backbone and preprocessing and a fitted head.
+
+    Example: python cli.py predict photo.jpg more_photos/ 'shots/*.png' --head mlp --top 3
+    """
+    from extract.predict import Predictor, collect_inputs, predict_files
+
+    if output not in ("table", "csv", "json"):
+        raise typer.BadParameter("--format must be table, csv or json.")
+    with user_errors():
+        the_store = Store(store)
+        paths = collect_inputs(inputs)
+        predictor = Predictor(the_store, the_store.find_cache(cache), head, weights)
+        err.print(f"Classifying {len(paths)} files with head {head} of cache "
+                  f"{predictor.cache.name}.")
+        answers = list(predict_files(predictor, paths, top, batch_size))
+    _print_predictions(answers, output, top)
+    failed = sum(1 for a in answers if a.error)
+    err.print(f"{len(answers) - failed} classified, {failed} could not be read; results went "
+              "to stdout.")
+
+
+def _print_predictions(answers: list, output: str, top: int) -> None:
+    if output == "json":
+        print(json.dumps([{"file": a.source, "predictions": a.top, "error": a.error}
+                          for a in answers], indent=2))
+        return
+    if output == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["file", "rank", "label", "probability", "error"])
+        for a in answers:
+            for rank, p in enumerate(a.top, 1):
+                writer.writerow([a.source, rank, p["label"], f"{p['probability']:.6f}", ""])
+            if a.error:
+                writer.writerow([a.source, "", "", "", a.error])
+        return
+    table = Table("file", *[f"top {k + 1}" for k in range(top)], box=None)
+    for a in answers:
+        cells = [f"{p['label']} {p['probability']:.3f}" for p in a.top]
+        cells = cells or [f"[red]error: {a.error}[/red]"]
+        table.add_row(a.source, *cells, *[""] * (top - len(cells)))
+    out.print(table)
+
+
+@app.command()
+def serve(
+    head: str = HeadOption,
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    token: Optional[str] = typer.Option(None, envvar="HEADSTART_TOKEN", help="Require "
+                                        "'Authorization: Bearer TOKEN' on /predict and /models."),
+    max_body_mb: float = typer.Option(10.0, help="Largest accepted request body (413 above)."),
+    max_batch: int = typer.Option(32, min=1, help="Most images per backbone batch."),
+    max_wait_ms: float = typer.Option(5.0, min=0, help="Longest wait to fill a batch."),
+    max_queue: int = typer.Option(256, min=1, help="Queued images before answering 503."),
+    weights: Optional[str] = WeightsOption,
+    cache: Optional[str] = CacheOption,
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Serve a fitted head over HTTP: POST /predict, GET /health, /models, /docs, a page at /.
+
+    Example: python cli.py serve --head mlp --port 8000
+    """
+    from service.app import ServiceSettings
+    from service.batching import BatchSettings
+    from service.server import ServerOptions, serve as run_server
+
+    with user_errors():
+        run_server(ServerOptions(
+            head=head, cache=cache, store=store, weights=weights, host=host, port=port,
+            service=ServiceSettings(max_body_bytes=int(max_body_mb * 1024 * 1024), token=token,
+                                    batching=BatchSettings(max_batch, max_wait_ms, max_queue)),
+        ), announce=err.print)
+
+
 @app.command("list")
 def list_command(
     store: Optional[Path] = StoreOption,

@@ -267,4 +267,7 @@ def _cache_attrs(plan: ExtractionPlan) -> dict[str, str]:
         "source": json.dumps(plan.dataset.source),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "libraries": json.dumps(library_versions()),
+        # Since format 1.1: where a weights file was read, so predict/serve/export can rebuild the
+        # backbone without being told (the fingerprint still records only the file's digest).
+        "weights-path": str(plan.weights.path) if plan.weights.path else "",
     }

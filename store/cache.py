@@ -45,6 +45,10 @@ class FeatureCache:
         self.created = str(attrs["created"])
         self.dataset = str(attrs["dataset"])
         self.version = str(attrs["encoding-version"])
+        #: How the dataset was specified (kind, and its path or Keras name).
+        self.source: dict[str, Any] = json.loads(attrs.get("source", "{}"))
+        #: The backbone weights file read at extraction (format 1.1+), or None.
+        self.weights_path: str | None = str(attrs.get("weights-path", "")) or None
 
     def _check_format(self, attrs: dict[str, Any]) -> None:
         if attrs.get("encoding-type") != layout.ENCODING_TYPE:
