@@ -295,6 +295,40 @@ def serve(
         ), announce=err.print)
 
 
+@app.command()
+def export(
+    head: str = HeadOption,
+    formats: List[str] = typer.Option([], "--format", help="keras, savedmodel or tflite "
+                                      "(repeatable) [default: all]."),
+    quantize: List[str] = typer.Option([], "--quantize", help="TFLite variant: none (float32), "
+                                       "float16, dynamic or int8 (repeatable) [default: all]."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: "
+                                           "STORE/exports/<cache>/<head>]."),
+    evaluate: bool = typer.Option(True, help="Score every variant on the test split."),
+    weights: Optional[str] = WeightsOption,
+    cache: Optional[str] = CacheOption,
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Export backbone + head as one model (.keras, SavedModel, TFLite with quantization).
+
+    Example: python cli.py export --head mlp --format tflite --quantize int8
+    """
+    from classifiers.export import FORMATS, QUANTIZATIONS, export_head
+
+    with user_errors():
+        variants, folder = export_head(Store(store), cache, head, formats or list(FORMATS),
+                                       quantize or list(QUANTIZATIONS), out_dir, weights, evaluate)
+    table = Table("variant", "size", "test acc", "agreement", "max |dp|", "ms/image", "file",
+                  box=None)
+    number = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for v in variants:
+        ms = None if v.seconds_per_image is None else 1000 * v.seconds_per_image
+        table.add_row(v.name, _size(v.bytes), number(v.accuracy, ".4f"), number(v.agreement, ".3f"),
+                      number(v.max_abs_diff, ".2g"), number(ms, ".2f"), Path(v.path).name)
+    out.print(table)
+    out.print(f"Exported to {folder} (summary in export.json)")
+
+
 @app.command("list")
 def list_command(
     store: Optional[Path] = StoreOption,
