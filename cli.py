@@ -329,6 +329,25 @@ def export(
     out.print(f"Exported to {folder} (summary in export.json)")
 
 
+@app.command()
+def report(
+    head: str = HeadOption,
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: "
+                                           "STORE/reports/<cache>/<head>]."),
+    cache: Optional[str] = CacheOption,
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """PNG figures (samples, training curves, confusion matrix, per-class accuracy) and a page.
+
+    Example: python cli.py report --head mlp
+    """
+    from classifiers.report import write_report
+
+    with user_errors():
+        page = write_report(Store(store), cache, head, out_dir)
+    out.print(f"Report written to {page} (figures beside it)")
+
+
 @app.command("list")
 def list_command(
     store: Optional[Path] = StoreOption,
