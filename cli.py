@@ -4,6 +4,10 @@
     python cli.py fit --head mlp           # train a head on the cached features
     python cli.py evaluate                 # test-split metrics of every head
     python cli.py list                     # caches and heads in the store
+    python cli.py predict photo.jpg dir/ --head mlp --top 3     # classify new images
+    python cli.py serve --head mlp --port 8000                  # HTTP API + web page
+    python cli.py export --head mlp --format tflite --quantize int8
+    python cli.py report --head mlp                             # PNG figures + HTML page
 """
 
 from __future__ import annotations
