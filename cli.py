@@ -4,6 +4,10 @@
     python cli.py fit --head mlp           # train a head on the cached features
     python cli.py evaluate                 # test-split metrics of every head
     python cli.py list                     # caches and heads in the store
+    python cli.py predict photo.jpg dir/ --head mlp --top 3     # classify new images
+    python cli.py serve --head mlp --port 8000                  # HTTP API + web page
+    python cli.py export --head mlp --format tflite --quantize int8
+    python cli.py report --head mlp                             # PNG figures + HTML page
 """
 
 from __future__ import annotations
@@ -298,6 +302,152 @@ def _print_report(report: dict, class_names: list[str]) -> None:
     for name, row in zip(class_names, report["confusion_matrix"]):
         matrix.add_row(name, *[str(v) for v in row])
     out.print(matrix)
+
+
+HeadOption = typer.Option("mlp", "--head", help="Name of a fitted head (see 'list').")
+WeightsOption = typer.Option(
+    None, "--weights", help="The backbone weights file the cache was extracted with [default: "
+    "the path the cache recorded].")
+
+
+@app.command()
+def predict(
+    inputs: List[str] = typer.Argument(..., help="Image files, folders or globs."),
+    head: str = HeadOption,
+    top: int = typer.Option(3, min=1, help="Classes to show per image."),
+    output: str = typer.Option("table", "--format", help="table, csv or json."),
+    batch_size: int = typer.Option(64, help="Images per backbone batch."),
+    weights: Optional[str] = WeightsOption,
+    cache: Optional[str] = CacheOption,
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Classify images with the cache's backbone and preprocessing and a fitted head.
+
+    Example: python cli.py predict photo.jpg more_photos/ 'shots/*.png' --head mlp --top 3
+    """
+    from extract.predict import Predictor, collect_inputs, predict_files
+
+    if output not in ("table", "csv", "json"):
+        raise typer.BadParameter("--format must be table, csv or json.")
+    with user_errors():
+        the_store = Store(store)
+        paths = collect_inputs(inputs)
+        predictor = Predictor(the_store, the_store.find_cache(cache), head, weights)
+        err.print(f"Classifying {len(paths)} files with head {head} of cache "
+                  f"{predictor.cache.name}.")
+        answers = list(predict_files(predictor, paths, top, batch_size))
+    _print_predictions(answers, output, top)
+    failed = sum(1 for a in answers if a.error)
+    err.print(f"{len(answers) - failed} classified, {failed} could not be read; results went "
+              "to stdout.")
+
+
+def _print_predictions(answers: list, output: str, top: int) -> None:
+    if output == "json":
+        print(json.dumps([{"file": a.source, "predictions": a.top, "error": a.error}
+                          for a in answers], indent=2))
+        return
+    if output == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["file", "rank", "label", "probability", "error"])
+        for a in answers:
+            for rank, p in enumerate(a.top, 1):
+                writer.writerow([a.source, rank, p["label"], f"{p['probability']:.6f}", ""])
+            if a.error:
+                writer.writerow([a.source, "", "", "", a.error])
+        return
+    table = Table("file", *[f"top {k + 1}" for k in range(top)], box=None)
+    for a in answers:
+        cells = [f"{p['label']} {p['probability']:.3f}" for p in a.top]
+        cells = cells or [f"[red]error: {a.error}[/red]"]
+        table.add_row(a.source, *cells, *[""] * (top - len(cells)))
+    out.print(table)
+
+
+@app.command()
+def serve(
+    head: str = HeadOption,
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    token: Optional[str] = typer.Option(None, envvar="HEADSTART_TOKEN", help="Require "
+                                        "'Authorization: Bearer TOKEN' on /predict and /models."),
+    max_body_mb: float = typer.Option(10.0, help="Largest accepted request body (413 above)."),
+    max_batch: int = typer.Option(32, min=1, help="Most images per backbone batch."),
+    max_wait_ms: float = typer.Option(5.0, min=0, help="Longest wait to fill a batch."),
+    max_queue: int = typer.Option(256, min=1, help="Queued images before answering 503."),
+    weights: Optional[str] = WeightsOption,
+    cache: Optional[str] = CacheOption,
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Serve a fitted head over HTTP: POST /predict, GET /health, /models, /docs, a page at /.
+
+    Example: python cli.py serve --head mlp --port 8000
+    """
+    from service.app import ServiceSettings
+    from service.batching import BatchSettings
+    from service.server import ServerOptions, serve as run_server
+
+    with user_errors():
+        run_server(ServerOptions(
+            head=head, cache=cache, store=store, weights=weights, host=host, port=port,
+            service=ServiceSettings(max_body_bytes=int(max_body_mb * 1024 * 1024), token=token,
+                                    batching=BatchSettings(max_batch, max_wait_ms, max_queue)),
+        ), announce=err.print)
+
+
+@app.command()
+def export(
+    head: str = HeadOption,
+    formats: List[str] = typer.Option([], "--format", help="keras, savedmodel or tflite "
+                                      "(repeatable) [default: all]."),
+    quantize: List[str] = typer.Option([], "--quantize", help="TFLite variant: none (float32), "
+                                       "float16, dynamic or int8 (repeatable) [default: all]."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: "
+                                           "STORE/exports/<cache>/<head>]."),
+    evaluate: bool = typer.Option(True, help="Score every variant on the test split."),
+    weights: Optional[str] = WeightsOption,
+    cache: Optional[str] = CacheOption,
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Export backbone + head as one model (.keras, SavedModel, TFLite with quantization).
+
+    Example: python cli.py export --head mlp --format tflite --quantize int8
+    """
+    from classifiers.export import FORMATS, QUANTIZATIONS, export_head
+
+    with user_errors():
+        variants, folder = export_head(Store(store), cache, head, formats or list(FORMATS),
+                                       quantize or list(QUANTIZATIONS), out_dir, weights, evaluate)
+    table = Table("variant", "size", "test acc", "agreement", "max |dp|", "ms/image", "file",
+                  box=None)
+    number = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for v in variants:
+        ms = None if v.seconds_per_image is None else 1000 * v.seconds_per_image
+        table.add_row(v.name, _size(v.bytes), number(v.accuracy, ".4f"), number(v.agreement, ".3f"),
+                      number(v.max_abs_diff, ".2g"), number(ms, ".2f"), Path(v.path).name)
+    out.print(table)
+    out.print(f"Exported to {folder} (summary in export.json)")
+
+
+@app.command()
+def report(
+    head: str = HeadOption,
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: "
+                                           "STORE/reports/<cache>/<head>]."),
+    cache: Optional[str] = CacheOption,
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """PNG figures (samples, training curves, confusion matrix, per-class accuracy) and a page.
+
+    Example: python cli.py report --head mlp
+    """
+    from classifiers.report import write_report
+
+    with user_errors():
+        page = write_report(Store(store), cache, head, out_dir)
+    out.print(f"Report written to {page} (figures beside it)")
 
 
 @app.command("list")

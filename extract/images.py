@@ -6,7 +6,9 @@ Every image, whether read from a folder, a Keras array or an upload, goes throug
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -51,12 +53,33 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+class UnsupportedImage(BadImage):
+    """Bytes that no decoder recognises as an image (as opposed to a damaged image)."""
+
+
 def open_image(path: Path) -> Image.Image:
     """Open and fully decode an image file as RGB, or raise BadImage with the reason."""
     try:
         if path.stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
-        with Image.open(path) as image:
+    except PermissionError:
+        raise BadImage("cannot be read (permission denied)") from None
+    except OSError as error:
+        raise BadImage(f"cannot be read ({error.strerror or error})") from None
+    return _decode(path)
+
+
+def decode_image_bytes(data: bytes) -> Image.Image:
+    """Decode an in-memory encoded image (an upload) as RGB, or raise BadImage with the reason."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    return _decode(io.BytesIO(data))
+
+
+def _decode(source: Path | BinaryIO) -> Image.Image:
+    """Fully decode `source` with Pillow as RGB, turning every failure into BadImage."""
+    try:
+        with Image.open(source) as image:
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise BadImage(
@@ -69,7 +92,7 @@ def open_image(path: Path) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise BadImage(f"too large to decode safely ({error})") from None
     except UnidentifiedImageError:
-        raise BadImage("not an image file Pillow can read") from None
+        raise UnsupportedImage("not an image file Pillow can read") from None
     except PermissionError:
         raise BadImage("cannot be read (permission denied)") from None
     except (OSError, ValueError, SyntaxError) as error:

@@ -297,9 +297,11 @@ def _cache_attrs(plan: ExtractionPlan) -> dict[str, Any]:
         "preprocessing": json.dumps(plan.preprocessing.to_dict()),
         "dataset": plan.dataset.name,
         "source": json.dumps(plan.dataset.source),
-        "weights_file": str(plan.weights.path) if plan.weights.path else "",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "libraries": json.dumps(library_versions()),
+        # Since format 1.1: where a weights file was read, so predict/serve/export can rebuild the
+        # backbone without being told (the fingerprint still records only the file's digest).
+        "weights-path": str(plan.weights.path) if plan.weights.path else "",
     }
 
 

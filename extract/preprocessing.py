@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from extract.images import RESAMPLING, open_image, resize, to_rgb
+from extract.images import RESAMPLING, decode_image_bytes, open_image, resize, to_rgb
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,10 @@ class Preprocessing:
     def load_file(self, path: Path) -> np.ndarray:
         """Decode an image file into a uint8 array of the input size (raises BadImage)."""
         return resize(open_image(path), self.image_size, self.interpolation)
+
+    def load_bytes(self, data: bytes) -> np.ndarray:
+        """Decode an in-memory encoded image (e.g. an upload) into a uint8 input array."""
+        return resize(decode_image_bytes(data), self.image_size, self.interpolation)
 
     def load_array(self, pixels: np.ndarray) -> np.ndarray:
         """Turn an in-memory uint8 image (H×W, H×W×1 or H×W×3) into a uint8 input array."""

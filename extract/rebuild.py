@@ -11,29 +11,36 @@ from extract.pipeline import ExtractionPlan
 from extract.preprocessing import Preprocessing
 from store.cache import FeatureCache
 from store.errors import HeadstartError
+from store.fingerprint import digest_file
 
 
 def cache_weights(cache: FeatureCache, override: str | None = None) -> Weights:
-    """The backbone weights a cache was made with, checked against its recorded identity."""
-    recorded = str(cache.inputs["weights"])
-    backbone = get_backbone(cache.inputs["backbone"])
-    alpha = cache.inputs.get("alpha")
-    if override is not None:
-        weights = Weights.parse(override)
-    elif recorded.startswith("keras-imagenet"):
-        weights = Weights("imagenet")
-    elif recorded.startswith("random"):
-        weights = Weights("none")
-    elif cache.weights_file and Path(cache.weights_file).is_file():
-        weights = Weights("file", Path(cache.weights_file))
-    else:
+    """The backbone weights a cache was extracted with, checked against its fingerprint.
+
+    `override` is a weights file the user names (needed for caches older than format 1.1, or
+    when the file has moved); otherwise the path the cache recorded is used.
+    """
+    identity = str(cache.inputs["weights"])
+    if identity.startswith("random:"):
+        return Weights("none")
+    if identity.startswith("keras-imagenet:"):
+        return Weights("imagenet")
+    path_text = override or cache.weights_path
+    if not path_text:
         raise HeadstartError(
-            f"Cache {cache.name} was made with a weights file that is no longer at its recorded "
-            f"path ({cache.weights_file or 'not recorded'}); pass it again with --weights PATH.")
-    if weights.identity(backbone, alpha) != recorded:
+            f"Cache {cache.name} was extracted from a weights file whose path it does not record; "
+            "pass the same file with --weights PATH."
+        )
+    if not Path(path_text).is_file():
         raise HeadstartError(
-            f"Those weights are not the ones cache {cache.name} was made with; pass the same "
-            "weights file with --weights PATH.")
+            f"Cache {cache.name} was made with the weights file {path_text}, which is gone; pass "
+            "the same file with --weights PATH.")
+    weights = Weights.parse(path_text)
+    if weights.source != "file" or identity != f"file-sha256:{digest_file(weights.path)}":
+        raise HeadstartError(
+            f"The weights file {path_text} is not the one cache {cache.name} was extracted with "
+            f"(its digest differs from {identity[:24]}...); pass the original file with --weights."
+        )
     return weights
 
 
@@ -49,16 +56,27 @@ def cache_preprocessing(cache: FeatureCache) -> Preprocessing:
     return Preprocessing.from_dict(cache.preprocessing)
 
 
-def cache_dataset(cache: FeatureCache, override: str | None = None) -> Dataset:
-    """The dataset a cache was made from, checked to still have the same contents."""
+def cache_dataset(cache: FeatureCache, override: str | None = None,
+                  check_contents: bool = True) -> Dataset:
+    """Reopen the dataset a cache was made from, checked to be unchanged.
+
+    With `check_contents`, every file is hashed and compared with the cache's dataset digest
+    (needed before training on it); without, classes and split sizes are compared (enough for
+    showing sample images).
+    """
     source = cache.source
-    spec = override or (source.get("path") if source.get("kind") == "folder" else source.get("name"))
+    spec = override or (source.get("name") if source.get("kind") == "keras" else source.get("path"))
     if not spec:
-        raise HeadstartError(f"Cache {cache.name} does not record its dataset; pass --dataset.")
+        raise HeadstartError(f"Cache {cache.name} does not record where its images came from.")
     dataset = open_dataset(str(spec), float(source.get("test_fraction", 0.2)))
-    if dataset.content_digest() != cache.inputs["dataset"]["digest"]:
+    skipped = {s: sum(1 for item in cache.skipped if item["split"] == s) for s in cache.split_sizes}
+    changed = dataset.class_names != cache.class_names or any(
+        len(dataset.splits[s]) != n + skipped[s] for s, n in cache.split_sizes.items())
+    if not changed and check_contents:
+        changed = dataset.content_digest() != cache.inputs["dataset"]["digest"]
+    if changed:
         raise HeadstartError(
-            f"Dataset {spec} has changed since cache {cache.name} was made; extract it again.")
+            f"The images of cache {cache.name} ({spec}) have changed since extraction; extract again.")
     return dataset
 
 

@@ -45,8 +45,10 @@ class FeatureCache:
         self.created = str(attrs["created"])
         self.dataset = str(attrs["dataset"])
         self.version = str(attrs["encoding-version"])
+        #: How the dataset was specified (kind, and its path or Keras name).
         self.source: dict[str, Any] = json.loads(attrs.get("source", "{}"))
-        self.weights_file = str(attrs.get("weights_file", "")) or None  # where a file came from
+        #: The backbone weights file read at extraction (format 1.1+), or None.
+        self.weights_path: str | None = str(attrs.get("weights-path", "")) or None
         self.kind = str(attrs.get("kind", "features"))  # "features", or "views" (augmented)
         self.parent = str(attrs["parent"]) if "parent" in attrs else None
         self.view = int(attrs["view"]) if "view" in attrs else None

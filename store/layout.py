@@ -1,14 +1,18 @@
 """The on-disk layout of one feature cache (an HDF5 file). See README "HDF5 layout".
 
-Format `headstart.feature-cache`, version 1.0:
+Format `headstart.feature-cache`, version 1.1:
 
     /                       attrs: encoding-type, encoding-version, fingerprint, inputs (JSON),
-                                   preprocessing (JSON), dataset, created, libraries (JSON)
+                                   preprocessing (JSON), dataset, created, libraries (JSON),
+                                   weights-path (1.1+: the weights file read, or "")
     /classes                (C,)   UTF-8 strings, the class names; labels index into it
     /<split>/features       (N, D) float16 or float32, chunked by rows, fletcher32 checksums
     /<split>/labels         (N,)   int32
     /<split>/ids            (N,)   UTF-8 strings, unique sample ids
     /skipped/{split,id,reason}     UTF-8 strings, files that could not be used and why
+
+Version 1.1 only adds the optional `weights-path` attribute; 1.0 caches stay readable (prediction
+then needs the weights file named explicitly).
 
 Readers MUST refuse a different major version and MAY read any minor version of their own.
 """
@@ -16,7 +20,7 @@ Readers MUST refuse a different major version and MAY read any minor version of 
 from __future__ import annotations
 
 ENCODING_TYPE = "headstart.feature-cache"
-ENCODING_VERSION = "1.0"
+ENCODING_VERSION = "1.1"
 SPLITS = ("train", "test")
 FEATURE_DTYPES = ("float16", "float32")
 CHUNK_BYTES = 1 << 20  # target size of one features chunk

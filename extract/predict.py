@@ -1,0 +1,138 @@
+"""Classifying new images: the cache's own backbone and preprocessing, then a fitted head.
+
+A `Predictor` rebuilds exactly what made a cache's features (`Preprocessing.from_dict` of the
+cache's stored preprocessing; backbone, alpha, weights, image size and pooling from its
+fingerprint inputs) and puts a saved head (any kind `load_fitted_head` can load) on top, so a
+cached image gets the same answer from `predict` as from the head on its cached features.
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from classifiers.persistence import load_fitted_head
+from classifiers.training import head_proba
+from extract.rebuild import cache_feature_model, cache_weights
+from extract.images import BadImage, is_image_file
+from extract.preprocessing import Preprocessing
+from store.cache import FeatureCache
+from store.errors import HeadstartError
+from store.store import Store
+
+#: Most files one `predict` call accepts (globs and folders can expand to a lot).
+MAX_INPUTS = 1_000_000
+
+
+class Predictor:
+    """Backbone + head with a cache's preprocessing, loaded once and kept warm."""
+
+    def __init__(self, store: Store, cache: FeatureCache, head: str,
+                 weights: str | None = None) -> None:
+        self.cache = cache
+        self.head_name = head
+        self.estimator, self.record = load_fitted_head(store, cache, head)
+        self.preprocessing = Preprocessing.from_dict(cache.preprocessing)
+        self.class_names = list(cache.class_names)
+        self.weights = cache_weights(cache, weights)
+        self.backbone = cache_feature_model(cache, self.weights)
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 batch (N×S×S×3, already resized) → float32 feature rows, as at extraction."""
+        batch = self.preprocessing.apply(pixels)
+        output = np.asarray(self.backbone.predict_on_batch(batch))
+        return output.reshape(len(pixels), -1).astype(np.float32)
+
+    def proba(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 batch → class probabilities over all of the cache's classes (N×C)."""
+        if len(pixels) == 0:
+            return np.zeros((0, len(self.class_names)))
+        return head_proba(self.estimator, self.features(pixels), len(self.class_names))
+
+    def describe(self) -> dict[str, Any]:
+        """What answers: head, kind, cache, backbone and input size (plain JSON)."""
+        inputs = self.cache.inputs
+        return {
+            "head": self.head_name,
+            "kind": self.record.get("kind"),
+            "cache": self.cache.name,
+            "fingerprint": self.cache.fingerprint,
+            "backbone": inputs["backbone"],
+            "alpha": inputs.get("alpha"),
+            "image_size": int(inputs["image_size"]),
+            "pooling": inputs["pooling"],
+            "classes": self.class_names,
+            "test_accuracy": self.record.get("metrics", {}).get("test", {}).get("accuracy"),
+        }
+
+
+def top_k(proba: np.ndarray, class_names: list[str], k: int) -> list[dict[str, Any]]:
+    """The k most probable classes of one probability row, most probable first."""
+    order = np.argsort(-proba, kind="stable")[:max(1, k)]
+    return [{"label": class_names[i], "probability": float(proba[i])} for i in order]
+
+
+@dataclass
+class Prediction:
+    """The answer for one input file: its top-k classes, or why it could not be classified."""
+
+    source: str
+    top: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+def collect_inputs(specs: Iterable[str]) -> list[Path]:
+    """Files, folders (image files below them, sorted) and globs → a list of paths, in order.
+
+    A path or glob that names nothing is an error before any work starts; files that turn out
+    not to be images are reported per file later.
+    """
+    found: list[Path] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)))
+        elif path.is_file():
+            found.append(path)
+        elif glob.has_magic(spec):
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+            found.extend(p for p in matches if p.is_file())
+            if not matches:
+                raise HeadstartError(f"The pattern {spec!r} matches no files.")
+        else:
+            raise HeadstartError(f"{spec!r} is not a file, a folder or a glob that matches files.")
+        if len(found) > MAX_INPUTS:
+            raise HeadstartError(f"More than {MAX_INPUTS:,} input files; predict them in parts.")
+    if not found:
+        raise HeadstartError("No image files found in the given paths.")
+    return found
+
+
+def predict_files(predictor: Predictor, paths: list[Path], top: int = 3,
+                  batch_size: int = 64) -> Iterator[Prediction]:
+    """Classify files in batches, yielding one Prediction per file in input order.
+
+    A file that cannot be decoded yields a Prediction with its reason and the rest go on.
+    """
+    if batch_size < 1:
+        raise HeadstartError(f"--batch-size must be at least 1; got {batch_size}.")
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        loaded: list[np.ndarray] = []
+        answers: list[Prediction] = []
+        for path in chunk:
+            try:
+                loaded.append(predictor.preprocessing.load_file(path))
+                answers.append(Prediction(str(path)))
+            except BadImage as error:
+                answers.append(Prediction(str(path), error=str(error)))
+        proba = predictor.proba(np.stack(loaded)) if loaded else np.zeros((0, 0))
+        rows = iter(proba)
+        for answer in answers:
+            if answer.error is None:
+                answer.top = top_k(next(rows), predictor.class_names, top)
+            yield answer

@@ -1,0 +1,213 @@
+"""The HTTP service: POST /predict, GET /health, GET /models, a web page at /, OpenAPI at /docs.
+
+Requests carry image bytes only (multipart upload or raw body); nothing in a request can name a
+file on the server. The model is loaded once; requests are batched by `DynamicBatcher`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Protocol
+
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from extract.images import BadImage, UnsupportedImage
+from extract.predict import top_k
+from service.batching import BatchSettings, DynamicBatcher, QueueFull
+
+PAGE = Path(__file__).with_name("page.html")
+RAW_TYPES = ("image/", "application/octet-stream")
+MAX_TOP = 20
+
+
+class Model(Protocol):
+    """What the service needs from a predictor (see extract.predict.Predictor)."""
+
+    class_names: list[str]
+    preprocessing: Any
+
+    def proba(self, pixels: np.ndarray) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Limits and access control of one server."""
+
+    max_body_bytes: int = 10 * 1024 * 1024
+    token: str | None = None
+    batching: BatchSettings = BatchSettings()
+
+
+class ApiError(Exception):
+    """An HTTP error answered as {"detail": reason}."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over `limit` bytes (by Content-Length, or while reading)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await _too_large(self.limit)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise ApiError(413, _too_large_text(self.limit))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large_text(limit: int) -> str:
+    return f"The request body is larger than the limit of {limit:,} bytes."
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse({"detail": _too_large_text(limit)}, status_code=413)
+
+
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary"}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "responses": {
+        "401": {"description": "Missing or wrong bearer token"},
+        "413": {"description": "Body larger than the limit"},
+        "415": {"description": "Not an image type or format this server decodes"},
+        "422": {"description": "An image that cannot be decoded (the reason is given)"},
+        "503": {"description": "The queue is full or the model is not loaded; retry later"},
+    },
+}
+
+
+def create_app(model: Model, settings: ServiceSettings = ServiceSettings()) -> FastAPI:
+    """The FastAPI application serving `model` (already loaded) with `settings`."""
+    batcher = DynamicBatcher(model.proba, settings.batching)
+    info = model.describe()
+    started = time.time()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(title="headstart", version="0.1.0", lifespan=lifespan,
+                  description="Classify images with a frozen backbone and a fitted head.")
+    app.state.batcher = batcher
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    bearer = HTTPBearer(auto_error=False)
+
+    def check_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if settings.token is None:
+            return
+        given = credentials.credentials if credentials else ""
+        if not secrets.compare_digest(given.encode(), settings.token.encode()):
+            raise ApiError(401, "A valid 'Authorization: Bearer <token>' header is required.")
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        if error.status == 503:
+            headers = {"Retry-After": "1"}
+        return JSONResponse({"detail": error.detail}, status_code=error.status, headers=headers)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness and load: the model is loaded; queue length; batches run so far."""
+        return {"status": "ok", "model": info["head"], "queued": batcher.waiting,
+                "queue_limit": settings.batching.max_queue, "batches": batcher.batches,
+                "images": batcher.images, "uptime_s": round(time.time() - started, 1),
+                "token_required": settings.token is not None}
+
+    @app.get("/models", dependencies=[Depends(check_token)])
+    async def models() -> dict[str, Any]:
+        """The loaded model: head, kind, cache, backbone, input size and class names."""
+        return {"models": [info]}
+
+    @app.post("/predict", dependencies=[Depends(check_token)], openapi_extra=PREDICT_BODY)
+    async def predict(request: Request,
+                      top: int = Query(3, ge=1, le=MAX_TOP, description="Classes to return")
+                      ) -> dict[str, Any]:
+        """Classify one image sent as a multipart upload (field 'file') or as the raw body."""
+        data = await _image_bytes(request)
+        try:
+            pixels = await run_in_threadpool(model.preprocessing.load_bytes, data)
+        except UnsupportedImage as error:
+            raise ApiError(415, f"Unsupported image: {error}.") from None
+        except BadImage as error:
+            raise ApiError(422, f"Cannot decode the image: {error}.") from None
+        began = time.perf_counter()
+        try:
+            proba = await batcher.submit(pixels)
+        except QueueFull:
+            raise ApiError(503, "The server is busy (request queue full); retry shortly.") from None
+        return {"model": info["head"], "kind": info["kind"], "cache": info["cache"],
+                "predictions": top_k(np.asarray(proba), model.class_names, top),
+                "seconds": round(time.perf_counter() - began, 4)}
+
+    return app
+
+
+async def _image_bytes(request: Request) -> bytes:
+    """The uploaded image's bytes from a multipart form or a raw image body."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=8)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(422, "The multipart form needs the image in a file field named 'file'.")
+        part_type = (upload.content_type or "").lower()
+        if part_type and not part_type.startswith(RAW_TYPES):
+            raise ApiError(415, f"Unsupported upload type {part_type!r}; send an image.")
+        data = await upload.read()
+    elif content_type.startswith(RAW_TYPES):
+        data = await request.body()
+    else:
+        raise ApiError(415, f"Unsupported content type {content_type or 'none'!r}; send an image "
+                       "as multipart/form-data (field 'file') or as an image/* body.")
+    if not data:
+        raise ApiError(422, "The image is empty (0 bytes).")
+    return data

@@ -1,0 +1,56 @@
+"""Shared, built-once state for the predict/serve/export/report tests.
+
+A store with cifar10-mini at 48 px (float32 features, so live features equal cached ones) and
+two fitted heads: mlp (Keras) and logreg (linear). Built once per test process, under /tmp.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+MINI = SHARED / "data" / "cifar10-mini"
+SERVICE_ARGS = ["--backbone", "mobilenet", "--alpha", "0.25", "--weights", str(WEIGHTS),
+                "--image-size", "48", "--dtype", "float32", "--quiet"]
+
+
+@functools.lru_cache(maxsize=1)
+def service_store() -> Path:
+    """The store path (extracted and fitted on first use)."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    store = Path(tempfile.mkdtemp(prefix="headstart-service-"))
+    runner = CliRunner()
+    for args in (["extract", str(MINI), *SERVICE_ARGS],
+                 ["fit", "--head", "mlp", "-p", "epochs=4", "--quiet"],
+                 ["fit", "--head", "logreg"]):
+        result = runner.invoke(app, [*args, "--store", str(store)])
+        assert result.exit_code == 0, result.output
+    return store
+
+
+@functools.lru_cache(maxsize=2)
+def predictor(head: str = "mlp"):
+    """A loaded Predictor for `head` on the service store."""
+    from extract.predict import Predictor
+    from store.store import Store
+
+    store = Store(service_store())
+    return Predictor(store, store.find_cache(), head)
+
+
+def cache_test_images(count: int) -> list[Path]:
+    """The first `count` test-split files of the cache, in cache order."""
+    from store.store import Store
+
+    cache = Store(service_store()).find_cache()
+    root = Path(cache.source["path"])
+    return [root / i for i in cache.ids("test")[:count]]
