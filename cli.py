@@ -38,12 +38,12 @@ out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty()
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 StoreOption = typer.Option(
-    None, "--store", envvar=STORE_ENV, help="Store folder [default: ~/.cache/headstart].",
+    None, "--store", envvar=STORE_ENV, help="Store folder (default: ~/.cache/headstart).",
     show_default=False,
 )
 CacheOption = typer.Option(
     None, "--cache", help="Cache to use: a fingerprint prefix or a name from 'list' "
-    "[default: the most recently finished].",
+    "(default: the most recently finished).",
 )
 
 
@@ -78,8 +78,8 @@ def extract(
     backbone: str = typer.Option("vgg16", help="Backbone name; see 'backbones'."),
     weights: str = typer.Option("imagenet", help="'imagenet', 'none' (random) or a weights file."),
     alpha: Optional[float] = typer.Option(None, help="Width multiplier (MobileNet family)."),
-    image_size: Optional[int] = typer.Option(None, help="Input size [default: the backbone's "
-                                             "native size; 32 reproduces the paper]."),
+    image_size: Optional[int] = typer.Option(None, help="Input size (default: the backbone's "
+                                             "native size; 32 reproduces the paper)."),
     pooling: str = typer.Option("avg", help="avg, max or flatten (the paper's Flatten)."),
     dtype: str = typer.Option("float16", help="Stored feature type: float16 or float32."),
     batch_size: int = typer.Option(64, help="Images per backbone batch."),
@@ -190,7 +190,7 @@ def fit(
     head: str = typer.Option("mlp", help="Head kind; see 'heads'."),
     param: List[str] = typer.Option([], "--param", "-p", help="Head option KEY=VALUE "
                                     "(repeatable), e.g. -p epochs=20 -p hidden=512,256."),
-    name: Optional[str] = typer.Option(None, help="Save under this name [default: the kind]."),
+    name: Optional[str] = typer.Option(None, help="Save under this name (default: the kind)."),
     augmented: bool = typer.Option(False, "--augmented", help="Also train on the cache's "
                                    "augmented views (made with extract --augment K)."),
     cache: Optional[str] = CacheOption,
@@ -263,7 +263,7 @@ def finetune(
 
 @app.command()
 def evaluate(
-    head: List[str] = typer.Option([], help="Head name (repeatable) [default: all heads]."),
+    head: List[str] = typer.Option([], help="Head name (repeatable) (default: all heads)."),
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
     as_json: bool = typer.Option(False, "--json", help="Print the full reports as JSON."),
@@ -306,8 +306,8 @@ def _print_report(report: dict, class_names: list[str]) -> None:
 
 HeadOption = typer.Option("mlp", "--head", help="Name of a fitted head (see 'list').")
 WeightsOption = typer.Option(
-    None, "--weights", help="The backbone weights file the cache was extracted with [default: "
-    "the path the cache recorded].")
+    None, "--weights", help="The backbone weights file the cache was extracted with (default: "
+    "the path the cache recorded).")
 
 
 @app.command()
@@ -401,11 +401,11 @@ def serve(
 def export(
     head: str = HeadOption,
     formats: List[str] = typer.Option([], "--format", help="keras, savedmodel or tflite "
-                                      "(repeatable) [default: all]."),
+                                      "(repeatable) (default: all)."),
     quantize: List[str] = typer.Option([], "--quantize", help="TFLite variant: none (float32), "
-                                       "float16, dynamic or int8 (repeatable) [default: all]."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: "
-                                           "STORE/exports/<cache>/<head>]."),
+                                       "float16, dynamic or int8 (repeatable) (default: all)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: "
+                                           "STORE/exports/<cache>/<head>)."),
     evaluate: bool = typer.Option(True, help="Score every variant on the test split."),
     weights: Optional[str] = WeightsOption,
     cache: Optional[str] = CacheOption,
@@ -434,8 +434,8 @@ def export(
 @app.command()
 def report(
     head: str = HeadOption,
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: "
-                                           "STORE/reports/<cache>/<head>]."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: "
+                                           "STORE/reports/<cache>/<head>)."),
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
 ) -> None:
