@@ -5,20 +5,27 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from classifiers.evaluation import accuracy_figures, classification_report, full_proba
-from classifiers.persistence import load_fitted_head, save_fitted_head
-from classifiers.registry import get_head_kind
+from classifiers.memory import MemoryPlan, format_size, plan_memory
+from classifiers.mlp import MLPHead
+from classifiers.persistence import ENSEMBLE_KIND, load_fitted_head, save_fitted_head
+from classifiers.registry import HEADS, get_head_kind
+from classifiers.sources import CacheSet
+from classifiers.streaming import (buffer_rows_for, count_ordered_batches, ordered_batches,
+                                   shuffled_batches)
 from store.cache import FeatureCache
+from store.errors import HeadstartError
 from store.fingerprint import unit_fraction
-from store.heads import check_head_name, list_heads
+from store.heads import check_head_name, list_heads, load_head_record
 from store.store import Store
 
 VALIDATION_FRACTION = 0.1
 VALIDATION_SALT = "headstart-validation:"
+PREDICT_BLOCK_BYTES = 64 * 1000**2  # features scored per predict call
 
 
 def validation_mask(ids: np.ndarray, fraction: float = VALIDATION_FRACTION) -> np.ndarray:
@@ -32,57 +39,136 @@ def head_proba(estimator: Any, X: np.ndarray, n_classes: int) -> np.ndarray:
     return full_proba(estimator.predict_proba(X), estimator.classes_, n_classes)
 
 
-def fit_head(store: Store, cache: FeatureCache, kind_name: str,
-             options: dict[str, str] | None = None, name: str | None = None,
-             verbose: int = 0) -> tuple[dict[str, Any], Path]:
-    """Fit one head on the cache's training rows (minus the validation rows) and save it.
+def source_proba(estimator: Any, source: CacheSet, split: str, mask: np.ndarray | None = None,
+                 block_bytes: int = 0) -> np.ndarray:
+    """A head's probabilities for a split's rows (where `mask` is true), read block by block."""
+    n_classes = len(source.class_names)
+    parts = [head_proba(estimator, X, n_classes) for _, X in
+             source.iter_blocks(split, mask, target_bytes=block_bytes or PREDICT_BLOCK_BYTES)]
+    return np.concatenate(parts) if parts else np.zeros((0, n_classes))
+
+
+def as_cache_set(caches: FeatureCache | CacheSet | Sequence[FeatureCache]) -> CacheSet:
+    """One cache, several caches of one dataset, or a CacheSet, as a CacheSet."""
+    if isinstance(caches, CacheSet):
+        return caches
+    return CacheSet([caches] if isinstance(caches, FeatureCache) else list(caches))
+
+
+def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCache],
+             kind_name: str, options: dict[str, Any] | None = None, name: str | None = None,
+             verbose: int = 0, memory_budget: str | int | None = None,
+             extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path]:
+    """Fit one head on the training rows (minus the validation rows) of one or more caches of
+    the same dataset, and save it beside the first cache.
 
     Returns the sidecar record and its path. Validation and test accuracy are recorded.
     """
     kind = get_head_kind(kind_name)
     name = check_head_name(name or kind_name)
+    source = as_cache_set(caches)
     estimator = kind.create(options)
+    plan = plan_memory(source.float32_bytes("train"), memory_budget)
+    if plan.stream and not kind.streams:
+        streaming = " or ".join(k.name for k in HEADS.values() if k.streams)
+        raise HeadstartError(
+            f"Head {kind.name} cannot stream, and its features need about "
+            f"{format_size(plan.needed)} in memory, over the budget of "
+            f"{format_size(plan.budget or 0)}; use --head {streaming}, which train within it.")
     if kind.file_format == "keras" and verbose:
         estimator.set_params(verbose=verbose)
-    X = cache.features("train")
-    y = cache.labels("train")
-    held_out = validation_mask(cache.ids("train"))
-    fit_rows = ~held_out
-    n_classes = len(cache.class_names)
     started = time.perf_counter()
-    if kind.file_format == "keras":
-        estimator.fit(X[fit_rows], y[fit_rows], validation_data=(X[held_out], y[held_out]))
-    else:
-        estimator.fit(X[fit_rows], y[fit_rows])
+    rows = train_estimator(estimator, source, plan)
     fit_seconds = time.perf_counter() - started
-    metrics = {
-        "validation": accuracy_figures(y[held_out], head_proba(estimator, X[held_out], n_classes)),
-        "test": accuracy_figures(cache.labels("test"),
-                                 head_proba(estimator, cache.features("test"), n_classes)),
-    }
     record = {
-        "classes": cache.class_names,
+        "classes": source.class_names,
+        "caches": source.fingerprints,
         "fit_seconds": round(fit_seconds, 3),
-        "rows": {"train": int(fit_rows.sum()), "validation": int(held_out.sum())},
-        "metrics": metrics,
+        "rows": rows,
+        "memory": {"mode": "stream" if plan.stream else "memory", "budget_bytes": plan.budget},
+        "metrics": head_metrics(estimator, source, plan.buffer_bytes if plan.stream
+                                else PREDICT_BLOCK_BYTES),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
     }
-    sidecar = save_fitted_head(store, cache, name, kind, estimator, record)
+    sidecar = save_fitted_head(store, source.primary, name, kind, estimator, record)
     return record, sidecar
+
+
+def train_estimator(estimator: Any, source: CacheSet, plan: MemoryPlan) -> dict[str, int]:
+    """Fit on the training rows outside the validation split, in memory or streamed."""
+    y = source.labels("train")
+    held_out = validation_mask(source.ids("train"))
+    fit_rows = ~held_out
+    if plan.stream:
+        fit_streaming(estimator, source, y, fit_rows, plan.buffer_bytes)
+    else:
+        X = source.features("train")
+        if isinstance(estimator, MLPHead):
+            estimator.fit(X[fit_rows], y[fit_rows], validation_data=(X[held_out], y[held_out]))
+        else:
+            estimator.fit(X[fit_rows], y[fit_rows])
+    return {"train": int(fit_rows.sum()), "validation": int(held_out.sum())}
+
+
+def fit_streaming(estimator: Any, source: CacheSet, y: np.ndarray, fit_rows: np.ndarray,
+                  buffer_bytes: int) -> None:
+    """Fit an MLP or SGD head from shuffled chunk-aligned batches, never the whole matrix."""
+    size = int(estimator.get_params()["batch_size"])
+    seed = int(estimator.get_params()["random_state"])
+    buffer_rows = buffer_rows_for(source, buffer_bytes, size)
+
+    def batches(epoch: int) -> Any:
+        if epoch < 0:  # the SGD head's statistics pass: order does not matter
+            return ordered_batches(source, "train", fit_rows, y, buffer_rows)
+        return shuffled_batches(source, "train", fit_rows, y, size, buffer_rows, seed, epoch)
+
+    if isinstance(estimator, MLPHead):
+        estimator.fit_batches(
+            batches, y[fit_rows], source.width,
+            validation=lambda: ordered_batches(source, "train", ~fit_rows, y, buffer_rows),
+            validation_batches=count_ordered_batches(source, "train", ~fit_rows, buffer_rows))
+    else:
+        estimator.fit_blocks(batches, np.unique(y[fit_rows]), source.width)
+
+
+def head_metrics(estimator: Any, source: CacheSet, block_bytes: int = 0
+                 ) -> dict[str, dict[str, float]]:
+    """Validation and test accuracy figures of a fitted head (features read in blocks)."""
+    y = source.labels("train")
+    held_out = validation_mask(source.ids("train"))
+    return {
+        "validation": accuracy_figures(
+            y[held_out], source_proba(estimator, source, "train", held_out, block_bytes)),
+        "test": accuracy_figures(source.labels("test"),
+                                 source_proba(estimator, source, "test", None, block_bytes)),
+    }
+
+
+def record_proba(store: Store, record: dict[str, Any], split: str,
+                 mask: np.ndarray | None = None) -> np.ndarray:
+    """Probabilities of a saved head (or ensemble) for a split of its own first cache."""
+    from classifiers.ensembles import ensemble_proba
+
+    if record.get("kind") == ENSEMBLE_KIND:
+        if mask is not None:
+            raise HeadstartError("Ensembles are scored on whole splits only.")
+        return ensemble_proba(store, record, split)
+    source = CacheSet.from_fingerprints(store, record.get("caches") or [record["cache"]])
+    estimator, _ = load_fitted_head(store, source.primary, record["name"])
+    return source_proba(estimator, source, split, mask)
 
 
 def evaluate_heads(store: Store, cache: FeatureCache, names: list[str] | None = None
                    ) -> list[dict[str, Any]]:
-    """Test-split reports for the named heads, or for every head of the cache."""
+    """Test-split reports for the named heads (and ensembles), or for every one of the cache."""
     if names is None:
         names = [r["name"] for r in list_heads(store, cache)]
-    if not names:
-        return []
-    X_test, y_test = cache.features("test"), cache.labels("test")
+    y_test = cache.labels("test")
     reports = []
     for name in names:
-        estimator, record = load_fitted_head(store, cache, name)
-        proba = head_proba(estimator, X_test, len(cache.class_names))
+        record, _ = load_head_record(store, cache, name)
+        proba = record_proba(store, record, "test")
         reports.append({"head": name, "kind": record["kind"], "cache": cache.name,
                         **classification_report(y_test, proba, cache.class_names)})
     return reports
