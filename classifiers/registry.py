@@ -100,7 +100,7 @@ def _knn() -> Any:
 
 def _hgb() -> Any:
     return HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1, max_leaf_nodes=31,
-                                          early_stopping=True, random_state=0)
+                                          early_stopping="auto", random_state=0)
 
 
 _MLP_OPTIONS = {name: name for name in MLPHead().get_params()}
