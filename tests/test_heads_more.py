@@ -31,7 +31,7 @@ def expected_failures(estimator) -> dict[str, str]:
 def _small(kind: str):
     estimator = get_head_kind(kind).create()
     if kind == "hgb":
-        estimator.set_params(max_iter=10)
+        estimator.set_params(max_iter=3, max_leaf_nodes=7)
     if kind == "knn":
         estimator.set_params(kneighborsclassifier__n_neighbors=3)
     return estimator
