@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -121,24 +122,73 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             X, X_val, encoded, y_val = train_test_split(
                 X, encoded, test_size=self.validation_fraction,
                 random_state=self.random_state, stratify=stratify)
+        n_classes = len(self.classes_)
+        validation = None
+        if X_val is not None and len(X_val):
+            validation = (X_val, keras.utils.to_categorical(y_val, n_classes))
+        return self._train((X, keras.utils.to_categorical(encoded, n_classes)), validation, encoded)
+
+    def fit_batches(self, batches: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],
+                    labels: np.ndarray, n_features: int,
+                    validation: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]] | None = None,
+                    validation_batches: int = 0) -> "MLPHead":
+        """Train from batches it never holds together (memory-bounded training).
+
+        `batches(epoch)` yields (features, labels) batches of one epoch; `labels` are all the
+        training labels (for the classes, class weights and schedule length); `validation()`
+        yields the validation rows' `validation_batches` batches, for early stopping. An epoch
+        must yield exactly ceil(len(labels) / batch_size) batches.
+        """
+        load_keras()
+        import tensorflow as tf
+
+        self._check_params()
+        self.label_encoder_ = LabelEncoder().fit(np.asarray(labels))
+        self.classes_ = self.label_encoder_.classes_
+        if len(self.classes_) < 2:
+            raise ValueError("MLPHead needs samples of at least 2 classes; got 1 class.")
+        self.n_features_in_ = int(n_features)
+        n_classes = len(self.classes_)
+        eye = np.eye(n_classes, dtype=np.float32)
+        epochs = itertools.count()
+
+        def encoded(source: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[Any]:
+            for X, y in source:
+                yield np.asarray(X, dtype=np.float32), eye[self.label_encoder_.transform(y)]
+
+        spec = (tf.TensorSpec((None, n_features), tf.float32),
+                tf.TensorSpec((None, n_classes), tf.float32))
+        steps = -(-len(labels) // int(self.batch_size))
+        train = tf.data.Dataset.from_generator(lambda: encoded(batches(next(epochs))),
+                                               output_signature=spec)
+        train = train.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(1)
+        val = None
+        if validation is not None and validation_batches:
+            val = tf.data.Dataset.from_generator(lambda: encoded(validation()), output_signature=spec)
+            val = val.apply(tf.data.experimental.assert_cardinality(validation_batches))
+        return self._train(train, val, self.label_encoder_.transform(labels))
+
+    def _train(self, train: Any, validation: Any, encoded: np.ndarray) -> "MLPHead":
+        """Build and fit the model on (X, Y) arrays or a dataset of batches."""
+        keras = load_keras()
+
         keras.utils.set_random_seed(int(self.random_state))
         n_classes = len(self.classes_)
-        steps = int(self.epochs) * -(-len(X) // int(self.batch_size))
-        model = self._build(X.shape[1], n_classes, steps)
+        steps = int(self.epochs) * -(-len(encoded) // int(self.batch_size))
+        model = self._build(int(self.n_features_in_), n_classes, steps)
         callbacks: list[Any] = []
-        fit_validation = None
-        if X_val is not None and len(X_val):
-            fit_validation = (X_val, keras.utils.to_categorical(y_val, n_classes))
+        if validation is not None:
             if self.early_stopping:
                 callbacks.append(keras.callbacks.EarlyStopping(
                     monitor="val_loss", patience=int(self.patience), restore_best_weights=True))
             if self.lr_schedule == "plateau":
                 callbacks.append(keras.callbacks.ReduceLROnPlateau(
                     monitor="val_loss", factor=0.3, patience=max(1, int(self.patience) // 2)))
+        arrays = isinstance(train, tuple)
         history = model.fit(
-            X, keras.utils.to_categorical(encoded, n_classes),
-            batch_size=int(self.batch_size), epochs=int(self.epochs),
-            validation_data=fit_validation, callbacks=callbacks, shuffle=True,
+            *(train if arrays else (train,)),
+            batch_size=int(self.batch_size) if arrays else None, epochs=int(self.epochs),
+            validation_data=validation, callbacks=callbacks, shuffle=arrays,
             class_weight=self._class_weights(encoded, n_classes), verbose=self.verbose,
         )
         self.model_ = model

@@ -103,6 +103,12 @@ class FeatureCache:
         with h5py.File(self.path, "r") as handle:
             return self._split(handle, split)["ids"].asstr()[...].astype(str)
 
+    def chunk_rows(self, split: str) -> int:
+        """Rows per HDF5 chunk of a split's features (reads aligned to it touch each chunk once)."""
+        with h5py.File(self.path, "r") as handle:
+            data = self._split(handle, split)["features"]
+            return int(data.chunks[0]) if data.chunks else 4096
+
     def iter_feature_blocks(self, split: str) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, float32 block) over a split, one HDF5 chunk-row block at a time."""
         with h5py.File(self.path, "r") as handle:
