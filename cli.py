@@ -433,14 +433,14 @@ def predict(
 
     Example: python cli.py predict photo.jpg more_photos/ 'shots/*.png' --head mlp --top 3
     """
-    from extract.predict import Predictor, collect_inputs, predict_files
+    from extract.predict import collect_inputs, open_predictor, predict_files
 
     if output not in ("table", "csv", "json"):
         raise typer.BadParameter("--format must be table, csv or json.")
     with user_errors():
         the_store = Store(store)
         paths = collect_inputs(inputs)
-        predictor = Predictor(the_store, the_store.find_cache(cache), head, weights)
+        predictor = open_predictor(the_store, the_store.find_cache(cache), head, weights)
         err.print(f"Classifying {len(paths)} files with head {head} of cache "
                   f"{predictor.cache.name}.")
         answers = list(predict_files(predictor, paths, top, batch_size))

@@ -39,3 +39,6 @@ def mini_store(tmp_path_factory: pytest.TempPathFactory, shared_paths: dict[str,
                                       "--store", str(store)])
     assert result.exit_code == 0, result.output
     return store
+
+
+from tests.synthetic_store import toy_store  # noqa: E402,F401  (fixture shared by head tests)

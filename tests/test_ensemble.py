@@ -8,7 +8,6 @@ from typer.testing import CliRunner
 
 from classifiers.combine import EnsembleHead, greedy_selection
 from cli import app
-from synthetic_store import toy_store  # noqa: F401  (fixture)
 
 C = 3
 

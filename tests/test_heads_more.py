@@ -14,7 +14,6 @@ from classifiers.training import evaluate_heads, fit_head
 from cli import app
 from store.errors import HeadstartError
 from store.store import Store
-from synthetic_store import toy_store  # noqa: F401  (fixture)
 
 NEW_HEADS = ("svm", "sgd", "knn", "hgb")
 

@@ -14,7 +14,6 @@ from classifiers.training import fit_head, validation_mask
 from cli import app
 from store.errors import HeadstartError
 from store.store import Store
-from synthetic_store import toy_store  # noqa: F401  (fixture)
 
 
 @pytest.mark.parametrize("text, size", [("256MB", 256 * 10**6), ("2GB", 2 * 10**9),
@@ -98,7 +97,7 @@ def test_head_that_cannot_stream_names_one_that_can(toy_store, tiny_streaming) -
 def test_cli_budget_errors(toy_store, budget, message) -> None:  # noqa: F811
     root, _ = toy_store
     big = root.parent / "big"
-    from synthetic_store import make_cache
+    from tests.synthetic_store import make_cache
     make_cache(Store(big), "toy", 40, 9)
     result = CliRunner().invoke(app, ["fit", "--head", "sgd", "--memory-budget", budget,
                                       "--store", str(big)])

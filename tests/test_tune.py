@@ -11,7 +11,6 @@ import classifiers.tune as tune
 from classifiers.tune import draw_trials, tune_head
 from cli import app
 from store.store import Store
-from synthetic_store import toy_store  # noqa: F401  (fixture)
 
 
 def test_trials_are_the_same_for_the_same_seed() -> None:
