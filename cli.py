@@ -273,7 +273,7 @@ def finetune(
         if not quiet:
             print_progress_note()
         result = run_finetune(the_store, chosen, head, settings, weights, dataset,
-                              verbose=0 if quiet else (1 if sys.stdout.isatty() else 2))
+                              verbose=0 if quiet else 1)  # a bar with ETA: epochs are long
     record = result.record
     out.print(f"Trained {len(record['unfrozen_layers'])} backbone layers + head in "
               f"{record['train_seconds']:.0f} s.")
