@@ -13,6 +13,7 @@ from classifiers.evaluation import accuracy_figures, classification_report, full
 from classifiers.persistence import load_fitted_head, save_fitted_head
 from classifiers.registry import get_head_kind
 from store.cache import FeatureCache
+from store.errors import HeadstartError
 from store.fingerprint import unit_fraction
 from store.heads import check_head_name, list_heads
 from store.store import Store
@@ -50,10 +51,17 @@ def fit_head(store: Store, cache: FeatureCache, kind_name: str,
     fit_rows = ~held_out
     n_classes = len(cache.class_names)
     started = time.perf_counter()
-    if kind.file_format == "keras":
-        estimator.fit(X[fit_rows], y[fit_rows], validation_data=(X[held_out], y[held_out]))
-    else:
-        estimator.fit(X[fit_rows], y[fit_rows])
+    try:
+        if kind.file_format == "keras":
+            estimator.fit(X[fit_rows], y[fit_rows], validation_data=(X[held_out], y[held_out]))
+        else:
+            estimator.fit(X[fit_rows], y[fit_rows])
+    except ValueError as error:  # an option value the estimator refuses (parsing passed)
+        if not options:
+            raise
+        given = " ".join(f"-p {key}={value}" for key, value in options.items())
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+        raise HeadstartError(f"Head {kind.name} cannot be fitted with {given} ({reason}).") from None
     fit_seconds = time.perf_counter() - started
     metrics = {
         "validation": accuracy_figures(y[held_out], head_proba(estimator, X[held_out], n_classes)),

@@ -95,6 +95,10 @@ class PartialCache:
         except (OSError, ValueError):
             return False
 
+    def is_empty(self) -> bool:
+        """True while no segment has been written."""
+        return not any(self.directory.glob("*.npz"))
+
     def write_segment(self, split: str, index: int, segment: Segment) -> None:
         """Write one segment atomically."""
         with atomic_path(self.segment_path(split, index)) as temporary:
