@@ -122,7 +122,7 @@ def extract(
     if result.skipped:
         out.print(f"Skipped {len(result.skipped)} unusable files:")
         for item in result.skipped[:20]:
-            out.print(f"  {item['split']}/{item['id']}: {item['reason']}")
+            out.print(f"  {item['id']} ({item['split']}): {item['reason']}")
         if len(result.skipped) > 20:
             out.print(f"  ... and {len(result.skipped) - 20} more (all listed in the cache).")
     out.print(f"Cache written to {cache.path}")
