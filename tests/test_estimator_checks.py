@@ -15,8 +15,8 @@ from classifiers.registry import HEADS
 
 SHORT_TRAINING = ("3 epochs (kept short so this file stays fast) do not reach the check's accuracy "
                   "bar; test_accuracy_checks_at_the_default_epochs runs it with the defaults")
-PIPELINE_IN_PLACE = ("the logreg head is a scikit-learn Pipeline, which fits its step estimators "
-                     "in place by design (sklearn's own Pipeline fails this check too)")
+PIPELINE_IN_PLACE = ("the logreg head is scikit-learn's own Pipeline, which by design fits the "
+                     "estimators held in its `steps` parameter in place")
 
 
 def expected_failures(estimator: object) -> dict[str, str]:

@@ -152,6 +152,25 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
         resumed.cache.path.name]
 
 
+def test_resume_with_another_batch_size_keeps_the_segments(
+        tmp_path: Path, counting: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The segment size is fixed by the interrupted run; a new --batch-size only regroups."""
+    root = make_folder(tmp_path / "d", {"cat": 8, "dog": 8, "ship": 8})
+    reference = pipeline.extract_features(make_plan(root), Store(tmp_path / "ref"),
+                                          progress=False).cache
+    store = Store(tmp_path / "store")
+    monkeypatch.setattr(pipeline, "MAX_SEGMENT_SIZE", 4)
+    counting(interrupt_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.extract_features(make_plan(root, batch_size=4), store, progress=False)
+    assert len(segment_files(tmp_path / "store")) == 2
+    monkeypatch.setattr(pipeline, "MAX_SEGMENT_SIZE", 2048)
+    built = counting()
+    resumed = pipeline.extract_features(make_plan(root, batch_size=3), store, progress=False)
+    assert resumed.computed == built[-1].images == 24 - 8
+    assert_same_cache(resumed.cache, reference, exact=False)
+
+
 def _odd_dataset(root: Path) -> Path:
     """train/test folders of real JPEGs, odd but good formats, and broken files."""
     make_folder(root, {"cat": 4, "dog": 4}, split="train")
@@ -208,7 +227,7 @@ def test_bad_files_are_skipped_and_reported(tmp_path: Path) -> None:
     output = run_cli("extract", str(root), *MINI_ARGS[:-3], "--image-size", "32", "--quiet",
                      "--store", str(store.root)).output
     assert "Reused cache" in output and "Skipped 4 unusable files" in output
-    assert "train/cat/empty.jpg: empty file (0 bytes)" in output
+    assert "  train/cat/empty.jpg (train): empty file (0 bytes)" in output.splitlines()
 
 
 @pytest.mark.parametrize("case, fragment", [
@@ -250,3 +269,27 @@ def test_flatten_keeps_the_whole_feature_map(tmp_path: Path) -> None:
                                                  dtype="float32"), Store(tmp_path / "s"),
                                        progress=False)
     assert result.cache.width == 2 * 2 * 256 and result.cache.dtype == "float32"
+
+
+def test_a_keras_builtin_dataset_is_extracted_from_its_arrays(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mnist-like grey arrays (as keras.datasets returns them) become a three-channel cache."""
+    import keras
+
+    rng = np.random.default_rng(0)
+
+    def load_data() -> tuple:
+        return ((rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), np.arange(12) % 10),
+                (rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), np.arange(5)))
+
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", load_data)
+    result = run_cli("extract", "mnist", *MINI_ARGS[:-3], "--image-size", "32", "--quiet",
+                     "--store", str(tmp_path / "store"))
+    assert result.exit_code == 0, result.output
+    assert "Dataset mnist: 10 classes, 12 train, 5 test images." in result.output
+    (cache,) = Store(tmp_path / "store").caches()
+    assert cache.class_names == [str(d) for d in range(10)]
+    assert cache.split_sizes == {"train": 12, "test": 5}
+    assert cache.ids("test").tolist() == [f"test/{i:06d}" for i in range(5)]
+    assert cache.labels("train").tolist() == (np.arange(12) % 10).tolist()
+    assert cache.inputs["dataset"]["source"] == {"kind": "keras", "name": "mnist"}

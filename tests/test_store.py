@@ -155,3 +155,23 @@ def test_temporary_and_partial_files_are_not_caches(mini_store: Path, tmp_path: 
     store = Store(root)
     assert [c.path for c in store.caches()] == [caches / mini_cache.path.name]
     assert store.unfinished() == [caches / f"{'0' * 64}.partial"]
+
+
+def test_the_newest_cache_is_the_default_even_within_one_second(
+        mini_store: Path, tmp_path: Path, mini_cache: FeatureCache) -> None:
+    """Two caches finished in the same second (same `created`): the later file wins."""
+    import os
+
+    root = copy_store(mini_store, tmp_path)
+    original = root / "caches" / mini_cache.path.name
+    for name, seconds in (("f" * 64, 1_000), ("0" * 64, 2_000)):
+        copy = root / "caches" / f"{name}.h5"
+        shutil.copy(original, copy)
+        with h5py.File(copy, "r+") as handle:
+            handle.attrs["fingerprint"] = name
+        os.utime(copy, (seconds, seconds))
+    os.utime(original, (3_000, 3_000))
+    store = Store(root)
+    assert [c.fingerprint[0] for c in store.caches()] == ["f", "0", mini_cache.fingerprint[0]]
+    os.utime(original, (500, 500))
+    assert store.find_cache().fingerprint == "0" * 64
