@@ -153,9 +153,10 @@ def fit(
         verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
         record, sidecar = fit_head(the_store, chosen, head, options, name, verbose=verbose)
     metrics = record["metrics"]
-    out.print(f"Fitted {head} in {record['fit_seconds']:.1f} s: validation accuracy "
-              f"{metrics['validation']['accuracy']:.4f}, test accuracy "
-              f"{metrics['test']['accuracy']:.4f}.")
+    validation = metrics.get("validation", {}).get("accuracy")
+    shown = "n/a (no validation rows)" if validation is None else f"{validation:.4f}"
+    out.print(f"Fitted {head} in {record['fit_seconds']:.1f} s: validation accuracy {shown}, "
+              f"test accuracy {metrics['test']['accuracy']:.4f}.")
     out.print(f"Head saved to {sidecar}")
 
 

@@ -113,7 +113,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             raise ValueError("MLPHead needs samples of at least 2 classes; got 1 class.")
         encoded = self.label_encoder_.transform(y)
         X_val = y_val = None
-        if validation_data is not None:
+        if validation_data is not None and len(validation_data[0]):
             X_val = validate_data(self, validation_data[0], dtype=np.float32, reset=False)
             y_val = self.label_encoder_.transform(np.asarray(validation_data[1]))
         elif self.early_stopping and self.validation_fraction > 0 and len(X) >= 20:

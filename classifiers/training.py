@@ -64,10 +64,12 @@ def fit_head(store: Store, cache: FeatureCache, kind_name: str,
         raise HeadstartError(f"Head {kind.name} cannot be fitted with {given} ({reason}).") from None
     fit_seconds = time.perf_counter() - started
     metrics = {
-        "validation": accuracy_figures(y[held_out], head_proba(estimator, X[held_out], n_classes)),
         "test": accuracy_figures(cache.labels("test"),
                                  head_proba(estimator, cache.features("test"), n_classes)),
     }
+    if held_out.any():  # a very small training split may hash no row into validation
+        metrics["validation"] = accuracy_figures(
+            y[held_out], head_proba(estimator, X[held_out], n_classes))
     record = {
         "classes": cache.class_names,
         "fit_seconds": round(fit_seconds, 3),
