@@ -72,7 +72,8 @@ def assert_same_cache(cache: FeatureCache, reference: FeatureCache, exact: bool 
 
 
 def segment_files(store: Path) -> list[Path]:
-    return sorted(store.glob("caches/*.partial/*-*.npz"))
+    """Finished segment files (not the hidden temporary file of one being written)."""
+    return sorted(p for p in store.glob("caches/*.partial/*-*.npz") if not p.name.startswith("."))
 
 
 def test_ctrl_c_then_resume_recomputes_only_unfinished_segments(

@@ -122,3 +122,39 @@ def test_head_names_that_are_not_file_names_are_refused(heads_store: Store, name
     result = run_cli("fit", "--head", "logreg", "--name", name, "--store", str(heads_store.root))
     assert_clean_error(result, "is not allowed")
     assert snapshot(heads_store.root) == before
+
+
+def test_heads_fit_on_a_training_split_too_small_for_validation_rows(tmp_path: Path) -> None:
+    """Ten training images whose ids hash no row into validation: both heads still fit."""
+    import shutil
+
+    from conftest import MINI_ARGS
+    from helpers import mini_files
+
+    root = tmp_path / "tiny"
+    chosen = 0
+    for k in range(200):  # names that fall outside the validation hash
+        class_name = ("cat", "dog")[chosen % 2]
+        sample_id = f"train/{class_name}/img{k}.jpg"
+        if validation_mask(np.array([sample_id])).any():
+            continue
+        (root / "train" / class_name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(mini_files("train", class_name, 5)[chosen // 2], root / sample_id)
+        chosen += 1
+        if chosen == 10:
+            break
+    for class_name in ("cat", "dog"):
+        (root / "test" / class_name).mkdir(parents=True)
+        for path in mini_files("test", class_name, 2):
+            shutil.copy(path, root / "test" / class_name / path.name)
+    store = str(tmp_path / "store")
+    assert run_cli("extract", str(root), *MINI_ARGS, "--store", store).exit_code == 0
+    for head in ("logreg", "mlp"):
+        result = run_cli("fit", "--head", head, "-p", "epochs=2" if head == "mlp" else "C=1",
+                         "--quiet", "--store", store)
+        assert result.exit_code == 0, result.output
+        assert "validation accuracy n/a (no validation rows)" in result.output
+        record = json.loads(Path(result.output.split("Head saved to ")[1].strip()).read_text())
+        assert record["rows"] == {"train": 10, "validation": 0}
+        assert set(record["metrics"]) == {"test"}
+    assert run_cli("list", "--store", store).exit_code == 0
