@@ -153,9 +153,10 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
         resumed.cache.path.name]
 
 
-def test_resume_with_another_batch_size_keeps_the_segments(
+def test_resume_with_another_batch_size_redoes_only_missing_or_damaged_segments(
         tmp_path: Path, counting: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The segment size is fixed by the interrupted run; a new --batch-size only regroups."""
+    """The segment size is fixed by the interrupted run; a new --batch-size only regroups;
+    a damaged segment file is computed again."""
     root = make_folder(tmp_path / "d", {"cat": 8, "dog": 8, "ship": 8})
     reference = pipeline.extract_features(make_plan(root), Store(tmp_path / "ref"),
                                           progress=False).cache
@@ -164,11 +165,12 @@ def test_resume_with_another_batch_size_keeps_the_segments(
     counting(interrupt_after=2)
     with pytest.raises(KeyboardInterrupt):
         pipeline.extract_features(make_plan(root, batch_size=4), store, progress=False)
-    assert len(segment_files(tmp_path / "store")) == 2
+    first, second = segment_files(tmp_path / "store")
+    second.write_bytes(second.read_bytes()[:200])  # e.g. a disk error
     monkeypatch.setattr(pipeline, "MAX_SEGMENT_SIZE", 2048)
     built = counting()
     resumed = pipeline.extract_features(make_plan(root, batch_size=3), store, progress=False)
-    assert resumed.computed == built[-1].images == 24 - 8
+    assert resumed.computed == built[-1].images == 24 - 4
     assert_same_cache(resumed.cache, reference, exact=False)
 
 
