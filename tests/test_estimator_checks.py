@@ -53,7 +53,7 @@ def test_mlp_learns_separable_data_and_keeps_label_types() -> None:
     proba = head.predict_proba(X)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
     again = clone(head).fit(X, y)  # seeded: the same fit twice gives the same predictions
-    np.testing.assert_allclose(again.predict_proba(X), proba, atol=1e-5)
+    np.testing.assert_allclose(again.predict_proba(X), proba, atol=1e-4)
 
 
 def test_mlp_with_few_rows_per_class_still_holds_out_validation_rows() -> None:
