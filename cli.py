@@ -150,7 +150,7 @@ def extract(
     if result.skipped:
         out.print(f"Skipped {len(result.skipped)} unusable files:")
         for item in result.skipped[:20]:
-            out.print(f"  {item['split']}/{item['id']}: {item['reason']}")
+            out.print(f"  {item['id']} ({item['split']}): {item['reason']}")
         if len(result.skipped) > 20:
             out.print(f"  ... and {len(result.skipped) - 20} more (all listed in the cache).")
     out.print(f"Cache written to {cache.path}")
@@ -236,9 +236,10 @@ def _cache_set(the_store: Store, selectors: List[str]) -> "CacheSet":
 def _print_fitted(head: str, record: dict, sidecar: Path) -> None:
     metrics = record["metrics"]
     mode = "streamed" if record.get("memory", {}).get("mode") == "stream" else "in memory"
+    validation = metrics.get("validation", {}).get("accuracy")
+    shown = "n/a (no validation rows)" if validation is None else f"{validation:.4f}"
     out.print(f"Fitted {head} ({mode}) in {record['fit_seconds']:.1f} s: validation accuracy "
-              f"{metrics['validation']['accuracy']:.4f}, test accuracy "
-              f"{metrics['test']['accuracy']:.4f}.")
+              f"{shown}, test accuracy {metrics['test']['accuracy']:.4f}.")
     out.print(f"Head saved to {sidecar}")
 
 

@@ -38,7 +38,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         learning_rate: float = 1e-3,
         lr_schedule: str = "constant",
         label_smoothing: float = 0.0,
-        class_weight: str | None = None,
+        class_weight: str | dict | None = None,
         epochs: int = 10,
         batch_size: int = 128,
         early_stopping: bool = True,
@@ -68,8 +68,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"Expected dropout in [0, 1). Received: dropout={self.dropout}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"Expected lr_schedule in {LR_SCHEDULES}. Received: {self.lr_schedule!r}")
-        if self.class_weight not in (None, "balanced"):
-            raise ValueError(f"Expected class_weight None or 'balanced'. Received: {self.class_weight!r}")
+        if not (self.class_weight in (None, "balanced") or isinstance(self.class_weight, dict)):
+            raise ValueError("Expected class_weight None, 'balanced' or a dict of class to weight. "
+                             f"Received: {self.class_weight!r}")
         if int(self.epochs) < 1 or int(self.batch_size) < 1:
             raise ValueError(f"Expected epochs and batch_size >= 1. Received: {self.epochs}, {self.batch_size}")
         if any(int(units) < 1 for units in self.hidden):
@@ -113,12 +114,15 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             raise ValueError("MLPHead needs samples of at least 2 classes; got 1 class.")
         encoded = self.label_encoder_.transform(y)
         X_val = y_val = None
-        if validation_data is not None:
+        if validation_data is not None and len(validation_data[0]):
             X_val = validate_data(self, validation_data[0], dtype=np.float32, reset=False)
             y_val = self.label_encoder_.transform(np.asarray(validation_data[1]))
         elif self.early_stopping and self.validation_fraction > 0 and len(X) >= 20:
             counts = np.bincount(encoded)
-            stratify = encoded if counts.min() >= 2 else None
+            n_val = int(np.ceil(self.validation_fraction * len(X)))
+            # Stratify only where every class can appear on both sides of the split.
+            feasible = counts.min() >= 2 and len(counts) <= min(n_val, len(X) - n_val)
+            stratify = encoded if feasible else None
             X, X_val, encoded, y_val = train_test_split(
                 X, encoded, test_size=self.validation_fraction,
                 random_state=self.random_state, stratify=stratify)
@@ -126,6 +130,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         validation = None
         if X_val is not None and len(X_val):
             validation = (X_val, keras.utils.to_categorical(y_val, n_classes))
+            class_weights = self._class_weights(encoded, n_classes)
+            if class_weights is not None:  # early stopping watches the loss being minimised
+                validation += (np.array([class_weights[c] for c in y_val], dtype=np.float32),)
         return self._train((X, keras.utils.to_categorical(encoded, n_classes)), validation, encoded)
 
     def fit_batches(self, batches: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],
@@ -197,6 +204,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         return self
 
     def _class_weights(self, encoded: np.ndarray, n_classes: int) -> dict[int, float] | None:
+        if isinstance(self.class_weight, dict):  # {class label: weight}, as in scikit-learn
+            return {i: float(self.class_weight.get(label, 1.0))
+                    for i, label in enumerate(self.classes_.tolist())}
         if self.class_weight != "balanced":
             return None
         counts = np.bincount(encoded, minlength=n_classes).astype(float)
@@ -214,4 +224,5 @@ class MLPHead(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: Any) -> np.ndarray:
         """The most probable class of each row."""
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        proba = self.predict_proba(X)  # checks fitted-ness before classes_ is touched
+        return self.classes_[np.argmax(proba, axis=1)]

@@ -133,7 +133,14 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
     if kind.file_format == "keras" and verbose:
         estimator.set_params(verbose=verbose)
     started = time.perf_counter()
-    rows = train_estimator(estimator, source, plan, views)
+    try:
+        rows = train_estimator(estimator, source, plan, views)
+    except ValueError as error:  # an option value the estimator refuses (parsing passed)
+        if not options:
+            raise
+        given = " ".join(f"-p {key}={value}" for key, value in options.items())
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+        raise HeadstartError(f"Head {kind.name} cannot be fitted with {given} ({reason}).") from None
     fit_seconds = time.perf_counter() - started
     record = {
         "classes": source.class_names,
@@ -193,12 +200,12 @@ def head_metrics(estimator: Any, source: CacheSet, block_bytes: int = 0
     """Validation and test accuracy figures of a fitted head (features read in blocks)."""
     y = source.labels("train")
     held_out = validation_mask(source.ids("train"))
-    return {
-        "validation": accuracy_figures(
-            y[held_out], source_proba(estimator, source, "train", held_out, block_bytes)),
-        "test": accuracy_figures(source.labels("test"),
-                                 source_proba(estimator, source, "test", None, block_bytes)),
-    }
+    metrics = {"test": accuracy_figures(source.labels("test"),
+                                        source_proba(estimator, source, "test", None, block_bytes))}
+    if held_out.any():  # a very small training split may hash no row into validation
+        metrics["validation"] = accuracy_figures(
+            y[held_out], source_proba(estimator, source, "train", held_out, block_bytes))
+    return metrics
 
 
 def record_proba(store: Store, record: dict[str, Any], split: str,

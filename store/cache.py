@@ -61,7 +61,11 @@ class FeatureCache:
         if attrs.get("encoding-type") != layout.ENCODING_TYPE:
             raise HeadstartError(f"{self.path} is not a headstart feature cache.")
         version = str(attrs.get("encoding-version", "?"))
-        if layout.major(version) != layout.major(layout.ENCODING_VERSION):
+        try:
+            same_major = layout.major(version) == layout.major(layout.ENCODING_VERSION)
+        except ValueError:  # missing or malformed: not a version this reader can trust
+            same_major = False
+        if not same_major:
             raise HeadstartError(
                 f"Cache {self.path.name} has format version {version}, but this headstart reads "
                 f"version {layout.ENCODING_VERSION}; upgrade headstart, or delete the cache and "

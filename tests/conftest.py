@@ -41,4 +41,31 @@ def mini_store(tmp_path_factory: pytest.TempPathFactory, shared_paths: dict[str,
     return store
 
 
+@pytest.fixture(scope="session")
+def mini_cache(mini_store: Path):
+    """The FeatureCache of `mini_store` (read-only: copy the store before changing anything)."""
+    from store.store import Store
+
+    (cache,) = Store(mini_store).caches()
+    return cache
+
+
+@pytest.fixture(scope="session")
+def fitted_store(tmp_path_factory: pytest.TempPathFactory, mini_store: Path):
+    """A copy of `mini_store` with a logreg and a 3-epoch mlp head fitted through the CLI.
+
+    Returns (store path, {"logreg": CliRunner result, "mlp": CliRunner result}).
+    """
+    from tests.helpers import copy_store, run_cli
+
+    store = copy_store(mini_store, tmp_path_factory.mktemp("fitted-store"))
+    results = {
+        "logreg": run_cli("fit", "--head", "logreg", "--store", str(store)),
+        "mlp": run_cli("fit", "--head", "mlp", "-p", "epochs=3", "--quiet", "--store", str(store)),
+    }
+    for result in results.values():
+        assert result.exit_code == 0, result.output
+    return store, results
+
+
 from tests.synthetic_store import toy_store  # noqa: E402,F401  (fixture shared by head tests)
