@@ -219,7 +219,7 @@ def fit(
         the_store = Store(store)
         source = _cache_set(the_store, cache)
         options = parse_options(param)
-        err.print(f"Fitting {head} on {source.name}, {source.rows('train')} training rows x "
+        err.print(f"Fitting {head} on cache {source.label}, {source.rows('train')} training rows x "
                   f"{source.width}.")
         verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
         record, sidecar = fit_head(the_store, source, head, options, name, verbose=verbose,
