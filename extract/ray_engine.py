@@ -178,7 +178,7 @@ def _wait(ray: Any, refs: dict[Any, ShardSpec], store: Store, plan: Any, dataset
                     summaries.append({"shard": str(spec), "error": (
                         f"Shard {spec} failed {retries + 1} times ({first}); rerun the same "
                         "command to resume it.")})
-            bar.update(_images_done(store, plan, sizes, count) - bar.n)
+            bar.update(max(0, _images_done(store, plan, sizes, count) - bar.n))
             bar.set_postfix_str(f"shards {count - len(pending)}/{count} done")
     finally:
         bar.close()

@@ -233,10 +233,11 @@ def check_set(shard_set: ShardSet, others: Sequence[ShardSet] = ()) -> list[Feat
     missing = [i for i in range(count) if ShardSpec(i, count) not in shard_set.finished]
     if missing:
         running = [i for i in missing if ShardSpec(i, count) in shard_set.unfinished]
-        text = f"{title} cannot be merged: shard {_join(missing, count)} of {count} not finished"
+        text = (f"{title} cannot be merged: {len(missing)} of {count} shards not finished "
+                f"({_join(missing, count)})")
         if running:
-            text += (f" ({_join(running, count)} started: rerun the same extract --shard i/{count} "
-                     "to resume)")
+            text += (f"; {_join(running, count)} started: rerun the same extract --shard i/{count} "
+                     "to resume")
         strays = [o for o in others if o.fingerprint != shard_set.fingerprint
                   and o.name() == shard_set.name()]
         if strays:
@@ -269,8 +270,10 @@ def check_set(shard_set: ShardSet, others: Sequence[ShardSet] = ()) -> list[Feat
     return shards
 
 
-def _join(indices: Sequence[int], count: int) -> str:
-    return ", ".join(f"{i}/{count}" for i in indices)
+def _join(indices: Sequence[int], count: int, most: int = 10) -> str:
+    """'1/4, 3/4'; long lists end with '... and K more'."""
+    text = ", ".join(f"{i}/{count}" for i in indices[:most])
+    return text + (f" ... and {len(indices) - most} more" if len(indices) > most else "")
 
 
 @dataclass

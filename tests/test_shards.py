@@ -117,8 +117,8 @@ def test_missing_shard_is_named(shard_store, fingerprint, tmp_path) -> None:
     (store / "caches" / f"{fingerprint}.{ShardSpec(1, 2).suffix}.partial").mkdir()
     result = invoke("merge", "--store", str(store))
     assert result.exit_code == 1
-    assert "shard 1/2 of 2 not finished" in result.output
-    assert "1/2 started: rerun the same extract --shard i/2 to resume" in result.output
+    assert "1 of 2 shards not finished (1/2); 1/2 started: rerun the same extract --shard i/2 " \
+        "to resume" in result.output
     assert not Store(store).caches()
 
 
@@ -161,7 +161,7 @@ def test_mismatched_shards_are_named(shard_store, fingerprint, tmp_path) -> None
     with pytest.raises(HeadstartError) as error:
         merge_shards(Store(mixed), name)
     text = str(error.value)
-    assert "shard 1/2 of 2 not finished" in text and "shard 0/2 of 2 not finished" in text
+    assert "not finished (1/2)" in text and "not finished (0/2)" in text
     assert f"another fingerprint ({other[:12]}: 1/2)" in text
     assert "other images or settings" in text
 
