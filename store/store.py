@@ -3,6 +3,8 @@
     STORE/caches/<fingerprint>.h5        finished caches, one HDF5 file each
     STORE/caches/<fingerprint>.partial/  an extraction in progress (segments + manifest)
     STORE/caches/<fingerprint>.lock      held while a process writes that cache
+    STORE/caches/<fingerprint>.shard-000i-of-000N.h5   shard i of N (see store/shards.py); never
+                                         taken for a cache; `merge` makes the cache from them
     STORE/heads/<fingerprint[:16]>/      fitted heads of that cache (model file + JSON sidecar)
 """
 
@@ -90,6 +92,10 @@ class Store:
         """The cache named by a fingerprint prefix or a readable name; by default the newest."""
         caches = self.feature_caches()
         if not caches:
+            if any(self.caches_dir.glob("*.shard-*.h5")):
+                raise HeadstartError(
+                    f"Store {self.root} holds only shards, not a cache; run 'python cli.py merge "
+                    f"--store {self.root}' once every shard has finished.")
             raise HeadstartError(
                 f"No finished cache in store {self.root}; run 'python cli.py extract DATASET' first."
             )
