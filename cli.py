@@ -328,7 +328,10 @@ def finetune(
     learning_rate: float = typer.Option(1e-5, help="Adam learning rate (keep it low)."),
     batch_size: int = typer.Option(32, help="Images per batch."),
     patience: int = typer.Option(2, help="Early-stopping patience, epochs."),
-    augment: bool = typer.Option(True, help="Augment training images on the fly."),
+    augment: bool = typer.Option(False, help="Augment training images on the fly (pays off over "
+                                 "several epochs; in a 1-epoch run it cost accuracy here)."),
+    train_head: bool = typer.Option(True, help="Train the head too (--no-train-head: only the "
+                                    "unfrozen backbone blocks learn)."),
     weights: Optional[str] = typer.Option(None, help="The cache's weights file, if it moved."),
     dataset: Optional[str] = typer.Option(None, help="The cache's dataset, if it moved."),
     cache: Optional[str] = CacheOption,
@@ -346,7 +349,7 @@ def finetune(
         the_store = Store(store)
         chosen = the_store.find_cache(cache)
         settings = FinetuneSettings(parse_unfreeze(unfreeze), epochs, learning_rate, batch_size,
-                                    patience, augment)
+                                    patience, augment, train_head=train_head)
         err.print(f"Fine-tuning {head} of cache {chosen.name} ({chosen.short_id}).")
         if not quiet:
             print_progress_note()

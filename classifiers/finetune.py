@@ -49,8 +49,9 @@ class FinetuneSettings:
     learning_rate: float = 1e-5
     batch_size: int = 32
     patience: int = 2
-    augment: bool = True
+    augment: bool = False  # on-the-fly augmentation; pays off over several epochs
     seed: int = 0
+    train_head: bool = True  # False: only the unfrozen backbone blocks learn
 
 
 @dataclass
@@ -71,8 +72,10 @@ def application_model(feature_model: Any) -> Any:
 
 def _batches(dataset: Dataset, rows: np.ndarray, labels: np.ndarray, n_classes: int,
              preprocessing: Preprocessing, batch_size: int, augmentation: Augmentation | None,
-             seed: int) -> Any:
-    """A Keras PyDataset of (preprocessed images, one-hot labels), reshuffled every epoch."""
+             seed: int, shuffle: bool) -> Any:
+    """A Keras PyDataset of (preprocessed images, one-hot labels); training batches are
+    reshuffled every epoch (rows come sorted by class, so unshuffled batches would hold one
+    class each)."""
     keras = load_keras()
 
     class ImageBatches(keras.utils.PyDataset):
@@ -84,7 +87,7 @@ def _batches(dataset: Dataset, rows: np.ndarray, labels: np.ndarray, n_classes: 
             self._shuffle()
 
         def _shuffle(self) -> None:
-            if augmentation is not None:
+            if shuffle:
                 self.order = np.random.default_rng(seed + self.epoch).permutation(len(rows))
 
         def __len__(self) -> int:
@@ -153,6 +156,7 @@ def finetune(store: Store, cache: FeatureCache, head_name: str, settings: Finetu
         raise HeadstartError("--unfreeze selects no layer with weights; use 1 or more, or 'all'.")
     batch_norm_before = _batch_norm_state(base)
 
+    head.model_.trainable = settings.train_head
     size = int(cache.inputs["image_size"])
     images_in = keras.Input(shape=(size, size, 3))
     outputs = head.model_(feature_model(images_in, training=False))
@@ -162,9 +166,9 @@ def finetune(store: Store, cache: FeatureCache, head_name: str, settings: Finetu
                   loss="categorical_crossentropy", metrics=["accuracy"])
     augmentation = Augmentation(seed=settings.seed) if settings.augment else None
     train = _batches(dataset, rows[~held_out], labels[~held_out], n_classes, preprocessing,
-                     settings.batch_size, augmentation, settings.seed)
+                     settings.batch_size, augmentation, settings.seed, shuffle=True)
     validation = _batches(dataset, rows[held_out], labels[held_out], n_classes, preprocessing,
-                          settings.batch_size, None, settings.seed)
+                          settings.batch_size, None, settings.seed, shuffle=False)
     started = time.perf_counter()
     history = model.fit(
         train, validation_data=validation, epochs=settings.epochs, verbose=verbose,
