@@ -82,6 +82,11 @@ def extract(
     test_fraction: float = typer.Option(0.2, help="Test share for DIR/<class>/* folders "
                                         "(split by a hash of each file's path)."),
     workers: int = typer.Option(4, min=1, max=64, help="Image decoding threads."),
+    precision: str = typer.Option("float32", help="GPU: mixed_float16 or mixed_bfloat16 computes "
+                                  "in half precision (a new cache; features stay float)."),
+    xla: bool = typer.Option(False, "--xla", help="GPU: compile the forward pass with XLA."),
+    multi_gpu: bool = typer.Option(False, "--multi-gpu", help="Split batches across every "
+                                   "visible GPU (tf.distribute.MirroredStrategy)."),
     augment: int = typer.Option(0, min=0, max=64, help="Also cache K augmented views of every "
                                 "training image (test images are never augmented)."),
     aug_rotation: float = typer.Option(15.0, help="View rotation range, degrees."),
@@ -101,7 +106,7 @@ def extract(
     from extract.augment import Augmentation
     from extract.backbones import Weights, get_backbone
     from extract.datasets import open_dataset
-    from extract.pipeline import ExtractionPlan, extract_features, extract_views
+    from extract.pipeline import ComputeOptions, ExtractionPlan, extract_features, extract_views
 
     with user_errors():
         augmentation = Augmentation(aug_rotation, aug_shift, aug_zoom, aug_flip, aug_contrast,
@@ -118,6 +123,7 @@ def extract(
             dtype=dtype,
             batch_size=batch_size,
             workers=workers,
+            compute=ComputeOptions(precision, xla, multi_gpu),
         )
         sizes = ", ".join(f"{len(s)} {n}" for n, s in plan.dataset.splits.items())
         err.print(f"Dataset {plan.dataset.name}: {len(plan.dataset.class_names)} classes, {sizes} images.")
