@@ -35,6 +35,10 @@ def render(results: dict) -> str:
            "ratios are medians of runs made side by side in the same process.\n",
            "Start of run: " + _machine(results["machine_start"]),
            "End of run: " + _machine(results.get("machine_end", results["machine_start"]))]
+    if results.get("only") and len(results["only"]) < 7:
+        out.append(f"This run measured: {', '.join(results['only'])}; the other sections are kept "
+                   "from the previous run (each section names its own machine state and commit).\n")
+    out += [f"Note: {n}\n" for n in results.get("notes", [])]
     if "paper" in b:
         p = b["paper"]
         a, h = p["a_paper"], p["b_headstart"]

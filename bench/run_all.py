@@ -33,13 +33,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (minutes)")
     parser.add_argument("--only", nargs="+", choices=ALL, default=list(ALL))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--note", action="append", default=[], help="a line for the report")
     parser.add_argument("--before", type=Path, help="also run the extraction benchmark on the "
                         "code in this folder (e.g. an older commit: git archive f39160f | tar -x "
                         "-C /tmp/before), for before/after figures")
     args = parser.parse_args()
     q = args.quick
     started = time.time()
-    results: dict = {"quick": q, "machine_start": machine(), "benchmarks": {}}
+    results: dict = {"quick": q, "only": args.only, "machine_start": machine(), "benchmarks": {},
+                     "notes": args.note}
     done = results["benchmarks"]
     previous = args.out / "results.json"
     if set(args.only) != set(ALL) and previous.is_file():  # keep the other benchmarks' results
