@@ -100,6 +100,9 @@ def extract(
     test_fraction: float = typer.Option(0.2, help="Test share for DIR/<class>/* folders "
                                         "(split by a hash of each file's path)."),
     workers: int = typer.Option(4, min=1, max=64, help="Image decoding threads."),
+    precision: str = typer.Option("float32", help="GPU: mixed_float16 or mixed_bfloat16 computes "
+                                  "in half precision (a new cache; features stay float)."),
+    xla: bool = typer.Option(False, "--xla", help="GPU: compile the forward pass with XLA."),
     augment: int = typer.Option(0, min=0, max=64, help="Also cache K augmented views of every "
                                 "training image (test images are never augmented)."),
     aug_rotation: float = typer.Option(15.0, help="View rotation range, degrees."),
@@ -143,7 +146,7 @@ def extract(
                                     aug_seed) if augment else None
         the_store = Store(store)
         settings = ExtractSettings(dataset, backbone, weights, alpha, image_size, pooling, dtype,
-                                   batch_size, test_fraction, workers, distribute)
+                                   batch_size, test_fraction, workers, distribute, precision, xla)
         if engine not in ("local", "ray"):
             raise HeadstartError(f"--engine must be local or ray; got {engine!r}.")
         if engine == "ray":

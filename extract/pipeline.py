@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import sys
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from importlib import metadata
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from extract.augment import AUGMENT_CHUNK, Augmentation
 from extract.backbones import Backbone, Weights, build_feature_model, check_options
 from extract.datasets import SPLITS, Dataset
-from extract.distribute import build_distributed
 from extract.images import BadImage
 from extract.preprocessing import Preprocessing
+from extract.runtime import load_keras
 from store import layout
 from store.cache import FeatureCache
 from store.errors import HeadstartError
@@ -32,6 +35,59 @@ from store.store import Store
 SEGMENT_BYTES = 1 << 26
 MAX_SEGMENT_SIZE = 2048
 LIBRARIES = ("headstart", "tensorflow", "keras", "h5py", "numpy", "pillow", "scikit-learn")
+
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How the backbone runs (the GPU path). The defaults are what the CPU tests and CI use.
+
+    `precision` mixed_* computes in float16/bfloat16 (features come out as float32, then are
+    stored in the cache's dtype); it changes the numbers, so it enters the fingerprint when it
+    is not float32. `xla` compiles the forward pass with XLA; `multi_gpu` splits every batch
+    across the visible GPUs with `tf.distribute.MirroredStrategy`. Neither changes which cache
+    is meant (like running on another device, they change the last bits only).
+    """
+
+    precision: str = "float32"
+    xla: bool = False
+    multi_gpu: bool = False
+    devices: tuple[str, ...] | None = None  # default: every visible GPU
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise HeadstartError(
+                f"Unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
+
+    def strategy(self) -> Any:
+        """The MirroredStrategy over `devices` (every visible GPU), or None for fewer than two."""
+        if not self.multi_gpu:
+            return None
+        return _mirrored_strategy(self.devices)
+
+    @contextlib.contextmanager
+    def building(self) -> Iterator[None]:
+        """Build the model under this precision policy and strategy scope."""
+        keras = load_keras()
+        previous = keras.mixed_precision.global_policy().name
+        strategy = self.strategy()
+        try:
+            keras.mixed_precision.set_global_policy(self.precision)
+            with strategy.scope() if strategy is not None else contextlib.nullcontext():
+                yield
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+
+
+@functools.lru_cache(maxsize=4)
+def _mirrored_strategy(devices: tuple[str, ...] | None) -> Any:
+    load_keras()
+    import tensorflow as tf
+
+    names = list(devices) if devices else [d.name for d in tf.config.list_logical_devices("GPU")]
+    return tf.distribute.MirroredStrategy(names) if len(names) >= 2 else None
 
 
 @dataclass(frozen=True)
@@ -53,7 +109,7 @@ class ExtractionPlan:
     view: int = 0
     base: "ExtractionPlan | None" = None  # the plan of the cache these views belong to
     lineage: dict[str, Any] | None = None  # e.g. the parent cache of a fine-tuned backbone
-    distribute: bool = False  # MirroredStrategy over every visible GPU (no-op with one device)
+    compute: ComputeOptions = ComputeOptions()
 
     def __post_init__(self) -> None:
         check_options(self.backbone, self.alpha, self.image_size, self.pooling)
@@ -99,6 +155,9 @@ class ExtractionPlan:
             "pooling": self.pooling,
             "preprocessing": self.preprocessing.to_dict(),
             "dtype": self.dtype,
+            # only when not float32, so that existing caches keep their fingerprints
+            **({"precision": self.compute.precision}
+               if self.compute.precision != "float32" else {}),
         }
 
     @cached_property
@@ -131,6 +190,7 @@ class ExtractionResult:
     reused: bool
     computed: int = 0  # images run through the backbone in this call
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # process CPU time (all threads) of the pass
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     @property
@@ -158,7 +218,7 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
              "inputs": plan.inputs, **({"shard": str(shard.spec)} if shard else {})},
         )
         try:
-            computed, width, seconds = _run_backbone(plan, partial, progress)
+            computed, width, seconds, cpu_seconds = _run_backbone(plan, partial, progress)
         except HeadstartError:  # e.g. weights that do not fit: no unfinished cache left behind
             if partial.is_empty():
                 partial.remove()
@@ -178,7 +238,7 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
         partial.remove()
     cache = FeatureCache(store.cache_path(key))
     return ExtractionResult(cache, reused=False, computed=computed, seconds=seconds,
-                            skipped=cache.skipped)
+                            cpu_seconds=cpu_seconds, skipped=cache.skipped)
 
 
 def _finished(plan: ExtractionPlan, store: Store) -> FeatureCache | None:
@@ -187,10 +247,15 @@ def _finished(plan: ExtractionPlan, store: Store) -> FeatureCache | None:
 
 
 def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
-                  ) -> tuple[int, int, float]:
-    """Compute every missing segment; returns (images computed, feature width, seconds).
+                  ) -> tuple[int, int, float, float]:
+    """Compute every missing segment; returns (images computed, feature width, seconds, CPU
+    seconds).
 
-    The seconds cover the pass itself (decode, backbone, segment writes), not building the model.
+    The seconds cover the pass itself (decode, backbone, segment writes), not building and
+    warming up the model.
+    Decoding (and, without augmentation, preprocessing) runs on `plan.workers` threads a few
+    batches ahead of the backbone; each finished segment is written by a background thread while
+    the next one is computed, so the backbone waits on neither.
     """
     todo = [
         (split, k)
@@ -200,26 +265,76 @@ def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
     ]
     width = _width_of_finished(partial, plan)
     if not todo:
-        return 0, width, 0.0
+        return 0, width, 0.0, 0.0
     total = sum(len(_segment_rows(plan, partial, split, k)) for split, k in todo)
-    model = build_distributed(plan.distribute, lambda: build_feature_model(
-        plan.backbone, plan.alpha, plan.weights, plan.image_size, plan.pooling))
+    with plan.compute.building():
+        model = build_feature_model(plan.backbone, plan.alpha, plan.weights, plan.image_size,
+                                    plan.pooling)
     width = int(model.output_shape[-1])
+    forward = forward_function(model, plan.compute)
+    forward(np.zeros((plan.batch_size, plan.image_size, plan.image_size, 3), np.float32))  # warm up
+    plan.preprocessing.function()  # import preprocess_input once, before the worker threads
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
     computed = 0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
-        with ThreadPoolExecutor(max_workers=plan.workers) as pool:
-            for split, k, loads in _prefetch(plan, partial, pool, todo):
-                segment = _compute_segment(plan, model, loads, width, bar, split)
-                partial.write_segment(split, k, segment)
-                computed += len(segment.rows) + len(segment.skipped_rows)
+        with ThreadPoolExecutor(max_workers=plan.workers) as pool, \
+                ThreadPoolExecutor(max_workers=1) as writer:
+            prefetch = _Prefetch(plan, partial, pool, todo)
+            written: Future | None = None
+            try:
+                for split, k in todo:
+                    segment = _compute_segment(plan, forward, prefetch.segment(split, k), width,
+                                               bar, split)
+                    if written is not None:
+                        written.result()  # at most one write in flight; re-raises its error
+                    written = writer.submit(partial.write_segment, split, k, segment)
+                    computed += len(segment.rows) + len(segment.skipped_rows)
+                if written is not None:
+                    written.result()
+            finally:
+                prefetch.cancel()
     finally:
         bar.close()
-    return computed, width, time.perf_counter() - started
+    return computed, width, time.perf_counter() - started, time.process_time() - cpu_started
+
+
+def forward_function(model: Any, compute: "ComputeOptions | None" = None
+                     ) -> Callable[[np.ndarray], np.ndarray]:
+    """The model's inference pass as one compiled function: float32 batch in, numpy array out.
+
+    `model.predict_on_batch` goes through Keras's predict machinery on every call; one traced
+    `tf.function` (XLA-compiled with `compute.xla`) costs less per batch and gives the same
+    numbers. Under a multi-GPU strategy each batch is split across the replicas in order.
+    """
+    keras = load_keras()
+    if keras.backend.backend() != "tensorflow":
+        return lambda batch: np.asarray(model.predict_on_batch(batch))
+    import tensorflow as tf
+
+    compute = compute or ComputeOptions()
+
+    def infer(batch: Any) -> Any:
+        return tf.cast(model(batch, training=False), tf.float32)
+
+    shape = [None, *model.input_shape[1:]]  # one trace for every batch size
+    call = tf.function(infer, jit_compile=compute.xla,
+                       input_signature=[tf.TensorSpec(shape, tf.float32)])
+    strategy = compute.strategy()
+    if strategy is None or strategy.num_replicas_in_sync == 1:
+        return lambda batch: np.asarray(call(tf.constant(batch)))
+
+    def distributed(batch: np.ndarray) -> np.ndarray:
+        parts = np.array_split(batch, strategy.num_replicas_in_sync)
+        values = strategy.experimental_distribute_values_from_function(
+            lambda context: tf.constant(parts[context.replica_id_in_sync_group]))
+        outputs = strategy.experimental_local_results(strategy.run(call, args=(values,)))
+        return np.concatenate([np.asarray(o) for o in outputs])
+
+    return distributed
 
 
 def _segment_rows(plan: ExtractionPlan, partial: PartialCache, split: str, k: int) -> range:
@@ -227,65 +342,119 @@ def _segment_rows(plan: ExtractionPlan, partial: PartialCache, split: str, k: in
     return range(k * size, min((k + 1) * size, len(plan.dataset.splits[split])))
 
 
-def _load(plan: ExtractionPlan, split: str, row: int) -> tuple[int, np.ndarray | None, str]:
-    try:
-        return row, plan.dataset.load(split, row, plan.preprocessing), ""
-    except BadImage as error:
-        return row, None, str(error)
+@dataclass
+class _Batch:
+    """Decoded rows of one batch: uint8 images, or float32 backbone inputs when preprocessed."""
+
+    rows: list[int]
+    pixels: np.ndarray
+    skipped_rows: list[int]
+    reasons: list[str]
+    preprocessed: bool
 
 
-def _prefetch(
-    plan: ExtractionPlan, partial: PartialCache, pool: ThreadPoolExecutor,
-    todo: list[tuple[str, int]],
-) -> Iterator[tuple[str, int, list[Future]]]:
-    """Yield each segment's decode futures while the next segment is already decoding."""
-    def submit(split: str, k: int) -> list[Future]:
-        return [pool.submit(_load, plan, split, row) for row in _segment_rows(plan, partial, split, k)]
-
-    pending = submit(*todo[0])
-    for position, (split, k) in enumerate(todo):
-        current = pending
-        if position + 1 < len(todo):
-            pending = submit(*todo[position + 1])
+def _decode_batch(plan: ExtractionPlan, split: str, rows: range, preprocess: bool) -> _Batch:
+    """Decode (worker thread) one batch of rows; bad files are recorded, never raised."""
+    ok: list[int] = []
+    pixels: list[np.ndarray] = []
+    skipped: list[int] = []
+    reasons: list[str] = []
+    for row in rows:
         try:
-            yield split, k, current
-        except GeneratorExit:
-            for future in pending:
-                future.cancel()
-            raise
+            pixels.append(plan.dataset.load(split, row, plan.preprocessing))
+            ok.append(row)
+        except BadImage as error:
+            skipped.append(row)
+            reasons.append(str(error))
+    size = plan.image_size
+    images = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
+    if preprocess and len(images):
+        return _Batch(ok, plan.preprocessing.apply(images), skipped, reasons, True)
+    return _Batch(ok, images, skipped, reasons, False)
 
 
-def _compute_segment(plan: ExtractionPlan, model: Any, loads: list[Future], width: int,
-                     bar: Any, split: str) -> Segment:
+class _Prefetch:
+    """Decode batches in order on a thread pool, a bounded number of batches ahead.
+
+    The window spans segment boundaries, so the backbone never waits at the start of a segment,
+    and memory stays at a few batches whatever the dataset or segment size.
+    """
+
+    def __init__(self, plan: ExtractionPlan, partial: PartialCache, pool: ThreadPoolExecutor,
+                 todo: list[tuple[str, int]]) -> None:
+        self.plan = plan
+        self.pool = pool
+        self.depth = plan.workers + 2  # batches decoded or decoding ahead of the backbone
+        preprocess = plan.augmentation is None  # views are augmented per segment first
+        self.tasks = (
+            (split, k, rows[start:start + plan.batch_size], preprocess)
+            for split, k in todo
+            for rows in [_segment_rows(plan, partial, split, k)]
+            for start in range(0, len(rows), plan.batch_size)
+        )
+        self.window: deque[tuple[str, int, Future]] = deque()
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self.window) < self.depth:
+            task = next(self.tasks, None)
+            if task is None:
+                return
+            split, k, rows, preprocess = task
+            self.window.append((split, k, self.pool.submit(_decode_batch, self.plan, split, rows,
+                                                           preprocess)))
+
+    def segment(self, split: str, k: int) -> Iterator[_Batch]:
+        """The decoded batches of segment k of `split`, in row order."""
+        while self.window and self.window[0][:2] == (split, k):
+            future = self.window.popleft()[2]
+            self._fill()
+            yield future.result()
+
+    def cancel(self) -> None:
+        for *_, future in self.window:
+            future.cancel()
+        self.window.clear()
+
+
+def _compute_segment(plan: ExtractionPlan, forward: Callable[[np.ndarray], np.ndarray],
+                     batches: Iterator[_Batch], width: int, bar: Any, split: str) -> Segment:
     """Run the backbone over one segment's decoded (and, for views, augmented) images."""
     rows: list[int] = []
-    pixels: list[np.ndarray] = []
     skipped_rows: list[int] = []
     reasons: list[str] = []
-    for future in loads:
-        row, image, reason = future.result()
-        if image is None:
-            skipped_rows.append(row)
-            reasons.append(reason)
-        else:
-            rows.append(row)
-            pixels.append(image)
-    images = np.stack(pixels) if pixels else np.zeros((0, plan.image_size, plan.image_size, 3), np.uint8)
-    if plan.augmentation is not None and len(images):
-        images = plan.augmentation.apply(images, np.asarray(rows), plan.view, split)
     features: list[np.ndarray] = []
-    for start in range(0, len(images), plan.batch_size):
-        batch = plan.preprocessing.apply(images[start:start + plan.batch_size])
-        output = np.asarray(model.predict_on_batch(batch))
-        features.append(output.reshape(len(batch), -1).astype(plan.dtype))
-        bar.update(len(batch))
-    bar.update(len(skipped_rows))
+    held: list[np.ndarray] = []  # views: the segment's uint8 images, augmented together below
+    for batch in batches:
+        rows += batch.rows
+        skipped_rows += batch.skipped_rows
+        reasons += batch.reasons
+        bar.update(len(batch.skipped_rows))
+        if not batch.preprocessed:
+            held.append(batch.pixels)
+        elif len(batch.rows):
+            features.append(_features(plan, forward, batch.pixels))
+            bar.update(len(batch.rows))
+    if held:
+        images = np.concatenate(held)
+        if plan.augmentation is not None and len(images):
+            images = plan.augmentation.apply(images, np.asarray(rows), plan.view, split)
+        for start in range(0, len(images), plan.batch_size):
+            inputs = plan.preprocessing.apply(images[start:start + plan.batch_size])
+            features.append(_features(plan, forward, inputs))
+            bar.update(len(inputs))
     return Segment(
         np.concatenate(features) if features else np.zeros((0, width), dtype=plan.dtype),
         np.asarray(rows, dtype=np.int64),
         np.asarray(skipped_rows, dtype=np.int64),
         reasons,
     )
+
+
+def _features(plan: ExtractionPlan, forward: Callable[[np.ndarray], np.ndarray],
+              inputs: np.ndarray) -> np.ndarray:
+    output = forward(inputs)
+    return output.reshape(len(inputs), -1).astype(plan.dtype)
 
 
 def _width_of_finished(plan_partial: PartialCache, plan: ExtractionPlan) -> int:

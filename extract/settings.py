@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from extract.backbones import Weights, get_backbone
 from extract.datasets import Dataset, open_dataset
-from extract.pipeline import ExtractionPlan
+from extract.pipeline import ComputeOptions, ExtractionPlan
 from store.shards import ShardSpec
 
 
@@ -24,7 +24,9 @@ class ExtractSettings:
     batch_size: int = 64
     test_fraction: float = 0.2
     workers: int = 4
-    distribute: bool = False
+    distribute: bool = False  # MirroredStrategy over every visible GPU (no-op with one device)
+    precision: str = "float32"
+    xla: bool = False
 
     def open_dataset(self) -> Dataset:
         """The dataset, listed (cheap: no file is read)."""
@@ -44,5 +46,5 @@ class ExtractSettings:
             dtype=self.dtype,
             batch_size=self.batch_size,
             workers=self.workers,
-            distribute=self.distribute,
+            compute=ComputeOptions(self.precision, self.xla, self.distribute),
         )

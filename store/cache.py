@@ -97,7 +97,7 @@ class FeatureCache:
         with h5py.File(self.path, "r") as handle:
             data = self._split(handle, split)["features"]
             values = data[...] if rows is None else data[rows]
-        return np.asarray(values, dtype=np.float32)
+        return layout.as_float32(values)
 
     def labels(self, split: str) -> np.ndarray:
         """Integer labels of a split, indexing `class_names`."""
@@ -116,12 +116,14 @@ class FeatureCache:
             return int(data.chunks[0]) if data.chunks else 4096
 
     def iter_feature_blocks(self, split: str) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, float32 block) over a split, one HDF5 chunk-row block at a time."""
+        """(first row, float32 block) over a split, in blocks of whole chunks (about 1 MiB)."""
         with h5py.File(self.path, "r") as handle:
             data = self._split(handle, split)["features"]
-            step = data.chunks[0] if data.chunks else 4096
+            chunk = data.chunks[0] if data.chunks else 4096
+            row_bytes = max(1, data.shape[1] * data.dtype.itemsize)
+            step = chunk * max(1, layout.BLOCK_BYTES // (chunk * row_bytes))
             for start in range(0, data.shape[0], step):
-                yield start, np.asarray(data[start:start + step], dtype=np.float32)
+                yield start, layout.as_float32(data[start:start + step])
 
     def _split(self, handle: h5py.File, split: str) -> h5py.Group:
         if split not in handle:

@@ -15,19 +15,15 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 
 import keras  # noqa: E402
 
-from extract.distribute import build_distributed  # noqa: E402
+from extract.backbones import Weights, build_feature_model, get_backbone  # noqa: E402
+from extract.pipeline import ComputeOptions, forward_function  # noqa: E402
 
 
-def build():
-    keras.utils.set_random_seed(1)
-    return keras.applications.MobileNet(include_top=False, weights=None, alpha=0.25,
-                                        input_shape=(32, 32, 3), pooling="avg")
-
-
-plain = build()
-split = build_distributed(True, build, ["/cpu:0", "/cpu:1"])
+compute = ComputeOptions(multi_gpu=True, devices=("/cpu:0", "/cpu:1"))
+with compute.building():  # built under the strategy's scope, as extraction does
+    model = build_feature_model(get_backbone("mobilenet"), 0.25, Weights("none"), 32, "avg")
 batch = np.random.default_rng(0).random((7, 32, 32, 3)).astype("float32")  # odd: uneven parts
-expected = np.asarray(plain.predict_on_batch(batch))
-got = split.predict_on_batch(batch)
+expected = np.asarray(model.predict_on_batch(batch))
+got = forward_function(model, compute)(batch)
 assert got.shape == expected.shape, (got.shape, expected.shape)
-print(f"replicas {split.replicas} max-diff {float(np.abs(got - expected).max())}")
+print(f"replicas {compute.strategy().num_replicas_in_sync} max-diff {float(np.abs(got - expected).max())}")

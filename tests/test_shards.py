@@ -203,10 +203,9 @@ def test_interrupted_shard_resumes(mini_store, shared_paths, tmp_path, monkeypat
 
 
 def test_distribute_is_a_no_op_with_one_device() -> None:
-    from extract.distribute import build_distributed
+    from extract.pipeline import ComputeOptions
 
-    marker = object()
-    assert build_distributed(True, lambda: marker) is marker
+    assert ComputeOptions(multi_gpu=True).strategy() is None  # no GPU here: plain forward pass
 
 
 def test_distributed_batches_are_split_across_replicas_in_order() -> None:

@@ -1,0 +1,139 @@
+"""Markdown tables from results.json (bench/run_all.py writes both)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _machine(m: dict) -> str:
+    libs = ", ".join(f"{k} {v}" for k, v in m["libraries"].items())
+    gpus = "; ".join(m.get("gpus") or []) or "no GPU"
+    return (f"_Machine: {m['cores']} cores, {m['cpu']}, {gpus}; load average "
+            f"{' / '.join(str(x) for x in m['load_average'])} (1/5/15 min); Python {m['python']}; "
+            f"{libs}; commit {m['commit']}._\n")
+
+
+def _f(value: float) -> str:
+    return "-" if value != value else f"{value:.3f}"  # NaN: not measured by that code
+
+
+def _ok(flag: bool) -> str:
+    return "**met**" if flag else "**not met**"
+
+
+def render(results: dict) -> str:
+    b = results["benchmarks"]
+    out = ["# headstart benchmarks\n",
+           f"Command: `python bench/run_all.py{' --quick' if results.get('quick') else ''}` "
+           f"({results.get('minutes', 0):.0f} min). Timings are wall-clock seconds unless marked CPU; "
+           "ratios are medians of runs made side by side in the same process.\n",
+           "Start of run: " + _machine(results["machine_start"]),
+           "End of run: " + _machine(results.get("machine_end", results["machine_start"]))]
+    if results.get("only") and len(results["only"]) < 7:
+        out.append(f"This run measured: {', '.join(results['only'])}; the other sections are kept "
+                   "from the previous run (each section names its own machine state and commit).\n")
+    out += [f"Note: {n}\n" for n in results.get("notes", [])]
+    if "paper" in b:
+        p = b["paper"]
+        a, h = p["a_paper"], p["b_headstart"]
+        out.append(f"\n## 1. The paper's recipe vs headstart ({p['images']:,} images, E = {p['epochs']})\n")
+        out.append(f"MobileNet alpha {p['settings'].get('alpha')} at {p['settings']['image_size']} px, "
+                   "avg pooling (256 features), Dense(256, relu) + Dropout(0.5) + softmax, Adam, "
+                   "batch 128.\n")
+        out.append(_machine(p["machine"]))
+        rows = [["(a) paper: frozen base inside the model, `model.fit` E epochs",
+                 f"{a['seconds']:.1f}", f"{a['test_accuracy']:.4f}",
+                 f"decode {a['decode_seconds']:.1f} s + fit/validate {a['fit_seconds']:.1f} s; "
+                 f"{a['train_rows']} train rows"],
+                ["(b) headstart: extract once + `fit --head mlp` E epochs",
+                 f"{h['seconds']:.1f}", f"{h['test_accuracy']:.4f}",
+                 f"extract {h['extract_seconds']:.1f} s + fit {h['fit_seconds']:.1f} s; "
+                 f"{h['train_rows']} train rows ({h['validation_rows']} held out)"]]
+        for f in h["further_heads"]:
+            rows.append([f"further head on the same cache: {f['head']} {f['options'] or ''}",
+                         f"{f['seconds']:.2f}", f"{f['test_accuracy']:.4f}",
+                         f"{f['speedup_vs_a']:.0f}x faster than (a)"])
+        out.append(_table(["run", "wall s", "test accuracy", "notes"], rows))
+        out.append(f"\nSpeed-up (a)/(b): **{p['speedup']:.2f}x** at accuracy "
+                   f"{h['test_accuracy'] - a['test_accuracy']:+.4f} - target >= 8x at equal or better "
+                   f"accuracy: {_ok(p['target_speedup_met'])}. Further heads >= 100x faster than "
+                   f"another run of (a): {_ok(p['target_further_met'])}.\n")
+    for key, title in (("extraction", "2. Extraction throughput vs its ceiling"),
+                       ("extraction_before", "2a. The same benchmark on the code before this work "
+                        "(`--before`: thread pool per image, `predict_on_batch`, writes inline)"),
+                       ("vgg16", "2b. VGG16 (`--backbone vgg16 --weights none`) cost")):
+        if key not in b:
+            continue
+        e = b[key]
+        s = e["settings"]
+        out.append(f"\n## {title}\n")
+        out.append(f"{s['backbone']} alpha {s.get('alpha')} at {s['image_size']} px, avg pooling. "
+                   "Ceiling: the same Keras model's forward pass alone on preprocessed float32 "
+                   "tensors in memory, same batch size (the faster of `predict_on_batch` and a "
+                   "traced `tf.function`). Pipeline: `extract_features` pass (decode, resize, "
+                   "preprocess, forward, segment writes) into a fresh store.\n")
+        out.append(_machine(e["machine"]))
+        rows = [[r["batch_size"], r["workers"], r["images"], f"{r['pipeline_images_per_second']:.0f}",
+                 f"{r['ceiling_images_per_second']:.0f}", f"**{r['ratio_median']:.3f}** {r['ratios']}",
+                 _f(r["pipeline_cpu_ms_per_image"]), _f(r["ceiling_cpu_ms_per_image"]),
+                 _f(r["cpu_ratio_median"]), f"{r['end_to_end_seconds']:.1f}"] for r in e["rows"]]
+        out.append(_table(["batch", "workers", "images", "pipeline img/s", "ceiling img/s",
+                           "ratio (median) [runs]", "pipeline CPU ms/img", "forward CPU ms/img",
+                           "CPU ratio", "extract end-to-end s"], rows))
+        c = e["cpu_steps"]
+        out.append(f"\nCPU per image outside the forward pass (one thread): decode {c['decode_ms']:.3f} ms, "
+                   f"resize {c['resize_ms']:.3f} ms, preprocess {c['preprocess_ms']:.3f} ms; forward "
+                   f"{c['forward_ms']:.3f} CPU ms. Bound when the CPU is the limit: forward / (forward + "
+                   f"decode + resize + preprocess) = **{c['cpu_bound_ratio']:.3f}**. Target >= 0.9: "
+                   f"{_ok(max(r['ratio_median'] for r in e['rows']) >= 0.9)} (best median wall ratio).\n")
+    if "heads" in b:
+        h = b["heads"]
+        out.append("\n## 3. Head fit times on cached features\n")
+        caches = "; ".join(f"{k}: {v['rows']} rows x {v['width']}, extracted in "
+                           f"{v['end_to_end_seconds']:.0f} s ({v['images_per_second']:.0f} img/s)"
+                           for k, v in h["caches"].items())
+        out.append(f"Caches: {caches}. mlp = the paper's head, 10 epochs, early stopping off; "
+                   "logreg = StandardScaler + LogisticRegression (lbfgs).\n")
+        out.append(_table(["head", "features", "train rows", "fit s", "fit + load + test s",
+                           "test accuracy"],
+                          [[f["head"], f["width"], f["train_rows"], f"{f['fit_seconds']:.1f}",
+                            f"{f['end_to_end_seconds']:.1f}", f"{f['test_accuracy']:.4f}"]
+                           for f in h["fits"]]))
+    if "cache_read" in b:
+        out.append("\n## 4. Cache reads (warm page cache)\n")
+        out.append(_table(["cache", "rows x width", "file MB", "raw read MB/s", "full scan MB/s",
+                           "scan / raw speed", "128 random rows ms", "128 contiguous rows ms",
+                           "chunk-aligned, per 128 rows ms"],
+                          [[r["cache"], f"{r['rows']} x {r['width']} {r['dtype']}",
+                            f"{r['file_bytes'] / 1e6:.1f}", f"{r['raw_read_MBps']:.0f}",
+                            f"{r['full_scan_MBps']:.0f}", f"{r['scan_vs_raw']:.2f}",
+                            f"{r['random_128_rows_ms']:.2f}", f"{r['contiguous_128_rows_ms']:.2f}",
+                            f"{r['chunk_aligned_per_128_rows_ms']:.3f}"] for r in b["cache_read"]]))
+    if "scaling" in b:
+        sc = b["scaling"]
+        out.append("\n## 5. Scaling with the number of images\n")
+        out.append(_table(["images", "extract end-to-end s", "pass s", "img/s", "logreg fit s",
+                           "mlp fit s (10 epochs)"],
+                          [[p["images"], f"{p['end_to_end_seconds']:.1f}", f"{p['pass_seconds']:.1f}",
+                            f"{p['images_per_second']:.0f}", f"{p['logreg_fit_seconds']:.1f}",
+                            f"{p['mlp_fit_seconds']:.1f}"] for p in sc["points"]]))
+        out.append("\nLeast-squares line through the points:\n\n")
+        out.append(_table(["quantity", "seconds per 1,000 images (slope)", "intercept s"],
+                          [[k, f"{v['seconds_per_1000_images']:.2f}", f"{v['intercept_seconds']:.1f}"]
+                           for k, v in sc["fits"].items()]))
+    if "storage" in b:
+        out.append("\n## Storage choices (real features, Fletcher-32 on, warm page cache)\n")
+        out.append(_table(["features", "dtype", "chunk", "compression", "file MB", "write s",
+                           "full scan s", "128 random rows ms"],
+                          [[f"{r['rows']} x {r['width']}", r["dtype"],
+                            f"{r['chunk_KiB']} KiB ({r['chunk_rows']} rows)", r["compression"],
+                            f"{r['file_MB']:.1f}", f"{r['write_seconds']:.2f}",
+                            f"{r['scan_seconds']:.2f}", f"{r['random_128_rows_ms']:.2f}"]
+                           for r in b["storage"]]))
+    return "\n".join(out)
