@@ -23,35 +23,40 @@ from store.errors import HeadstartError
 from store.store import Store
 
 
-class CountingModel:
-    """Wraps the real backbone: counts batches, and can raise KeyboardInterrupt after some."""
+class CountingForward:
+    """Wraps the backbone's forward function: counts batches (after the one warm-up call the
+    pipeline makes), and can raise KeyboardInterrupt after some."""
 
-    def __init__(self, model: Any, interrupt_after: int | None = None) -> None:
-        self.model = model
-        self.output_shape = model.output_shape
+    def __init__(self, forward: Any, interrupt_after: int | None = None) -> None:
+        self.forward = forward
         self.interrupt_after = interrupt_after
+        self.warmed_up = False
         self.batches = 0
         self.images = 0
 
-    def predict_on_batch(self, batch: np.ndarray) -> Any:
+    def __call__(self, batch: np.ndarray) -> Any:
+        if not self.warmed_up:
+            self.warmed_up = True
+            return self.forward(batch)
         if self.interrupt_after is not None and self.batches >= self.interrupt_after:
             raise KeyboardInterrupt
         self.batches += 1
         self.images += len(batch)
-        return self.model.predict_on_batch(batch)
+        return self.forward(batch)
 
 
 @pytest.fixture()
 def counting(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Install CountingModel around build_feature_model; returns a function to set it up."""
-    real = pipeline.build_feature_model
-    built: list[CountingModel] = []
+    """Install CountingForward around the pipeline's forward function; returns a function to
+    set it up."""
+    real = pipeline.forward_function
+    built: list[CountingForward] = []
 
-    def install(interrupt_after: int | None = None) -> list[CountingModel]:
-        def build(*args: Any, **kwargs: Any) -> CountingModel:
-            built.append(CountingModel(real(*args, **kwargs), interrupt_after))
+    def install(interrupt_after: int | None = None) -> list[CountingForward]:
+        def make(*args: Any, **kwargs: Any) -> CountingForward:
+            built.append(CountingForward(real(*args, **kwargs), interrupt_after))
             return built[-1]
-        monkeypatch.setattr(pipeline, "build_feature_model", build)
+        monkeypatch.setattr(pipeline, "forward_function", make)
         return built
     return install
 
@@ -115,11 +120,11 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
         "import sys, time\n"
         "import extract.pipeline as p\n"
         "p.MAX_SEGMENT_SIZE = 64\n"
-        "real = p.build_feature_model\n"
-        "class Slow:\n"
-        "    def __init__(self, m): self.m, self.output_shape = m, m.output_shape\n"
-        "    def predict_on_batch(self, b): time.sleep(0.3); return self.m.predict_on_batch(b)\n"
-        "p.build_feature_model = lambda *a, **k: Slow(real(*a, **k))\n"
+        "real = p.forward_function\n"
+        "def slow(*a, **k):\n"
+        "    f = real(*a, **k)\n"
+        "    return lambda b: (time.sleep(0.3), f(b))[1]\n"
+        "p.forward_function = slow\n"
         "from cli import app\n"
         "app()\n"
     )
