@@ -3,7 +3,7 @@
 For each precision (float32, mixed_float16, mixed_bfloat16), XLA off/on and batch size: the
 forward-only ceiling (the compiled forward pass on preprocessed tensors already on the host,
 same batch size) and the `extract_features` pass, images/s and their ratio. With more than one
-GPU, also the MirroredStrategy path (`--multi-gpu`). Writes bench/results/gpu.json and gpu.md.
+GPU, also the MirroredStrategy path (`--distribute`). Writes bench/results/gpu.json and gpu.md.
 """
 
 from __future__ import annotations
