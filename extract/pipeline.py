@@ -327,11 +327,14 @@ def forward_function(model: Any, compute: "ComputeOptions | None" = None
     if strategy is None or strategy.num_replicas_in_sync == 1:
         return lambda batch: np.asarray(call(tf.constant(batch)))
 
+    # strategy.run hands a traced function PerReplica values, which an input signature refuses.
+    step = tf.function(infer, jit_compile=compute.xla)
+
     def distributed(batch: np.ndarray) -> np.ndarray:
         parts = np.array_split(batch, strategy.num_replicas_in_sync)
         values = strategy.experimental_distribute_values_from_function(
             lambda context: tf.constant(parts[context.replica_id_in_sync_group]))
-        outputs = strategy.experimental_local_results(strategy.run(call, args=(values,)))
+        outputs = strategy.experimental_local_results(strategy.run(step, args=(values,)))
         return np.concatenate([np.asarray(o) for o in outputs])
 
     return distributed

@@ -19,11 +19,16 @@ from extract.backbones import Weights, build_feature_model, get_backbone  # noqa
 from extract.pipeline import ComputeOptions, forward_function  # noqa: E402
 
 
+def build():  # random weights from a fixed seed: the same model each time
+    return build_feature_model(get_backbone("mobilenet"), 0.25, Weights("none"), 32, "avg")
+
+
+plain = build()
 compute = ComputeOptions(multi_gpu=True, devices=("/cpu:0", "/cpu:1"))
 with compute.building():  # built under the strategy's scope, as extraction does
-    model = build_feature_model(get_backbone("mobilenet"), 0.25, Weights("none"), 32, "avg")
+    model = build()
 batch = np.random.default_rng(0).random((7, 32, 32, 3)).astype("float32")  # odd: uneven parts
-expected = np.asarray(model.predict_on_batch(batch))
+expected = np.asarray(plain.predict_on_batch(batch))
 got = forward_function(model, compute)(batch)
 assert got.shape == expected.shape, (got.shape, expected.shape)
 print(f"replicas {compute.strategy().num_replicas_in_sync} max-diff {float(np.abs(got - expected).max())}")
