@@ -117,3 +117,21 @@ def test_unknown_head_is_one_sentence() -> None:
     with pytest.raises(HeadstartError, match="known heads: mlp, logreg, svm, sgd, knn, hgb"):
         get_head_kind("forest")
     assert set(NEW_HEADS) <= set(HEADS)
+
+
+def test_sgd_probabilities_rank_classes_like_predict_when_decisions_are_large() -> None:
+    """SGDClassifier's own one-vs-rest probabilities saturate (ties at 1, or a uniform row)
+    once decision values are large; the head's softmax must keep predict's ranking."""
+    from classifiers.sgd import SGDHead
+
+    rng = np.random.default_rng(0)  # many weak features, as in bench/memory_budget.py
+    means = rng.normal(0, 0.2, size=(10, 512))
+    y = rng.integers(0, 10, 4000)
+    X = (means[y] + rng.standard_normal((4000, 512))).astype(np.float32)
+    head = SGDHead(epochs=3).fit(X, y)
+    one_vs_rest = head.model_.predict_proba(head.scaler_.transform(X))
+    assert (one_vs_rest.argmax(axis=1) != head.decision_function(X).argmax(axis=1)).any(), \
+        "the case needs saturated one-vs-rest sigmoids"
+    proba = head.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
+    assert np.array_equal(head.classes_[proba.argmax(axis=1)], head.predict(X))
