@@ -4,6 +4,7 @@
     python cli.py fit --head mlp           # train a head on the cached features
     python cli.py evaluate                 # test-split metrics of every head
     python cli.py list                     # caches and heads in the store
+    python cli.py verify --fix             # check every byte; remove what cannot be trusted
     python cli.py predict photo.jpg dir/ --head mlp --top 3     # classify new images
     python cli.py serve --head mlp --port 8000                  # HTTP API + web page
     python cli.py export --head mlp --format tflite --quantize int8
@@ -448,6 +449,33 @@ def report(
     with user_errors():
         page = write_report(Store(store), cache, head, out_dir)
     out.print(f"Report written to {page} (figures beside it)")
+
+
+@app.command()
+def verify(
+    cache: Optional[str] = typer.Argument(None, help="A cache (fingerprint prefix, name or .h5 "
+                                          "path); default: the whole store."),
+    fix: bool = typer.Option(False, "--fix", help="Remove what cannot be trusted (corrupt or "
+                             "unfinished caches, crash leftovers, orphan or damaged model "
+                             "files), saying so first; healthy caches and heads are never touched."),
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Check caches and heads, reading every byte: format, rows, ids, labels, checksums, SHA-256.
+
+    Example: python cli.py verify --fix
+    """
+    from store.verify import verify_store
+
+    with user_errors():
+        the_store = Store(store)
+        report = verify_store(the_store, cache, fix, say=out.print)
+    left = [p for p in report.unfixed if p.remove]
+    fixed = sum(p.fixed for p in report.problems)
+    out.print(f"Checked {report.caches} caches ({report.rows:,} rows, every checksum read) and "
+              f"{report.heads} heads in {the_store.root}: {len(report.problems)} findings, "
+              f"{fixed} fixed, {len(left)} needing attention.")
+    if left:
+        raise typer.Exit(1)
 
 
 @app.command("list")

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -20,6 +21,14 @@ from store.cache import FeatureCache
 from store.errors import HeadstartError
 
 STORE_ENV = "HEADSTART_STORE"
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for "no space left" / "quota exceeded", also when h5py only says so in its text."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "errno = 28" in text or "Disk quota" in text
 
 
 def default_store_root() -> Path:
@@ -59,9 +68,17 @@ class Store:
         return self.heads_dir / cache.fingerprint[:16]
 
     def finished(self, fingerprint: str) -> FeatureCache | None:
-        """The finished cache with this fingerprint, if there is one."""
+        """The finished cache with this fingerprint, if there is one.
+
+        A partial folder left beside a finished cache (a kill between the final rename and the
+        folder's removal) is removed here: nothing will ever read it again.
+        """
         path = self.cache_path(fingerprint)
-        return FeatureCache(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        cache = FeatureCache(path)
+        shutil.rmtree(self.partial_dir(fingerprint), ignore_errors=True)
+        return cache
 
     def caches(self) -> list[FeatureCache]:
         """Every finished cache, oldest first."""
@@ -124,6 +141,17 @@ class Store:
                     ) from None
                 raise
             try:
+                # Only a killed writer of this cache can have left its temporary files.
+                for stale in self.caches_dir.glob(f".{fingerprint}.tmp-*"):
+                    stale.unlink(missing_ok=True)
                 yield
+            except OSError as error:
+                if not is_disk_full(error):
+                    raise
+                raise HeadstartError(
+                    f"The disk holding store {self.root} is full; the finished part of cache "
+                    f"{fingerprint[:12]} is kept, so free some space and run the same command "
+                    "again to resume."
+                ) from None
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
