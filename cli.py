@@ -375,6 +375,8 @@ def serve(
     token: Optional[str] = typer.Option(None, envvar="HEADSTART_TOKEN", help="Require "
                                         "'Authorization: Bearer TOKEN' on /predict and /models."),
     max_body_mb: float = typer.Option(10.0, help="Largest accepted request body (413 above)."),
+    body_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a request body may take "
+                                       "to arrive (408 after: slow-drip clients are cut off)."),
     max_batch: int = typer.Option(32, min=1, help="Most images per backbone batch."),
     max_wait_ms: float = typer.Option(5.0, min=0, help="Longest wait to fill a batch."),
     max_queue: int = typer.Option(256, min=1, help="Queued images before answering 503."),
@@ -393,7 +395,8 @@ def serve(
     with user_errors():
         run_server(ServerOptions(
             head=head, cache=cache, store=store, weights=weights, host=host, port=port,
-            service=ServiceSettings(max_body_bytes=int(max_body_mb * 1024 * 1024), token=token,
+            service=ServiceSettings(max_body_bytes=int(max_body_mb * 1024 * 1024),
+                                    body_timeout_s=body_timeout, token=token,
                                     batching=BatchSettings(max_batch, max_wait_ms, max_queue)),
         ), announce=err.print)
 

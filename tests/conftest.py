@@ -39,3 +39,20 @@ def mini_store(tmp_path_factory: pytest.TempPathFactory, shared_paths: dict[str,
                                       "--store", str(store)])
     assert result.exit_code == 0, result.output
     return store
+
+
+@pytest.fixture(scope="session")
+def logreg_store(mini_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the mini store with a fitted logreg head (built once per session; copy it
+    before changing it)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    store = tmp_path_factory.mktemp("logreg-store") / "store"
+    shutil.copytree(mini_store, store)
+    result = CliRunner().invoke(app, ["fit", "--head", "logreg", "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    return store

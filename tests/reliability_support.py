@@ -33,3 +33,4 @@ def lock_held_elsewhere(store: Path, fingerprint: str) -> Iterator[None]:
     finally:
         holder.kill()
         holder.wait()
+

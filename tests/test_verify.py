@@ -21,21 +21,11 @@ runner = CliRunner()
 CLONE = "c" * 64  # the damaged copy's fingerprint (the original stays healthy)
 
 
-@pytest.fixture(scope="module")
-def fitted_store(mini_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The mini store plus a fitted logreg head (built once)."""
-    store = tmp_path_factory.mktemp("verify-base") / "store"
-    shutil.copytree(mini_store, store)
-    result = runner.invoke(app, ["fit", "--head", "logreg", "--store", str(store)])
-    assert result.exit_code == 0, result.output
-    return store
-
-
 @pytest.fixture
-def store(fitted_store: Path, tmp_path: Path) -> Path:
+def store(logreg_store: Path, tmp_path: Path) -> Path:
     """A copy of the fitted store with a second, healthy cache file (a clone) to damage."""
     copy = tmp_path / "store"
-    shutil.copytree(fitted_store, copy)
+    shutil.copytree(logreg_store, copy)
     original = next((copy / "caches").glob("*.h5"))
     clone = copy / "caches" / f"{CLONE}.h5"
     shutil.copy(original, clone)
