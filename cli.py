@@ -24,10 +24,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from store.errors import HeadstartError  # noqa: E402
-from store.store import STORE_ENV, Store  # noqa: E402
+from store.store import STORE_ENV, Store, is_disk_full  # noqa: E402
 
 app = typer.Typer(
     help="Cache frozen backbone features in HDF5 once; train heads on them in seconds.",
@@ -54,11 +55,25 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except HeadstartError as error:
-        err.print(f"[red]Error:[/red] {error}")
+        err.print(f"[red]Error:[/red] {escape(str(error))}")
+        raise typer.Exit(1) from None
+    except OSError as error:  # the system refused (a path too long, no permission, disk full)
+        err.print(f"[red]Error:[/red] {escape(os_error_sentence(error))}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("Interrupted. Finished work is kept; run the same command again to resume.")
         raise typer.Exit(130) from None
+
+
+def os_error_sentence(error: OSError) -> str:
+    """One sentence for an operating-system error, naming the file involved (shortened)."""
+    if is_disk_full(error):
+        return ("The disk is full; free some space and run the same command again (finished "
+                "work is kept).")
+    name = str(error.filename) if error.filename is not None else ""
+    name = name if len(name) <= 120 else name[:100] + "..." + name[-17:]
+    reason = error.strerror or str(error).rstrip(".") or type(error).__name__
+    return f"{reason}: {name!r}." if name else f"{reason}."
 
 
 def parse_options(pairs: list[str]) -> dict[str, str]:
@@ -117,7 +132,7 @@ def extract(
             dataset=open_dataset(dataset, test_fraction),
             backbone=spec,
             weights=Weights.parse(weights),
-            image_size=image_size or spec.native_size,
+            image_size=spec.native_size if image_size is None else image_size,
             pooling=pooling,
             alpha=alpha,
             dtype=dtype,
@@ -202,12 +217,16 @@ def fit(
 
     Example: python cli.py fit --head mlp -p epochs=10 -p dropout=0.5
     """
+    from classifiers.registry import get_head_kind
     from classifiers.training import fit_head
+    from store.heads import check_head_name
 
     with user_errors():
         the_store = Store(store)
         chosen = the_store.find_cache(cache)
         options = parse_options(param)
+        check_head_name(head if name is None else name)
+        get_head_kind(head).create(options)  # unknown kinds and bad values stop here, before work
         err.print(f"Fitting {head} on cache {chosen.name} ({chosen.short_id}), "
                   f"{chosen.split_sizes['train']} training rows x {chosen.width}.")
         verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
