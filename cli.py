@@ -18,7 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -29,6 +29,9 @@ from rich.table import Table  # noqa: E402
 
 from store.errors import HeadstartError  # noqa: E402
 from store.store import STORE_ENV, Store, is_disk_full  # noqa: E402
+
+if TYPE_CHECKING:
+    from classifiers.sources import CacheSet
 
 app = typer.Typer(
     help="Cache frozen backbone features in HDF5 once; train heads on them in seconds.",
@@ -46,6 +49,14 @@ StoreOption = typer.Option(
 CacheOption = typer.Option(
     None, "--cache", help="Cache to use: a fingerprint prefix or a name from 'list' "
     "(default: the most recently finished).",
+)
+CachesOption = typer.Option(
+    [], "--cache", help="Cache to use (a fingerprint prefix or a name from 'list'); repeat it "
+    "to train on several caches of one dataset, features side by side (default: the newest).",
+)
+BudgetOption = typer.Option(
+    None, "--memory-budget", help="Memory for the features, e.g. 256MB or 2GB; over it, mlp "
+    "and sgd stream from HDF5 (default: in memory if the features fit half the free RAM).",
 )
 
 
@@ -155,7 +166,7 @@ def extract(
     if result.skipped:
         out.print(f"Skipped {len(result.skipped)} unusable files:")
         for item in result.skipped[:20]:
-            out.print(f"  {item['split']}/{item['id']}: {item['reason']}")
+            out.print(f"  {item['id']} ({item['split']}): {item['reason']}")
         if len(result.skipped) > 20:
             out.print(f"  ... and {len(result.skipped) - 20} more (all listed in the cache).")
     out.print(f"Cache written to {cache.path}")
@@ -209,13 +220,14 @@ def fit(
     name: Optional[str] = typer.Option(None, help="Save under this name (default: the kind)."),
     augmented: bool = typer.Option(False, "--augmented", help="Also train on the cache's "
                                    "augmented views (made with extract --augment K)."),
-    cache: Optional[str] = CacheOption,
+    cache: List[str] = CachesOption,
+    memory_budget: Optional[str] = BudgetOption,
     store: Optional[Path] = StoreOption,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch progress."),
 ) -> None:
-    """Train a head on cached training features and save it beside the cache.
+    """Train a head on cached training features and save it beside the (first) cache.
 
-    Example: python cli.py fit --head mlp -p epochs=10 -p dropout=0.5
+    Example: python cli.py fit --head mlp -p epochs=10 -p dropout=0.5 --memory-budget 256MB
     """
     from classifiers.registry import get_head_kind
     from classifiers.training import fit_head
@@ -223,19 +235,31 @@ def fit(
 
     with user_errors():
         the_store = Store(store)
-        chosen = the_store.find_cache(cache)
+        source = _cache_set(the_store, cache)
         options = parse_options(param)
         check_head_name(head if name is None else name)
         get_head_kind(head).create(options)  # unknown kinds and bad values stop here, before work
-        err.print(f"Fitting {head} on cache {chosen.name} ({chosen.short_id}), "
-                  f"{chosen.split_sizes['train']} training rows x {chosen.width}.")
+        err.print(f"Fitting {head} on {source.name}, {source.rows('train')} training rows x "
+                  f"{source.width}.")
         verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
-        record, sidecar = fit_head(the_store, chosen, head, options, name, verbose=verbose,
-                                   augmented=augmented)
+        record, sidecar = fit_head(the_store, source, head, options, name, verbose=verbose,
+                                   memory_budget=memory_budget, augmented=augmented)
+    _print_fitted(head, record, sidecar)
+
+
+def _cache_set(the_store: Store, selectors: List[str]) -> "CacheSet":
+    from classifiers.sources import CacheSet
+
+    return CacheSet([the_store.find_cache(s) for s in selectors] or [the_store.find_cache(None)])
+
+
+def _print_fitted(head: str, record: dict, sidecar: Path) -> None:
     metrics = record["metrics"]
-    out.print(f"Fitted {head} in {record['fit_seconds']:.1f} s: validation accuracy "
-              f"{metrics['validation']['accuracy']:.4f}, test accuracy "
-              f"{metrics['test']['accuracy']:.4f}.")
+    mode = "streamed" if record.get("memory", {}).get("mode") == "stream" else "in memory"
+    validation = metrics.get("validation", {}).get("accuracy")
+    shown = "n/a (no validation rows)" if validation is None else f"{validation:.4f}"
+    out.print(f"Fitted {head} ({mode}) in {record['fit_seconds']:.1f} s: validation accuracy "
+              f"{shown}, test accuracy {metrics['test']['accuracy']:.4f}.")
     out.print(f"Head saved to {sidecar}")
 
 
@@ -270,7 +294,7 @@ def finetune(
         if not quiet:
             print_progress_note()
         result = run_finetune(the_store, chosen, head, settings, weights, dataset,
-                              verbose=0 if quiet else (1 if sys.stdout.isatty() else 2))
+                              verbose=0 if quiet else 1)  # a bar with ETA: epochs are long
     record = result.record
     out.print(f"Trained {len(record['unfrozen_layers'])} backbone layers + head in "
               f"{record['train_seconds']:.0f} s.")
@@ -279,6 +303,91 @@ def finetune(
     out.print(f"Run record and weights: {result.run_dir}")
     out.print(f"Refreshed cache {result.cache.name} ({result.cache.short_id}): {result.cache.path}")
     out.print(f"Fine-tuned head saved to {result.head_sidecar}")
+
+
+@app.command()
+def tune(
+    head: str = typer.Option("mlp", help="Head kind to tune; see 'heads'."),
+    trials: int = typer.Option(20, help="Number of random-search trials."),
+    seed: int = typer.Option(0, help="Seed of the search (same seed, same trials)."),
+    param: List[str] = typer.Option([], "--param", "-p", help="Fixed head option KEY=VALUE "
+                                    "(repeatable), e.g. -p epochs=20."),
+    name: Optional[str] = typer.Option(None, help="Save the best head under this name "
+                                       "(default: the kind)."),
+    cache: List[str] = CachesOption,
+    memory_budget: Optional[str] = BudgetOption,
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Random search of a head's options, scored on the validation split; saves the best head.
+
+    Resumable: finished trials are kept beside the heads and not rerun.
+    Example: python cli.py tune --head mlp --trials 20 -p epochs=15
+    """
+    from classifiers.tune import tune_head
+
+    def show(trial: dict) -> None:
+        note = " (done before)" if trial["resumed"] else ""
+        params = ", ".join(f"{k}={v}" for k, v in trial["params"].items())
+        err.print(f"trial {trial['trial']:>3}: val acc {trial['validation_accuracy']:.4f} "
+                  f"{trial['seconds']:>7.1f} s  {params}{note}")
+
+    with user_errors():
+        the_store = Store(store)
+        source = _cache_set(the_store, cache)
+        err.print(f"Tuning {head} on {source.name}: {trials} trials, seed {seed}.")
+        results, record, sidecar = tune_head(the_store, source, head, trials, seed,
+                                             parse_options(param), name, memory_budget, show)
+    table = Table("trial", "val acc", "seconds", "options", title="Trials (validation split)",
+                  title_justify="left", box=None)
+    best = record["tune"]["best_trial"]
+    for trial in results:
+        mark = " *" if trial["trial"] == best else ""
+        table.add_row(f"{trial['trial']}{mark}", f"{trial['validation_accuracy']:.4f}",
+                      f"{trial['seconds']:.1f}",
+                      ", ".join(f"{k}={v}" for k, v in trial["params"].items()))
+    out.print(table)
+    out.print(f"Best: trial {best}. Trials kept in {sidecar.parent / record['tune']['trials_file']}")
+    _print_fitted(head, record, sidecar)
+
+
+@app.command()
+def ensemble(
+    method: str = typer.Option("greedy", help="greedy (Caruana selection), vote (weighted soft "
+                               "voting) or stack (logistic-regression meta-learner)."),
+    heads: Optional[str] = typer.Option(None, "--heads", help="Comma-separated head names "
+                                        "(default: every fitted head of the caches)."),
+    name: Optional[str] = typer.Option(None, help="Save under this name (default: ensemble, "
+                                       "or ensemble-METHOD)."),
+    rounds: int = typer.Option(50, help="Greedy selection rounds."),
+    cache: List[str] = typer.Option([], "--cache", help="Cache whose heads may join (repeat "
+                                    "it) (default: the newest and every cache of its dataset)."),
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Combine fitted heads (also across caches of one dataset) on the validation split.
+
+    Example: python cli.py ensemble --method stack --heads mlp,logreg,svm
+    """
+    from classifiers.ensembles import ensemble_caches, fit_ensemble
+
+    with user_errors():
+        the_store = Store(store)
+        caches = ensemble_caches(the_store, cache)
+        names = [n.strip() for n in heads.split(",") if n.strip()] if heads else None
+        record, sidecar = fit_ensemble(the_store, caches, method, names, name, rounds)
+    table = Table("member", "kind", "weight", "val acc", "test acc", box=None)
+    weights = record["weights"] if method != "stack" else [None] * len(record["members"])
+    for member, weight in zip(record["members"], weights):
+        table.add_row(f"{member['name']}@{member['cache_name']}", str(member["kind"]),
+                      "-" if weight is None else f"{weight:.3f}",
+                      f"{member['validation']['accuracy']:.4f}", f"{member['test']['accuracy']:.4f}")
+    metrics = record["metrics"]
+    table.add_row(f"[bold]{sidecar.stem}[/bold]", f"ensemble ({method})", "",
+                  f"{metrics['validation']['accuracy']:.4f}", f"{metrics['test']['accuracy']:.4f}")
+    out.print(table)
+    best = max(m["test"]["accuracy"] for m in record["members"])
+    out.print(f"Ensemble test accuracy {metrics['test']['accuracy']:.4f} vs best member "
+              f"{best:.4f} ({100 * (metrics['test']['accuracy'] - best):+.2f} points).")
+    out.print(f"Ensemble saved to {sidecar}")
 
 
 @app.command()
@@ -345,14 +454,14 @@ def predict(
 
     Example: python cli.py predict photo.jpg more_photos/ 'shots/*.png' --head mlp --top 3
     """
-    from extract.predict import Predictor, collect_inputs, predict_files
+    from extract.predict import collect_inputs, open_predictor, predict_files
 
     if output not in ("table", "csv", "json"):
         raise typer.BadParameter("--format must be table, csv or json.")
     with user_errors():
         the_store = Store(store)
         paths = collect_inputs(inputs)
-        predictor = Predictor(the_store, the_store.find_cache(cache), head, weights)
+        predictor = open_predictor(the_store, the_store.find_cache(cache), head, weights)
         err.print(f"Classifying {len(paths)} files with head {head} of cache "
                   f"{predictor.cache.name}.")
         answers = list(predict_files(predictor, paths, top, batch_size))
@@ -574,7 +683,8 @@ def heads() -> None:
     from classifiers.registry import HEADS
 
     for kind in HEADS.values():
-        out.print(f"[bold]{kind.name}[/bold]: {kind.summary}")
+        streams = " [streams within --memory-budget]" if kind.streams else ""
+        out.print(f"[bold]{kind.name}[/bold]: {kind.summary}{streams}")
         for option, default in kind.defaults().items():
             out.print(f"    {option} = {default}")
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from classifiers.evaluation import accuracy_figures
 from classifiers.persistence import load_fitted_head, save_fitted_head
-from classifiers.registry import get_head_kind
+from classifiers.registry import HEADS, get_head_kind
 from classifiers.training import head_proba, validation_mask
 from extract.augment import Augmentation
 from extract.blocks import is_batch_norm, unfreeze_top
@@ -121,7 +121,10 @@ def finetune(store: Store, cache: FeatureCache, head_name: str, settings: Finetu
     """Fine-tune backbone + head `head_name` of `cache`; re-extract into a new linked cache."""
     keras = load_keras()
     head, head_record = load_fitted_head(store, cache, head_name)
-    if get_head_kind(head_record["kind"]).file_format != "keras":
+    if len(head_record.get("caches") or [cache.fingerprint]) > 1:
+        raise HeadstartError(
+            f"Head {head_name!r} was fitted on several caches; finetune needs a head of one cache.")
+    if head_record["kind"] not in HEADS or get_head_kind(head_record["kind"]).file_format != "keras":
         raise HeadstartError(
             f"finetune needs a Keras head (mlp); head {head_name!r} is a {head_record['kind']}.")
     if settings.epochs < 1 or settings.batch_size < 1 or not 0 < settings.learning_rate < 1:

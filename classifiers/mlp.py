@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -37,7 +38,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         learning_rate: float = 1e-3,
         lr_schedule: str = "constant",
         label_smoothing: float = 0.0,
-        class_weight: str | None = None,
+        class_weight: str | dict | None = None,
         epochs: int = 10,
         batch_size: int = 128,
         early_stopping: bool = True,
@@ -67,8 +68,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"Expected dropout in [0, 1). Received: dropout={self.dropout}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"Expected lr_schedule in {LR_SCHEDULES}. Received: {self.lr_schedule!r}")
-        if self.class_weight not in (None, "balanced"):
-            raise ValueError(f"Expected class_weight None or 'balanced'. Received: {self.class_weight!r}")
+        if not (self.class_weight in (None, "balanced") or isinstance(self.class_weight, dict)):
+            raise ValueError("Expected class_weight None, 'balanced' or a dict of class to weight. "
+                             f"Received: {self.class_weight!r}")
         if int(self.epochs) < 1 or int(self.batch_size) < 1:
             raise ValueError(f"Expected epochs and batch_size >= 1. Received: {self.epochs}, {self.batch_size}")
         if any(int(units) < 1 for units in self.hidden):
@@ -112,33 +114,88 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             raise ValueError("MLPHead needs samples of at least 2 classes; got 1 class.")
         encoded = self.label_encoder_.transform(y)
         X_val = y_val = None
-        if validation_data is not None:
+        if validation_data is not None and len(validation_data[0]):
             X_val = validate_data(self, validation_data[0], dtype=np.float32, reset=False)
             y_val = self.label_encoder_.transform(np.asarray(validation_data[1]))
         elif self.early_stopping and self.validation_fraction > 0 and len(X) >= 20:
             counts = np.bincount(encoded)
-            stratify = encoded if counts.min() >= 2 else None
+            n_val = int(np.ceil(self.validation_fraction * len(X)))
+            # Stratify only where every class can appear on both sides of the split.
+            feasible = counts.min() >= 2 and len(counts) <= min(n_val, len(X) - n_val)
+            stratify = encoded if feasible else None
             X, X_val, encoded, y_val = train_test_split(
                 X, encoded, test_size=self.validation_fraction,
                 random_state=self.random_state, stratify=stratify)
+        n_classes = len(self.classes_)
+        validation = None
+        if X_val is not None and len(X_val):
+            validation = (X_val, keras.utils.to_categorical(y_val, n_classes))
+            class_weights = self._class_weights(encoded, n_classes)
+            if class_weights is not None:  # early stopping watches the loss being minimised
+                validation += (np.array([class_weights[c] for c in y_val], dtype=np.float32),)
+        return self._train((X, keras.utils.to_categorical(encoded, n_classes)), validation, encoded)
+
+    def fit_batches(self, batches: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],
+                    labels: np.ndarray, n_features: int,
+                    validation: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]] | None = None,
+                    validation_batches: int = 0) -> "MLPHead":
+        """Train from batches it never holds together (memory-bounded training).
+
+        `batches(epoch)` yields (features, labels) batches of one epoch; `labels` are all the
+        training labels (for the classes, class weights and schedule length); `validation()`
+        yields the validation rows' `validation_batches` batches, for early stopping. An epoch
+        must yield exactly ceil(len(labels) / batch_size) batches.
+        """
+        load_keras()
+        import tensorflow as tf
+
+        self._check_params()
+        self.label_encoder_ = LabelEncoder().fit(np.asarray(labels))
+        self.classes_ = self.label_encoder_.classes_
+        if len(self.classes_) < 2:
+            raise ValueError("MLPHead needs samples of at least 2 classes; got 1 class.")
+        self.n_features_in_ = int(n_features)
+        n_classes = len(self.classes_)
+        eye = np.eye(n_classes, dtype=np.float32)
+        epochs = itertools.count()
+
+        def encoded(source: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[Any]:
+            for X, y in source:
+                yield np.asarray(X, dtype=np.float32), eye[self.label_encoder_.transform(y)]
+
+        spec = (tf.TensorSpec((None, n_features), tf.float32),
+                tf.TensorSpec((None, n_classes), tf.float32))
+        steps = -(-len(labels) // int(self.batch_size))
+        train = tf.data.Dataset.from_generator(lambda: encoded(batches(next(epochs))),
+                                               output_signature=spec)
+        train = train.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(1)
+        val = None
+        if validation is not None and validation_batches:
+            val = tf.data.Dataset.from_generator(lambda: encoded(validation()), output_signature=spec)
+            val = val.apply(tf.data.experimental.assert_cardinality(validation_batches))
+        return self._train(train, val, self.label_encoder_.transform(labels))
+
+    def _train(self, train: Any, validation: Any, encoded: np.ndarray) -> "MLPHead":
+        """Build and fit the model on (X, Y) arrays or a dataset of batches."""
+        keras = load_keras()
+
         keras.utils.set_random_seed(int(self.random_state))
         n_classes = len(self.classes_)
-        steps = int(self.epochs) * -(-len(X) // int(self.batch_size))
-        model = self._build(X.shape[1], n_classes, steps)
+        steps = int(self.epochs) * -(-len(encoded) // int(self.batch_size))
+        model = self._build(int(self.n_features_in_), n_classes, steps)
         callbacks: list[Any] = []
-        fit_validation = None
-        if X_val is not None and len(X_val):
-            fit_validation = (X_val, keras.utils.to_categorical(y_val, n_classes))
+        if validation is not None:
             if self.early_stopping:
                 callbacks.append(keras.callbacks.EarlyStopping(
                     monitor="val_loss", patience=int(self.patience), restore_best_weights=True))
             if self.lr_schedule == "plateau":
                 callbacks.append(keras.callbacks.ReduceLROnPlateau(
                     monitor="val_loss", factor=0.3, patience=max(1, int(self.patience) // 2)))
+        arrays = isinstance(train, tuple)
         history = model.fit(
-            X, keras.utils.to_categorical(encoded, n_classes),
-            batch_size=int(self.batch_size), epochs=int(self.epochs),
-            validation_data=fit_validation, callbacks=callbacks, shuffle=True,
+            *(train if arrays else (train,)),
+            batch_size=int(self.batch_size) if arrays else None, epochs=int(self.epochs),
+            validation_data=validation, callbacks=callbacks, shuffle=arrays,
             class_weight=self._class_weights(encoded, n_classes), verbose=self.verbose,
         )
         self.model_ = model
@@ -147,6 +204,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         return self
 
     def _class_weights(self, encoded: np.ndarray, n_classes: int) -> dict[int, float] | None:
+        if isinstance(self.class_weight, dict):  # {class label: weight}, as in scikit-learn
+            return {i: float(self.class_weight.get(label, 1.0))
+                    for i, label in enumerate(self.classes_.tolist())}
         if self.class_weight != "balanced":
             return None
         counts = np.bincount(encoded, minlength=n_classes).astype(float)
@@ -164,4 +224,5 @@ class MLPHead(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: Any) -> np.ndarray:
         """The most probable class of each row."""
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        proba = self.predict_proba(X)  # checks fitted-ness before classes_ is touched
+        return self.classes_[np.argmax(proba, axis=1)]

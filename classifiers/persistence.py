@@ -15,6 +15,9 @@ from store.errors import HeadstartError
 from store.heads import load_head_record, save_head
 from store.store import Store
 
+#: The kind recorded in an ensemble's sidecar (see classifiers.ensembles).
+ENSEMBLE_KIND = "ensemble"
+
 
 def save_fitted_head(store: Store, cache: FeatureCache, name: str, kind: HeadKind,
                      estimator: Any, record: dict[str, Any]) -> Path:
@@ -33,6 +36,8 @@ def save_fitted_head(store: Store, cache: FeatureCache, name: str, kind: HeadKin
 def load_fitted_head(store: Store, cache: FeatureCache, name: str) -> tuple[Any, dict[str, Any]]:
     """Load head `name` of `cache` after checking its fingerprint and file digest."""
     record, path = load_head_record(store, cache, name)
+    if record["kind"] == ENSEMBLE_KIND:
+        return joblib.load(path), record
     kind = get_head_kind(str(record["kind"]))
     if kind.file_format == "keras":
         keras = load_keras()

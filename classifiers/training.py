@@ -6,21 +6,27 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from classifiers.evaluation import accuracy_figures, classification_report, full_proba
-from classifiers.persistence import load_fitted_head, save_fitted_head
-from classifiers.registry import get_head_kind
+from classifiers.memory import MemoryPlan, format_size, plan_memory
+from classifiers.mlp import MLPHead
+from classifiers.persistence import ENSEMBLE_KIND, load_fitted_head, save_fitted_head
+from classifiers.registry import HEADS, get_head_kind
+from classifiers.sources import CacheSet
+from classifiers.streaming import (buffer_rows_for, count_ordered_batches, ordered_batches,
+                                   shuffled_batches)
 from store.cache import FeatureCache
 from store.errors import HeadstartError
 from store.fingerprint import unit_fraction
-from store.heads import check_head_name, list_heads
+from store.heads import check_head_name, list_heads, load_head_record
 from store.store import Store
 
 VALIDATION_FRACTION = 0.1
 VALIDATION_SALT = "headstart-validation:"
+PREDICT_BLOCK_BYTES = 64 * 1000**2  # features scored per predict call
 
 
 def validation_mask(ids: np.ndarray, fraction: float = VALIDATION_FRACTION) -> np.ndarray:
@@ -58,78 +64,174 @@ class TrainingRows:
     views: list[str] = field(default_factory=list)  # fingerprints of the view caches used
 
 
-def training_rows(store: Store, cache: FeatureCache, augmented: bool = False) -> TrainingRows:
-    """Split a cache's training rows into fit and validation rows (by sample id).
+def training_rows(source: CacheSet, views: Sequence[FeatureCache] = ()) -> TrainingRows:
+    """Split the training rows into fit and validation rows (by sample id), in memory.
 
-    With `augmented`, the views of the fit images are added to the fit rows; no view of a
+    Augmented `views` of the primary cache add rows for the fit images only; no view of a
     validation image is ever trained on.
     """
-    X = cache.features("train")
-    y = cache.labels("train")
-    ids = cache.ids("train")
+    X = source.features("train")
+    y = source.labels("train")
+    ids = source.ids("train")
     held_out = validation_mask(ids)
     parts = [(X[~held_out], y[~held_out], ids[~held_out])]
-    used: list[str] = []
-    if augmented:
-        for view in augmented_views(store, cache):
-            view_ids = view.ids("train")
-            keep = ~validation_mask(view_ids)
-            parts.append((view.features("train")[keep], view.labels("train")[keep], view_ids[keep]))
-            used.append(view.fingerprint)
+    for view in views:
+        view_ids = view.ids("train")
+        keep = ~validation_mask(view_ids)
+        parts.append((view.features("train")[keep], view.labels("train")[keep], view_ids[keep]))
     X_fit, y_fit, fit_ids = (np.concatenate(column) for column in zip(*parts))
-    return TrainingRows(X_fit, y_fit, fit_ids, X[held_out], y[held_out], ids[held_out], used)
+    return TrainingRows(X_fit, y_fit, fit_ids, X[held_out], y[held_out], ids[held_out],
+                        [v.fingerprint for v in views])
 
 
-def fit_head(store: Store, cache: FeatureCache, kind_name: str,
-             options: dict[str, str] | None = None, name: str | None = None,
-             verbose: int = 0, augmented: bool = False) -> tuple[dict[str, Any], Path]:
-    """Fit one head on the cache's training rows (minus the validation rows) and save it.
+def source_proba(estimator: Any, source: CacheSet, split: str, mask: np.ndarray | None = None,
+                 block_bytes: int = 0) -> np.ndarray:
+    """A head's probabilities for a split's rows (where `mask` is true), read block by block."""
+    n_classes = len(source.class_names)
+    parts = [head_proba(estimator, X, n_classes) for _, X in
+             source.iter_blocks(split, mask, target_bytes=block_bytes or PREDICT_BLOCK_BYTES)]
+    return np.concatenate(parts) if parts else np.zeros((0, n_classes))
+
+
+def as_cache_set(caches: FeatureCache | CacheSet | Sequence[FeatureCache]) -> CacheSet:
+    """One cache, several caches of one dataset, or a CacheSet, as a CacheSet."""
+    if isinstance(caches, CacheSet):
+        return caches
+    return CacheSet([caches] if isinstance(caches, FeatureCache) else list(caches))
+
+
+def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCache],
+             kind_name: str, options: dict[str, Any] | None = None, name: str | None = None,
+             verbose: int = 0, memory_budget: str | int | None = None,
+             extra: dict[str, Any] | None = None, augmented: bool = False
+             ) -> tuple[dict[str, Any], Path]:
+    """Fit one head on the training rows (minus the validation rows) of one or more caches of
+    the same dataset, and save it beside the first cache.
 
     With `augmented`, the cached augmented views of the training images are trained on too.
     Returns the sidecar record and its path. Validation and test accuracy are recorded.
     """
     kind = get_head_kind(kind_name)
     name = check_head_name(name or kind_name)
+    source = as_cache_set(caches)
     estimator = kind.create(options)
+    views = augmented_views(store, source.primary) if augmented else []
+    if views and len(source.caches) > 1:
+        raise HeadstartError("--augmented trains on one cache at a time; give a single --cache.")
+    plan = plan_memory(source.float32_bytes("train") * (1 + len(views)), memory_budget)
+    if plan.stream and views:
+        raise HeadstartError(
+            f"--augmented trains in memory, and the original and augmented features need about "
+            f"{format_size(plan.needed)}, over the budget of {format_size(plan.budget or 0)}; "
+            "raise --memory-budget or drop --augmented.")
+    if plan.stream and not kind.streams:
+        streaming = " or ".join(k.name for k in HEADS.values() if k.streams)
+        raise HeadstartError(
+            f"Head {kind.name} cannot stream, and its features need about "
+            f"{format_size(plan.needed)} in memory, over the budget of "
+            f"{format_size(plan.budget or 0)}; use --head {streaming}, which train within it.")
     if kind.file_format == "keras" and verbose:
         estimator.set_params(verbose=verbose)
-    rows = training_rows(store, cache, augmented)
-    n_classes = len(cache.class_names)
     started = time.perf_counter()
-    if kind.file_format == "keras":
+    try:
+        rows = train_estimator(estimator, source, plan, views)
+    except ValueError as error:  # an option value the estimator refuses (parsing passed)
+        if not options:
+            raise
+        given = " ".join(f"-p {key}={value}" for key, value in options.items())
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+        raise HeadstartError(f"Head {kind.name} cannot be fitted with {given} ({reason}).") from None
+    fit_seconds = time.perf_counter() - started
+    record = {
+        "classes": source.class_names,
+        "caches": source.fingerprints,
+        "fit_seconds": round(fit_seconds, 3),
+        "rows": rows,
+        "views": [v.fingerprint for v in views],
+        "memory": {"mode": "stream" if plan.stream else "memory", "budget_bytes": plan.budget},
+        "metrics": head_metrics(estimator, source, plan.buffer_bytes if plan.stream
+                                else PREDICT_BLOCK_BYTES),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+    sidecar = save_fitted_head(store, source.primary, name, kind, estimator, record)
+    return record, sidecar
+
+
+def train_estimator(estimator: Any, source: CacheSet, plan: MemoryPlan,
+                    views: Sequence[FeatureCache] = ()) -> dict[str, int]:
+    """Fit on the training rows outside the validation split (plus views), in memory or streamed."""
+    if plan.stream:
+        y = source.labels("train")
+        held_out = validation_mask(source.ids("train"))
+        fit_streaming(estimator, source, y, ~held_out, plan.buffer_bytes)
+        return {"train": int((~held_out).sum()), "validation": int(held_out.sum())}
+    rows = training_rows(source, views)
+    if isinstance(estimator, MLPHead):
         estimator.fit(rows.X_fit, rows.y_fit, validation_data=(rows.X_val, rows.y_val))
     else:
         estimator.fit(rows.X_fit, rows.y_fit)
-    fit_seconds = time.perf_counter() - started
-    metrics = {
-        "validation": accuracy_figures(rows.y_val, head_proba(estimator, rows.X_val, n_classes)),
-        "test": accuracy_figures(cache.labels("test"),
-                                 head_proba(estimator, cache.features("test"), n_classes)),
-    }
-    record = {
-        "classes": cache.class_names,
-        "fit_seconds": round(fit_seconds, 3),
-        "rows": {"train": int(len(rows.y_fit)), "validation": int(len(rows.y_val))},
-        "views": rows.views,
-        "metrics": metrics,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    sidecar = save_fitted_head(store, cache, name, kind, estimator, record)
-    return record, sidecar
+    return {"train": int(len(rows.y_fit)), "validation": int(len(rows.y_val))}
+
+
+def fit_streaming(estimator: Any, source: CacheSet, y: np.ndarray, fit_rows: np.ndarray,
+                  buffer_bytes: int) -> None:
+    """Fit an MLP or SGD head from shuffled chunk-aligned batches, never the whole matrix."""
+    size = int(estimator.get_params()["batch_size"])
+    seed = int(estimator.get_params()["random_state"])
+    buffer_rows = buffer_rows_for(source, buffer_bytes, size)
+
+    def batches(epoch: int) -> Any:
+        if epoch < 0:  # the SGD head's statistics pass: order does not matter
+            return ordered_batches(source, "train", fit_rows, y, buffer_rows)
+        return shuffled_batches(source, "train", fit_rows, y, size, buffer_rows, seed, epoch)
+
+    if isinstance(estimator, MLPHead):
+        estimator.fit_batches(
+            batches, y[fit_rows], source.width,
+            validation=lambda: ordered_batches(source, "train", ~fit_rows, y, buffer_rows),
+            validation_batches=count_ordered_batches(source, "train", ~fit_rows, buffer_rows))
+    else:
+        estimator.fit_blocks(batches, np.unique(y[fit_rows]), source.width)
+
+
+def head_metrics(estimator: Any, source: CacheSet, block_bytes: int = 0
+                 ) -> dict[str, dict[str, float]]:
+    """Validation and test accuracy figures of a fitted head (features read in blocks)."""
+    y = source.labels("train")
+    held_out = validation_mask(source.ids("train"))
+    metrics = {"test": accuracy_figures(source.labels("test"),
+                                        source_proba(estimator, source, "test", None, block_bytes))}
+    if held_out.any():  # a very small training split may hash no row into validation
+        metrics["validation"] = accuracy_figures(
+            y[held_out], source_proba(estimator, source, "train", held_out, block_bytes))
+    return metrics
+
+
+def record_proba(store: Store, record: dict[str, Any], split: str,
+                 mask: np.ndarray | None = None) -> np.ndarray:
+    """Probabilities of a saved head (or ensemble) for a split of its own first cache."""
+    from classifiers.ensembles import ensemble_proba
+
+    if record.get("kind") == ENSEMBLE_KIND:
+        if mask is not None:
+            raise HeadstartError("Ensembles are scored on whole splits only.")
+        return ensemble_proba(store, record, split)
+    source = CacheSet.from_fingerprints(store, record.get("caches") or [record["cache"]])
+    estimator, _ = load_fitted_head(store, source.primary, record["name"])
+    return source_proba(estimator, source, split, mask)
 
 
 def evaluate_heads(store: Store, cache: FeatureCache, names: list[str] | None = None
                    ) -> list[dict[str, Any]]:
-    """Test-split reports for the named heads, or for every head of the cache."""
+    """Test-split reports for the named heads (and ensembles), or for every one of the cache."""
     if names is None:
         names = [r["name"] for r in list_heads(store, cache)]
-    if not names:
-        return []
-    X_test, y_test = cache.features("test"), cache.labels("test")
+    y_test = cache.labels("test")
     reports = []
     for name in names:
-        estimator, record = load_fitted_head(store, cache, name)
-        proba = head_proba(estimator, X_test, len(cache.class_names))
+        record, _ = load_head_record(store, cache, name)
+        proba = record_proba(store, record, "test")
         reports.append({"head": name, "kind": record["kind"], "cache": cache.name,
                         **classification_report(y_test, proba, cache.class_names)})
     return reports

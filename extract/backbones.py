@@ -180,9 +180,10 @@ def build_feature_model(
         if weights.source == "file":
             raise HeadstartError(
                 f"The weights file {weights.path} does not fit backbone {backbone.name}"
-                f"{f' (alpha {alpha})' if alpha else ''}: {_first_line(error)}"
+                f"{f' (alpha {alpha})' if alpha else ''} ({_first_line(error)}); pass the "
+                "weights file made for this backbone and alpha."
             ) from None
-        raise HeadstartError(f"Cannot build backbone {backbone.name}: {_first_line(error)}") from None
+        raise HeadstartError(f"Cannot build backbone {backbone.name} ({_first_line(error)}).") from None
     except Exception as error:  # keras wraps download failures in plain Exception
         if weights.source == "imagenet":
             raise HeadstartError(
@@ -206,4 +207,4 @@ def build_feature_model(
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return text[0].rstrip(".") if text else type(error).__name__

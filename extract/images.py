@@ -46,7 +46,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode != "F" and values.max(initial=0) > 255 else 255.0
+        # 16-bit modes are out of 65535 however dark the picture; plain "I" may hold either.
+        peak = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
         if image.mode == "F":
             peak = max(float(values.max(initial=0)), 1.0)
         image = Image.fromarray(np.clip(values * (255.0 / peak), 0, 255).astype(np.uint8))

@@ -140,7 +140,12 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
             {"fingerprint": plan.fingerprint, "segment_size": plan.segment_size,
              "inputs": plan.inputs},
         )
-        computed, width, seconds = _run_backbone(plan, partial, progress)
+        try:
+            computed, width, seconds = _run_backbone(plan, partial, progress)
+        except HeadstartError:  # e.g. weights that do not fit: no unfinished cache left behind
+            if partial.is_empty():
+                partial.remove()
+            raise
         dataset = plan.dataset
         partial.assemble(
             store.cache_path(plan.fingerprint),

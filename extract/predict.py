@@ -15,13 +15,14 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from classifiers.persistence import load_fitted_head
+from classifiers.persistence import ENSEMBLE_KIND, load_fitted_head
 from classifiers.training import head_proba
 from extract.rebuild import cache_feature_model, cache_weights
 from extract.images import BadImage, is_image_file
 from extract.preprocessing import Preprocessing
 from store.cache import FeatureCache
 from store.errors import HeadstartError
+from store.heads import load_head_record
 from store.store import Store
 
 #: Most files one `predict` call accepts (globs and folders can expand to a lot).
@@ -68,6 +69,69 @@ class Predictor:
             "classes": self.class_names,
             "test_accuracy": self.record.get("metrics", {}).get("test", {}).get("accuracy"),
         }
+
+
+class EnsemblePredictor(Predictor):
+    """A saved ensemble: every member's backbone and head, combined as the ensemble was fitted.
+
+    Members may come from several caches of the dataset (two backbones, two poolings) as long
+    as those caches decode images alike (same image size and interpolation); each cache's
+    backbone runs once per batch, whatever the number of its members.
+    """
+
+    def __init__(self, store: Store, cache: FeatureCache, head: str,
+                 weights: str | None = None) -> None:
+        self.cache = cache
+        self.head_name = head
+        self.estimator, self.record = load_fitted_head(store, cache, head)
+        self.preprocessing = Preprocessing.from_dict(cache.preprocessing)
+        self.class_names = list(cache.class_names)
+        self.members: list[tuple[str, Any]] = []
+        self.parts: dict[str, Predictor] = {}
+        for member in self.record["members"]:
+            owner = store.finished(str(member["cache"]))
+            if owner is None:
+                raise HeadstartError(
+                    f"Member {member['name']} of ensemble {head!r} lost its cache; fit the "
+                    "ensemble again.")
+            if owner.fingerprint not in self.parts:
+                self.parts[owner.fingerprint] = self._part(store, owner, member["name"], weights)
+            estimator, current = load_fitted_head(store, owner, member["name"])
+            if current.get("sha256") != member.get("sha256"):
+                raise HeadstartError(
+                    f"Member {member['name']} of ensemble {head!r} was refitted since the "
+                    "ensemble was made; run 'python cli.py ensemble' again.")
+            self.members.append((owner.fingerprint, estimator))
+        self.backbone = self.parts[cache.fingerprint].backbone if cache.fingerprint in self.parts \
+            else next(iter(self.parts.values())).backbone
+
+    def _part(self, store: Store, owner: FeatureCache, member: str,
+              weights: str | None) -> Predictor:
+        other = Preprocessing.from_dict(owner.preprocessing)
+        if (other.image_size, other.interpolation) != (self.preprocessing.image_size,
+                                                       self.preprocessing.interpolation):
+            raise HeadstartError(
+                f"Ensemble {self.head_name!r} mixes caches of different image sizes; predict and "
+                "serve need its members' caches to decode images alike.")
+        return Predictor(store, owner, member, weights if owner.fingerprint == self.cache.fingerprint
+                         else None)
+
+    def proba(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 batch → the ensemble's class probabilities (N×C)."""
+        if len(pixels) == 0:
+            return np.zeros((0, len(self.class_names)))
+        features = {fp: part.features(pixels) for fp, part in self.parts.items()}
+        n_classes = len(self.class_names)
+        blocks = [head_proba(estimator, features[fp], n_classes) for fp, estimator in self.members]
+        return np.asarray(self.estimator.predict_proba(np.hstack(blocks)))
+
+
+def open_predictor(store: Store, cache: FeatureCache, head: str,
+                   weights: str | None = None) -> Predictor:
+    """The predictor of a saved head or ensemble."""
+    record, _ = load_head_record(store, cache, head)
+    kind = EnsemblePredictor if record.get("kind") == ENSEMBLE_KIND else Predictor
+    return kind(store, cache, head, weights)
 
 
 def top_k(proba: np.ndarray, class_names: list[str], k: int) -> list[dict[str, Any]]:

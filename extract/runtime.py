@@ -35,4 +35,5 @@ def load_keras() -> ModuleType:
         import tensorflow as tf
 
         tf.config.list_physical_devices()
+        tf.get_logger().setLevel("ERROR")  # retracing notices on varying predict sizes
     return keras

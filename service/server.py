@@ -29,13 +29,13 @@ def serve(options: ServerOptions, announce=print) -> None:
     """Load the model once, then serve until interrupted."""
     import uvicorn
 
-    from extract.predict import Predictor
+    from extract.predict import open_predictor
 
     if not 0 <= options.port <= 65535:
         raise HeadstartError(f"--port must be between 0 and 65535; got {options.port}.")
     store = Store(options.store)
     cache = store.find_cache(options.cache)
-    predictor = Predictor(store, cache, options.head, options.weights)
+    predictor = open_predictor(store, cache, options.head, options.weights)
     app = create_app(predictor, options.service)
     announce(f"Serving head {options.head} of cache {cache.name} on "
              f"http://{options.host}:{options.port}/ (API docs at /docs); Ctrl-C stops.")

@@ -63,7 +63,11 @@ class FeatureCache:
         if attrs.get("encoding-type") != layout.ENCODING_TYPE:
             raise HeadstartError(f"{self.path} is not a headstart feature cache.")
         version = str(attrs.get("encoding-version", "?"))
-        if layout.major(version) != layout.major(layout.ENCODING_VERSION):
+        try:
+            same_major = layout.major(version) == layout.major(layout.ENCODING_VERSION)
+        except ValueError:  # missing or malformed: not a version this reader can trust
+            same_major = False
+        if not same_major:
             raise HeadstartError(
                 f"Cache {self.path.name} has format version {version}, but this headstart reads "
                 f"version {layout.ENCODING_VERSION}; upgrade headstart, or delete the cache and "
@@ -104,6 +108,12 @@ class FeatureCache:
         """Sample ids of a split, as an array of str."""
         with h5py.File(self.path, "r") as handle:
             return self._split(handle, split)["ids"].asstr()[...].astype(str)
+
+    def chunk_rows(self, split: str) -> int:
+        """Rows per HDF5 chunk of a split's features (reads aligned to it touch each chunk once)."""
+        with h5py.File(self.path, "r") as handle:
+            data = self._split(handle, split)["features"]
+            return int(data.chunks[0]) if data.chunks else 4096
 
     def iter_feature_blocks(self, split: str) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, float32 block) over a split, one HDF5 chunk-row block at a time."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -82,7 +83,7 @@ class PartialCache:
             with np.load(path, allow_pickle=False) as data:
                 return Segment(data["features"], data["rows"], data["skipped_rows"],
                                [str(r) for r in data["skipped_reasons"]])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             path.unlink(missing_ok=True)
             return None
 
@@ -92,8 +93,12 @@ class PartialCache:
         try:
             with np.load(path, allow_pickle=False) as data:
                 return set(data.files) >= {"features", "rows", "skipped_rows", "skipped_reasons"}
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             return False
+
+    def is_empty(self) -> bool:
+        """True while no segment has been written."""
+        return not any(self.directory.glob("*.npz"))
 
     def write_segment(self, split: str, index: int, segment: Segment) -> None:
         """Write one segment atomically."""

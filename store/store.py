@@ -81,12 +81,12 @@ class Store:
         return cache
 
     def caches(self) -> list[FeatureCache]:
-        """Every finished cache, oldest first."""
+        """Every finished cache, oldest first (by creation, then by when its file was finished)."""
         if not self.caches_dir.is_dir():
             return []
         found = [FeatureCache(p) for p in self.caches_dir.glob("*.h5")
                  if re.fullmatch(r"[0-9a-f]{64}", p.stem)]
-        return sorted(found, key=lambda c: (c.created, c.fingerprint))
+        return sorted(found, key=lambda c: (c.created, c.path.stat().st_mtime_ns, c.fingerprint))
 
     def feature_caches(self) -> list[FeatureCache]:
         """Finished caches of original images (not augmented views), oldest first."""

@@ -269,7 +269,8 @@ def _check_heads(store: Store, caches: set[str], healthy: set[str], only: list[s
                 problems.append(problem)
         problems.extend(_leftovers(directory))
         for path in sorted(directory.iterdir()):
-            if path.name.startswith(".") or path.suffix == ".json" or path.name in named:
+            if (path.name.startswith(".") or path.suffix in (".json", ".jsonl")
+                    or path.name in named):  # .jsonl: tune's finished trials, kept for resume
                 continue
             problems.append(Problem(f"{path} is a model file no head sidecar names (left by an "
                                     "interrupted or replaced save); --fix removes it.", [path]))

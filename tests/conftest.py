@@ -42,17 +42,30 @@ def mini_store(tmp_path_factory: pytest.TempPathFactory, shared_paths: dict[str,
 
 
 @pytest.fixture(scope="session")
-def logreg_store(mini_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the mini store with a fitted logreg head (built once per session; copy it
-    before changing it)."""
-    import shutil
+def mini_cache(mini_store: Path):
+    """The FeatureCache of `mini_store` (read-only: copy the store before changing anything)."""
+    from store.store import Store
 
-    from typer.testing import CliRunner
+    (cache,) = Store(mini_store).caches()
+    return cache
 
-    from cli import app
 
-    store = tmp_path_factory.mktemp("logreg-store") / "store"
-    shutil.copytree(mini_store, store)
-    result = CliRunner().invoke(app, ["fit", "--head", "logreg", "--store", str(store)])
-    assert result.exit_code == 0, result.output
-    return store
+@pytest.fixture(scope="session")
+def fitted_store(tmp_path_factory: pytest.TempPathFactory, mini_store: Path):
+    """A copy of `mini_store` with a logreg and a 3-epoch mlp head fitted through the CLI.
+
+    Returns (store path, {"logreg": CliRunner result, "mlp": CliRunner result}).
+    """
+    from tests.helpers import copy_store, run_cli
+
+    store = copy_store(mini_store, tmp_path_factory.mktemp("fitted-store"))
+    results = {
+        "logreg": run_cli("fit", "--head", "logreg", "--store", str(store)),
+        "mlp": run_cli("fit", "--head", "mlp", "-p", "epochs=3", "--quiet", "--store", str(store)),
+    }
+    for result in results.values():
+        assert result.exit_code == 0, result.output
+    return store, results
+
+
+from tests.synthetic_store import toy_store  # noqa: E402,F401  (fixture shared by head tests)

@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from classifiers.finetune import FinetuneSettings, application_model, finetune
-from classifiers.training import fit_head, training_rows, validation_mask
+from classifiers.training import (as_cache_set, augmented_views, fit_head, training_rows,
+                                  validation_mask)
 from cli import app
 from extract import pipeline
 from extract.augment import Augmentation
@@ -144,8 +145,8 @@ def test_views_do_not_depend_on_batch_size(views_store, tmp_path) -> None:
 def test_validation_split_gets_no_views(views_store) -> None:
     store, plan, _ = views_store
     base = store.finished(plan.fingerprint)
-    rows = training_rows(store, base, augmented=True)
-    plain = training_rows(store, base, augmented=False)
+    rows = training_rows(as_cache_set(base), augmented_views(store, base))
+    plain = training_rows(as_cache_set(base))
     assert len(rows.views) == 2
     assert len(rows.y_fit) == 3 * len(plain.y_fit)
     assert not set(rows.fit_ids) & set(rows.val_ids)

@@ -34,9 +34,9 @@ odd_paths = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def store(logreg_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def store(fitted_store: tuple, tmp_path_factory: pytest.TempPathFactory) -> Path:
     copy = tmp_path_factory.mktemp("cli-properties") / "store"
-    shutil.copytree(logreg_store, copy)
+    shutil.copytree(fitted_store[0], copy)
     return copy
 
 

@@ -33,9 +33,9 @@ class Exploit:
 
 
 @pytest.fixture
-def store(logreg_store: Path, tmp_path: Path) -> Store:
+def store(fitted_store: tuple, tmp_path: Path) -> Store:
     copy = tmp_path / "store"
-    shutil.copytree(logreg_store, copy)
+    shutil.copytree(fitted_store[0], copy)
     return Store(copy)
 
 

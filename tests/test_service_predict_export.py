@@ -108,3 +108,29 @@ def test_non_linear_heads_are_refused() -> None:
     forest = RandomForestClassifier(n_estimators=2).fit(X, np.arange(40) % 10)
     with pytest.raises(HeadstartError, match="cannot be expressed"):
         keras_head(forest, X, 10)
+
+
+def test_predict_with_an_ensemble_matches_the_ensemble_on_cached_features() -> None:
+    from typer.testing import CliRunner
+
+    from classifiers.training import record_proba
+    from cli import app
+    from extract.predict import EnsemblePredictor, open_predictor
+    from store.heads import load_head_record
+    from store.store import Store
+
+    store = Store(service_store())
+    result = CliRunner().invoke(app, ["ensemble", "--heads", "mlp,logreg", "--name", "ens",
+                                      "--store", str(store.root)])
+    assert result.exit_code == 0, result.output
+    cache = store.find_cache()
+    model = open_predictor(store, cache, "ens")
+    assert isinstance(model, EnsemblePredictor) and len(model.members) == 2
+    paths = cache_test_images(40)
+    answers = list(predict_files(model, paths, top=1, batch_size=16))
+    record, _ = load_head_record(store, cache, "ens")
+    cached = record_proba(store, record, "test")[:40]
+    assert [model.class_names.index(a.top[0]["label"]) for a in answers] == \
+        cached.argmax(axis=1).tolist()
+    assert [a.top[0]["probability"] for a in answers] == pytest.approx(
+        cached.max(axis=1).tolist(), abs=1e-4)

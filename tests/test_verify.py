@@ -22,10 +22,10 @@ CLONE = "c" * 64  # the damaged copy's fingerprint (the original stays healthy)
 
 
 @pytest.fixture
-def store(logreg_store: Path, tmp_path: Path) -> Path:
+def store(fitted_store: tuple, tmp_path: Path) -> Path:
     """A copy of the fitted store with a second, healthy cache file (a clone) to damage."""
     copy = tmp_path / "store"
-    shutil.copytree(logreg_store, copy)
+    shutil.copytree(fitted_store[0], copy)
     original = next((copy / "caches").glob("*.h5"))
     clone = copy / "caches" / f"{CLONE}.h5"
     shutil.copy(original, clone)
@@ -44,7 +44,7 @@ def test_healthy_store_is_clean_and_fix_touches_nothing(store: Path) -> None:
         result = verify(store, *args)
         assert result.exit_code == 0, result.output
         assert "0 findings" in result.output and "2 caches" in result.output
-        assert "1 heads" in result.output
+        assert "2 heads" in result.output
     assert tree_digest(store) == before
 
 

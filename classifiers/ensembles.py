@@ -1,0 +1,157 @@
+"""Ensembles of fitted heads: choose members, fit the combination on validation rows, save it.
+
+Members may be heads of different caches of the same dataset (two backbones, two poolings):
+their probabilities are lined up by sample id with the first member's cache, where the
+ensemble is saved. Only validation rows (which no member trained on) choose the combination;
+the test split is scored once, for the report.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import joblib
+import numpy as np
+
+from classifiers.combine import METHODS, EnsembleHead, describe
+from classifiers.evaluation import accuracy_figures
+from classifiers.persistence import ENSEMBLE_KIND
+from classifiers.sources import align_rows, check_same_dataset, dataset_key
+from classifiers.training import record_proba, validation_mask
+from store.cache import FeatureCache
+from store.errors import HeadstartError
+from store.heads import check_head_name, list_heads, load_head_record, save_head
+from store.store import Store
+
+
+def ensemble_caches(store: Store, selectors: Sequence[str]) -> list[FeatureCache]:
+    """The caches given (which must share a dataset), or the newest and its dataset's others."""
+    if selectors:
+        caches = [store.find_cache(s) for s in selectors]
+        check_same_dataset(caches)
+        return caches
+    newest = store.find_cache(None)
+    return [newest] + [c for c in store.caches()
+                       if c.fingerprint != newest.fingerprint and dataset_key(c) == dataset_key(newest)]
+
+
+def candidate_members(store: Store, caches: Sequence[FeatureCache],
+                      names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Sidecars of the fitted heads (not ensembles) of `caches`, optionally only those named."""
+    records = [r for c in caches for r in list_heads(store, c) if r.get("kind") != ENSEMBLE_KIND]
+    if names:
+        known = sorted({r["name"] for r in records})
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise HeadstartError(
+                f"No fitted head named {', '.join(map(repr, unknown))} on the chosen caches; "
+                f"heads there: {', '.join(known) or 'none'}.")
+        records = [r for r in records if r["name"] in names]
+    if len(records) < 2:
+        raise HeadstartError(
+            f"An ensemble needs at least two fitted heads of the same dataset; found "
+            f"{len(records)} ({', '.join(member_label(r) for r in records) or 'none'}). Fit more "
+            "with 'python cli.py fit --head NAME'.")
+    first = tuple(records[0].get("classes", []))
+    for record in records[1:]:
+        if tuple(record.get("classes", [])) != first:
+            raise HeadstartError(
+                f"Heads {member_label(records[0])} and {member_label(record)} have different "
+                "class sets; they cannot be combined.")
+    return records
+
+
+def member_label(record: dict[str, Any]) -> str:
+    """How a member is shown: name@cache-name."""
+    return f"{record['name']}@{record.get('cache_name', str(record['cache'])[:12])}"
+
+
+def member_matrix(store: Store, members: Sequence[dict[str, Any]], cache: FeatureCache,
+                  split: str, validation_only: bool = False) -> np.ndarray:
+    """Members' probabilities side by side (n × m·C), rows in `cache`'s order: every row of
+    the split, or only its validation rows."""
+    target = cache.ids(split)
+    if validation_only:
+        target = target[validation_mask(target)]
+    blocks = []
+    for record in members:
+        owner = store.finished(str(record["cache"]))
+        if owner is None:
+            raise HeadstartError(f"The cache of head {member_label(record)} is no longer in the store.")
+        ids = owner.ids(split)
+        own_mask = validation_mask(ids) if validation_only else None
+        proba = record_proba(store, record, split, own_mask)
+        order = align_rows(ids if own_mask is None else ids[own_mask], target,
+                           owner.name, cache.name)
+        blocks.append(proba if order is None else proba[order])
+    return np.hstack(blocks)
+
+
+def fit_ensemble(store: Store, caches: Sequence[FeatureCache], method: str = "greedy",
+                 names: Sequence[str] | None = None, name: str | None = None,
+                 rounds: int = 50) -> tuple[dict[str, Any], Path]:
+    """Fit an ensemble of the heads of `caches` on validation rows, report it on test, save it."""
+    if method not in METHODS:
+        raise HeadstartError(f"Unknown ensemble method {method!r}; choose one of {', '.join(METHODS)}.")
+    if rounds < 1:
+        raise HeadstartError(f"--rounds must be at least 1; got {rounds}.")
+    name = check_head_name(name or ("ensemble" if method == "greedy" else f"ensemble-{method}"))
+    members = candidate_members(store, caches, names)
+    home = store.finished(str(members[0]["cache"]))
+    assert home is not None
+    held_out = validation_mask(home.ids("train"))
+    y_val, y_test = home.labels("train")[held_out], home.labels("test")
+    started = time.perf_counter()
+    X_val = member_matrix(store, members, home, "train", validation_only=True)
+    X_test = member_matrix(store, members, home, "test")
+    estimator = EnsembleHead(n_members=len(members), method=method, rounds=rounds)
+    estimator.fit(X_val, y_val)
+    n_classes = len(home.class_names)
+    report = []
+    for index, record in enumerate(members):
+        part = slice(index * n_classes, (index + 1) * n_classes)
+        report.append({"name": record["name"], "cache": record["cache"],
+                       "cache_name": record.get("cache_name"), "kind": record.get("kind"),
+                       "sha256": record.get("sha256"),
+                       "validation": accuracy_figures(y_val, X_val[:, part]),
+                       "test": accuracy_figures(y_test, X_test[:, part])})
+    record = {
+        "kind": ENSEMBLE_KIND,
+        "options": {"method": method, "rounds": rounds},
+        "classes": home.class_names,
+        "caches": sorted({str(r["cache"]) for r in members}),
+        "members": report,
+        **describe(estimator),
+        "fit_seconds": round(time.perf_counter() - started, 3),
+        "rows": {"validation": int(held_out.sum())},
+        "metrics": {"validation": accuracy_figures(y_val, estimator.validation_proba(X_val)),
+                    "test": accuracy_figures(y_test, estimator.predict_proba(X_test))},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    sidecar = save_head(store, home, name, record, lambda p: joblib.dump(estimator, p), ".joblib")
+    return record, sidecar
+
+
+def ensemble_proba(store: Store, record: dict[str, Any], split: str,
+                   validation_only: bool = False) -> np.ndarray:
+    """A saved ensemble's probabilities on a split of its home cache (members reloaded)."""
+    home = store.finished(str(record["cache"]))
+    if home is None:
+        raise HeadstartError(f"The cache of ensemble {record['name']!r} is no longer in the store.")
+    _, path = load_head_record(store, home, record["name"])
+    estimator = joblib.load(path)
+    members = []
+    for member in record["members"]:
+        owner = store.finished(str(member["cache"]))
+        if owner is None:
+            raise HeadstartError(f"Member {member['name']} of ensemble {record['name']!r} lost its cache.")
+        current, _ = load_head_record(store, owner, member["name"])
+        if current.get("sha256") != member.get("sha256"):
+            raise HeadstartError(
+                f"Member {member['name']} of ensemble {record['name']!r} was refitted since the "
+                "ensemble was made; run 'python cli.py ensemble' again.")
+        members.append(current)
+    return estimator.predict_proba(member_matrix(store, members, home, split, validation_only))

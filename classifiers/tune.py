@@ -1,0 +1,130 @@
+"""Random hyperparameter search for a head, scored on the validation split only.
+
+Trials are drawn by scikit-learn's ParameterSampler with a fixed seed, so a rerun draws the same
+trials in the same order. Each finished trial is written at once (the whole trials file is
+replaced atomically) beside the heads; after an interruption, trials already on disk are not
+run again. The best trial's options are then fitted and saved like `fit` does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from scipy.stats import loguniform, uniform
+from sklearn.model_selection import ParameterSampler
+
+from classifiers.evaluation import accuracy_figures
+from classifiers.memory import plan_memory
+from classifiers.registry import get_head_kind
+from classifiers.sources import CacheSet
+from classifiers.training import (as_cache_set, fit_head, source_proba, train_estimator,
+                                  validation_mask)
+from store.atomic import write_text
+from store.cache import FeatureCache
+from store.errors import HeadstartError
+from store.fingerprint import canonical_json, digest_text
+from store.heads import check_head_name
+from store.store import Store
+
+SPACES: dict[str, dict[str, Any]] = {
+    "mlp": {
+        "hidden": [(256,), (512,), (1024,), (256, 256), (512, 256)],
+        "dropout": uniform(0.0, 0.6),
+        "l2": [0.0, 1e-5, 1e-4],
+        "learning_rate": loguniform(3e-4, 3e-3),
+        "label_smoothing": [0.0, 0.05, 0.1],
+        "batch_norm": [False, True],
+        "lr_schedule": ["constant", "cosine", "plateau"],
+    },
+    "logreg": {"C": loguniform(1e-3, 10.0)},
+    "svm": {"C": loguniform(1e-4, 1.0)},
+    "sgd": {"alpha": loguniform(1e-6, 1e-2), "loss": ["log_loss", "modified_huber"]},
+    "knn": {"n_neighbors": [5, 10, 15, 25, 50], "weights": ["uniform", "distance"]},
+    "hgb": {"learning_rate": loguniform(0.03, 0.3), "max_leaf_nodes": [15, 31, 63],
+            "l2_regularization": loguniform(1e-4, 1.0)},
+}
+
+
+def plain(value: Any) -> Any:
+    """A sampled value as plain JSON (numpy scalars → Python, tuples → lists)."""
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
+    return value.item() if hasattr(value, "item") else value
+
+
+def draw_trials(kind: str, trials: int, seed: int) -> list[dict[str, Any]]:
+    """The first `trials` parameter sets of the seeded search (same seed, same sets)."""
+    if kind not in SPACES:
+        raise HeadstartError(f"Head {kind} has no search space; tune one of {', '.join(SPACES)}.")
+    if trials < 1:
+        raise HeadstartError(f"--trials must be at least 1; got {trials}.")
+    sampler = ParameterSampler(SPACES[kind], n_iter=trials, random_state=seed)
+    return [{k: plain(v) for k, v in sorted(params.items())} for params in sampler]
+
+
+def trials_path(store: Store, source: CacheSet, kind: str, name: str, seed: int,
+                fixed: dict[str, Any]) -> Path:
+    """The trials file of one search (head kind, caches, seed, fixed options)."""
+    key = digest_text(canonical_json({"kind": kind, "caches": source.fingerprints,
+                                      "seed": seed, "fixed": fixed}))[:12]
+    return store.head_dir(source.primary) / f"{name}.trials-{key}.jsonl"
+
+
+def read_trials(path: Path) -> list[dict[str, Any]]:
+    """Finished trials on disk (none if the file is missing; unreadable lines are dropped)."""
+    if not path.is_file():
+        return []
+    trials = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            trials.append(json.loads(line))
+        except ValueError:
+            continue
+    return trials
+
+
+def tune_head(store: Store, caches: FeatureCache | Sequence[FeatureCache], kind_name: str,
+              trials: int = 20, seed: int = 0, fixed: dict[str, str] | None = None,
+              name: str | None = None, memory_budget: str | None = None,
+              on_trial: Callable[[dict[str, Any]], None] | None = None,
+              ) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
+    """Run (or resume) the search, then fit and save the best trial's head.
+
+    Returns (every trial, the saved head's record, its sidecar path).
+    """
+    kind = get_head_kind(kind_name)
+    name = check_head_name(name or kind_name)
+    fixed = dict(fixed or {})
+    kind.create(fixed)  # unknown or malformed fixed options fail before any work
+    source = as_cache_set(caches)
+    plan = plan_memory(source.float32_bytes("train"), memory_budget)
+    wanted = draw_trials(kind.name, trials, seed)
+    path = trials_path(store, source, kind.name, name, seed, fixed)
+    done = {canonical_json(t["params"]): t for t in read_trials(path)}
+    y = source.labels("train")
+    held_out = validation_mask(source.ids("train"))
+    for index, params in enumerate(wanted):
+        key = canonical_json(params)
+        resumed = key in done
+        if not resumed:
+            estimator = kind.create({**fixed, **params})
+            started = time.perf_counter()
+            train_estimator(estimator, source, plan)
+            proba = source_proba(estimator, source, "train", held_out)
+            done[key] = {"params": params,
+                         "validation_accuracy": accuracy_figures(y[held_out], proba)["accuracy"],
+                         "seconds": round(time.perf_counter() - started, 2)}
+            write_text(path, "".join(json.dumps(t) + "\n" for t in done.values()))
+        if on_trial:
+            on_trial({**done[key], "trial": index, "resumed": resumed})
+    results = [done[canonical_json(p)] | {"trial": i} for i, p in enumerate(wanted)]
+    best = max(results, key=lambda t: (t["validation_accuracy"], -t["trial"]))
+    record, sidecar = fit_head(store, source, kind.name, {**fixed, **best["params"]}, name,
+                               memory_budget=memory_budget,
+                               extra={"tune": {"trials": len(results), "seed": seed,
+                                               "best_trial": best["trial"],
+                                               "trials_file": path.name}})
+    return results, record, sidecar

@@ -1,0 +1,88 @@
+"""Helpers shared by the tests: small datasets, store snapshots, CLI calls, extraction plans."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import MINI, WEIGHTS
+
+
+def run_cli(*args: str) -> Any:
+    """Invoke the typer app in-process; returns click's Result (output = stdout + stderr)."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_clean_error(result: Any, *fragments: str) -> str:
+    """A failed command: non-zero exit, no traceback, one sentence naming every fragment.
+
+    Returns the error sentence (without the leading 'Error: ').
+    """
+    output = result.output
+    assert result.exit_code not in (0, None), output
+    assert isinstance(result.exception, SystemExit), (
+        f"an exception escaped: {result.exception!r}\n{output}")
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, output
+    sentence = errors[0].removeprefix("Error: ")
+    assert sentence.rstrip().endswith("."), sentence
+    for fragment in fragments:
+        assert fragment.lower() in sentence.lower(), f"{fragment!r} not in {sentence!r}"
+    return sentence
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """{relative path: SHA-256} of every file below root, lock files aside (they hold no data)."""
+    if not root.exists():
+        return {}
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.suffix != ".lock"
+    } | {path.relative_to(root).as_posix() + "/": "dir" for path in root.rglob("*") if path.is_dir()}
+
+
+def copy_store(source: Path, target: Path) -> Path:
+    """A private copy of a store, to change without touching the session's fixtures."""
+    destination = target / "store"
+    shutil.copytree(source, destination)
+    return destination
+
+
+def mini_files(split: str, class_name: str, count: int) -> list[Path]:
+    """The first `count` real CIFAR JPEGs of one class of cifar10-mini."""
+    files = sorted((MINI / split / class_name).glob("*.jpg"))[:count]
+    assert len(files) == count
+    return files
+
+
+def make_folder(root: Path, per_class: dict[str, int], split: str | None = None) -> Path:
+    """An image folder of real mini JPEGs: root/<class>/*.jpg, or root/<split>/<class>/*.jpg."""
+    for class_name, count in per_class.items():
+        target = root / split / class_name if split else root / class_name
+        target.mkdir(parents=True, exist_ok=True)
+        for path in mini_files(split or "train", class_name, count):
+            shutil.copy(path, target / path.name)
+    return root
+
+
+def make_plan(dataset: str | Path, **overrides: Any) -> Any:
+    """An ExtractionPlan with the suite's settings (mobilenet 0.25, real weights, 32 px)."""
+    from extract.backbones import Weights, get_backbone
+    from extract.datasets import open_dataset
+    from extract.pipeline import ExtractionPlan
+
+    options: dict[str, Any] = {
+        "backbone": get_backbone("mobilenet"), "alpha": 0.25, "weights": Weights.parse(str(WEIGHTS)),
+        "image_size": 32, "pooling": "avg", "dtype": "float16", "batch_size": 64, "workers": 2,
+    }
+    test_fraction = overrides.pop("test_fraction", 0.2)
+    options.update(overrides)
+    return ExtractionPlan(dataset=open_dataset(str(dataset), test_fraction), **options)

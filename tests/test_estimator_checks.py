@@ -1,0 +1,65 @@
+"""scikit-learn's own estimator checks on both heads, and the few they cannot pass, with reasons."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.utils.estimator_checks import (check_class_weight_classifiers,
+                                            check_classifiers_train, parametrize_with_checks)
+
+from classifiers.mlp import MLPHead
+from classifiers.registry import HEADS
+
+SHORT_TRAINING = ("3 epochs (kept short so this file stays fast) do not reach the check's accuracy "
+                  "bar; test_accuracy_checks_at_the_default_epochs runs it with the defaults")
+PIPELINE_IN_PLACE = ("the logreg head is scikit-learn's own Pipeline, which by design fits the "
+                     "estimators held in its `steps` parameter in place")
+
+
+def expected_failures(estimator: object) -> dict[str, str]:
+    if isinstance(estimator, MLPHead):
+        return {"check_classifiers_train": SHORT_TRAINING,
+                "check_class_weight_classifiers": SHORT_TRAINING}
+    return {"check_estimators_overwrite_params": PIPELINE_IN_PLACE,
+            "check_dont_overwrite_parameters": PIPELINE_IN_PLACE}
+
+
+@parametrize_with_checks([MLPHead(epochs=3), HEADS["logreg"].build()],
+                         expected_failed_checks=expected_failures)
+def test_sklearn_compatible(estimator: object, check: object) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check(estimator)
+
+
+@pytest.mark.parametrize("check", [check_classifiers_train, check_class_weight_classifiers])
+def test_accuracy_checks_at_the_default_epochs(check: object) -> None:
+    """The checks listed above as failing with 3 epochs pass with the paper's 10."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check("MLPHead", MLPHead())
+
+
+def test_mlp_learns_separable_data_and_keeps_label_types() -> None:
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(-3, 1, (60, 5)), rng.normal(3, 1, (60, 5))]).astype(np.float32)
+    y = np.array(["cat"] * 60 + ["dog"] * 60)
+    head = MLPHead(epochs=5, early_stopping=False).fit(X, y)
+    assert list(head.classes_) == ["cat", "dog"]
+    assert head.score(X, y) > 0.95
+    proba = head.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
+    again = clone(head).fit(X, y)  # seeded: the same fit twice gives the same predictions
+    np.testing.assert_allclose(again.predict_proba(X), proba, atol=1e-4)
+
+
+def test_mlp_with_few_rows_per_class_still_holds_out_validation_rows() -> None:
+    """Fewer validation rows than classes: the split cannot stratify, and must not fail."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(30, 4)).astype(np.float32)
+    y = np.repeat(np.arange(6), 5)
+    head = MLPHead(epochs=2, validation_fraction=0.1).fit(X, y)
+    assert "val_loss" in head.history_ and head.predict(X).shape == (30,)
