@@ -1,6 +1,6 @@
 """Crash test: kill -9 headstart at many moments, rerun, and prove nothing finished was lost.
 
-    python bench/crash_test.py                          # extract, augment and fit, 20 kills each
+    python bench/crash_test.py                          # extract, augment, fit, tune: 20 kills each
     python bench/crash_test.py --scenario extract --kills 20 --work /tmp/crash
 
 For each scenario an uninterrupted run makes the reference. Then, per kill: a fresh store, the
@@ -13,8 +13,10 @@ same command run again to completion, and a comparison with the reference:
 - fit: after the kill, every head the store shows loads (its file matches its SHA-256) — a head
   is complete or absent; after the rerun, the head loads and predicts exactly like the reference.
 
-Adding a command is one entry in SCENARIOS (e.g. tune, once it exists on this branch:
-`"tune": Scenario(["tune", "--head", "logreg", "--trials", "4"], check=check_heads)`).
+- tune: every trial finished before the kill is still there, unchanged, after the rerun; the
+  trials and the best head equal the reference's.
+
+Adding a command is one entry in SCENARIOS.
 The test suite runs a small version (tests/test_crash.py).
 """
 
@@ -160,6 +162,37 @@ def check_heads(store: Path, reference: Path) -> str:
     return heads_loadable(store)
 
 
+TRIALS_SEEN: dict[Path, dict[str, float]] = {}
+
+
+def trials_of(store: Path) -> dict[str, float]:
+    """Finished tune trials on disk: canonical params -> validation accuracy."""
+    import json
+
+    found = {}
+    for path in (store / "heads").glob("*/*.trials-*.jsonl"):
+        for line in path.read_text().splitlines():
+            trial = json.loads(line)  # whole lines only: the file is replaced atomically
+            found[json.dumps(trial["params"], sort_keys=True)] = trial["validation_accuracy"]
+    return found
+
+
+def trials_after_kill(store: Path) -> str:
+    TRIALS_SEEN[store] = trials_of(store)
+    return heads_loadable(store)
+
+
+def check_tune(store: Path, reference: Path) -> str:
+    """No finished trial lost or changed, the same trials as the reference, the same best head."""
+    got, want, before = trials_of(store), trials_of(reference), TRIALS_SEEN.pop(store, {})
+    lost = [k for k, v in before.items() if got.get(k) != v]
+    if lost:
+        return f"{len(lost)} trials finished before the kill were lost or changed"
+    if got != want:
+        return f"trials differ from the reference ({len(got)} vs {len(want)})"
+    return check_heads(store, reference)
+
+
 CACHE_EVENTS = ["before-final-rename", "after-final-rename", "mid-assembly:3", "mid-cleanup",
                 "before-segment-rename:4"]
 SCENARIOS: dict[str, Scenario] = {
@@ -171,6 +204,9 @@ SCENARIOS: dict[str, Scenario] = {
                     ["before-model-rename", "before-sidecar"],
                     setup=[EXTRACT, ["fit", "--head", "mlp", "-p", "epochs=2", "--quiet"]],
                     after_kill=heads_loadable, marker=""),
+    "tune": Scenario(["tune", "--head", "logreg", "--trials", "8", "--name", "tuned"], check_tune,
+                     ["before-model-rename", "before-sidecar"], setup=[EXTRACT],
+                     after_kill=trials_after_kill, marker="heads/*/*.trials-*.jsonl"),
 }
 
 
@@ -195,8 +231,9 @@ def fresh_store(work: Path, name: str, scenario: Scenario, template: Path | None
 
 
 def kill_randomly(scenario: Scenario, store: Path, rng: random.Random, started_delay: float,
-                  work_seconds: float, from_launch: bool) -> bool:
-    """Start the command and SIGKILL it at a random moment; True if the kill landed."""
+                  work_seconds: float, from_launch: bool) -> int | None:
+    """Start the command and SIGKILL it at a random moment; None if the kill landed, else the
+    command's exit code (it finished first)."""
     process = subprocess.Popen([sys.executable, str(CHILD), *scenario.command, "--store", str(store)],
                                cwd=ROOT, env={**os.environ, **child_env()},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -213,10 +250,10 @@ def kill_randomly(scenario: Scenario, store: Path, rng: random.Random, started_d
     while process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     if process.poll() is not None:
-        return False
+        return process.returncode
     process.send_signal(signal.SIGKILL)
     process.wait()
-    return True
+    return None
 
 
 def run_scenario(name: str, scenario: Scenario, kills: int, work: Path, seed: int,
@@ -246,12 +283,16 @@ def run_scenario(name: str, scenario: Scenario, kills: int, work: Path, seed: in
         store = fresh_store(work, f"{name}-run", scenario, template)
         if how == "event":
             killed = run(scenario.command, store, child_env({"HEADSTART_CRASH_AT": event}))
-            landed = killed.returncode == -signal.SIGKILL
+            code = None if killed.returncode == -signal.SIGKILL else killed.returncode
             moment = f"at {event}"
         else:
-            landed = kill_randomly(scenario, store, rng, startup, work_seconds, how == "launch")
+            code = kill_randomly(scenario, store, rng, startup, work_seconds, how == "launch")
             moment = f"random ({'from launch' if how == 'launch' else 'during the work'})"
-        if not landed:
+        if code:  # it failed on its own before any kill: that is a failure, not a late kill
+            outcome.failures.append(f"{name} {number} {moment}: exited {code} before the kill")
+            say(f"[{name}] {number:2d} {moment}: FAIL exited {code} before the kill")
+            continue
+        if code == 0:
             outcome.too_late += 1
             say(f"[{name}] {number:2d} {moment}: finished before the kill (not counted)")
             continue

@@ -39,6 +39,61 @@ def store(fitted_store: tuple, tmp_path: Path) -> Store:
     return Store(copy)
 
 
+class Settable:
+    """Building this from a file runs code (its __setstate__ writes a marker)."""
+
+    def __setstate__(self, state: dict) -> None:
+        Path(state["marker"]).write_text("code ran while loading")
+
+
+def test_crafted_skops_file_with_a_matching_sidecar_is_refused(store: Store,
+                                                                tmp_path: Path) -> None:
+    """Even when the sidecar is forged too (a copied store), a skops head cannot run code."""
+    import skops.io
+
+    marker = tmp_path / "marker"
+    payload = Settable()
+    payload.__dict__["marker"] = str(marker)
+    control = tmp_path / "control.skops"
+    skops.io.dump(payload, control)
+    skops.io.load(control, trusted=skops.io.get_untrusted_types(file=control))  # trusting it runs it
+    assert marker.exists()
+    marker.unlink()
+
+    sidecar, record = sidecar_of(store)
+    assert record["file"].endswith(".skops")
+    model = sidecar.parent / record["file"]
+    shutil.copy(control, model)
+    sidecar.write_text(json.dumps({**record, "sha256": digest_file(model)}))  # forged to match
+    with pytest.raises(HeadstartError, match="types headstart does not trust"):
+        load_fitted_head(store, store.find_cache(), "logreg")
+    model.write_bytes(b"PK\x03\x04 not really a zip")
+    sidecar.write_text(json.dumps({**record, "sha256": digest_file(model)}))
+    with pytest.raises(HeadstartError, match="not a readable skops file"):
+        load_fitted_head(store, store.find_cache(), "logreg")
+    assert not marker.exists()
+
+
+def test_every_scikit_learn_head_round_trips_through_skops(tmp_path: Path) -> None:
+    import numpy as np
+
+    from classifiers.persistence import load_sklearn_file
+    from classifiers.registry import HEADS
+
+    import skops.io
+
+    rng = np.random.default_rng(0)
+    X, y = rng.random((120, 8)).astype(np.float32), np.arange(120) % 3
+    for kind in HEADS.values():
+        if kind.file_format == "keras":
+            continue
+        estimator = kind.create({}).fit(X, y)
+        path = tmp_path / f"{kind.name}.skops"
+        skops.io.dump(estimator, path)
+        loaded = load_sklearn_file(path, kind.name)
+        assert np.array_equal(loaded.predict_proba(X), estimator.predict_proba(X)), kind.name
+
+
 def sidecar_of(store: Store, name: str = "logreg") -> tuple[Path, dict]:
     path = next(store.heads_dir.glob(f"*/{name}.json"))
     return path, json.loads(path.read_text())
