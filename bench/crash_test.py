@@ -1,6 +1,6 @@
 """Crash test: kill -9 headstart at many moments, rerun, and prove nothing finished was lost.
 
-    python bench/crash_test.py                          # extract, augment, fit, tune: 20 kills each
+    python bench/crash_test.py                          # extract, augment, fit, ensemble, tune: 20 kills each
     python bench/crash_test.py --scenario extract --kills 20 --work /tmp/crash
 
 For each scenario an uninterrupted run makes the reference. Then, per kill: a fresh store, the
@@ -133,7 +133,7 @@ def heads_loadable(store: Path) -> str:
 def check_heads(store: Path, reference: Path) -> str:
     import numpy as np
 
-    from classifiers.persistence import load_fitted_head
+    from classifiers.training import record_proba
     from store.heads import list_heads
     from store.store import Store
 
@@ -144,9 +144,7 @@ def check_heads(store: Path, reference: Path) -> str:
     for root in (store, reference):
         the_store = Store(root)
         cache = the_store.find_cache()
-        X = cache.features("test")
-        answers.append({r["name"]: np.asarray(load_fitted_head(the_store, cache, r["name"])[0]
-                                              .predict_proba(X)).tobytes()
+        answers.append({r["name"]: np.asarray(record_proba(the_store, r, "test")).tobytes()
                         for r in list_heads(the_store, cache)})
     if answers[0].keys() != answers[1].keys():
         return f"heads {sorted(answers[0])} != reference {sorted(answers[1])}"
@@ -204,6 +202,10 @@ SCENARIOS: dict[str, Scenario] = {
                     ["before-model-rename", "before-sidecar"],
                     setup=[EXTRACT, ["fit", "--head", "mlp", "-p", "epochs=2", "--quiet"]],
                     after_kill=heads_loadable, marker=""),
+    "ensemble": Scenario(["ensemble", "--method", "vote", "--heads", "logreg,knn"], check_heads,
+                         ["before-model-rename", "before-sidecar"],
+                         setup=[EXTRACT, ["fit", "--head", "logreg"], ["fit", "--head", "knn"]],
+                         after_kill=heads_loadable, marker=""),
     "tune": Scenario(["tune", "--head", "logreg", "--trials", "8", "--name", "tuned"], check_tune,
                      ["before-model-rename", "before-sidecar"], setup=[EXTRACT],
                      after_kill=trials_after_kill, marker="heads/*/*.trials-*.jsonl"),

@@ -4,6 +4,7 @@ and slow-drip bodies are cut off on a real loopback server."""
 from __future__ import annotations
 
 import io
+import os
 import socket
 import threading
 import time
@@ -59,7 +60,8 @@ REQUESTS = {"sent": 0}
 
 
 @schema.parametrize()
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(os.environ.get("HEADSTART_FUZZ_EXAMPLES", "40")), deadline=None,
+          suppress_health_check=list(HealthCheck))
 def test_api_never_answers_500(case) -> None:
     for headers in ({}, {"Authorization": f"Bearer {TOKEN}"}):
         response = case.call(headers=headers)
