@@ -5,6 +5,9 @@
     python cli.py evaluate                 # test-split metrics of every head
     python cli.py list                     # caches and heads in the store
     python cli.py verify --fix             # check every byte; remove what cannot be trusted
+    python cli.py extract DIR --shard 3/16 # one shard, on any machine; then:
+    python cli.py merge --store S          # all N shards -> one cache
+    python cli.py extract DIR --engine ray # every shard as a Ray task, then merge
     python cli.py predict photo.jpg dir/ --head mlp --top 3     # classify new images
     python cli.py serve --head mlp --port 8000                  # HTTP API + web page
     python cli.py export --head mlp --format tflite --quantize int8
@@ -121,6 +124,23 @@ def extract(
     aug_flip: bool = typer.Option(True, help="Random horizontal flips in views."),
     aug_contrast: float = typer.Option(0.0, help="View contrast range (0 = off)."),
     aug_seed: int = typer.Option(0, help="Seed of the views."),
+    shard: Optional[str] = typer.Option(None, help="Extract only shard i/N (0 <= i < N), chosen "
+                                        "by a hash of each sample id; 'merge' joins the N shards."),
+    engine: str = typer.Option("local", help="local (this process), or ray: one task per shard "
+                               "on a Ray cluster, then merge (pip install -e '.[ray]')."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to use: 'auto' (the running "
+                                          "one) or ray://HOST:10001 (default: a local instance)."),
+    shards: Optional[int] = typer.Option(None, min=1, help="Ray: number of shards (default: "
+                                         "one per GPU, else one per --cpus-per-shard CPUs)."),
+    cpus_per_shard: float = typer.Option(4.0, help="Ray: CPUs each shard task asks for."),
+    gpus_per_shard: Optional[float] = typer.Option(None, help="Ray: GPUs each shard task asks "
+                                                   "for (default: 1 where there are GPUs)."),
+    retries: int = typer.Option(2, min=0, help="Ray: retries of a failed shard."),
+    keep_shards: bool = typer.Option(False, "--keep-shards", help="Ray: keep the shard files "
+                                     "after merging."),
+    distribute: bool = typer.Option(False, "--distribute", help="Run the backbone on every GPU "
+                                    "of this machine (tf.distribute.MirroredStrategy; a no-op "
+                                    "with one device)."),
     store: Optional[Path] = StoreOption,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -130,28 +150,34 @@ def extract(
     --weights ../shared/weights/mobilenet_2_5_224_tf_no_top.h5 --image-size 128
     """
     from extract.augment import Augmentation
-    from extract.backbones import Weights, get_backbone
-    from extract.datasets import open_dataset
-    from extract.pipeline import ExtractionPlan, extract_features, extract_views
+    from extract.pipeline import extract_features, extract_views
+    from extract.settings import ExtractSettings
+    from store.shards import ShardSpec
 
     with user_errors():
         augmentation = Augmentation(aug_rotation, aug_shift, aug_zoom, aug_flip, aug_contrast,
                                     aug_seed) if augment else None
         the_store = Store(store)
-        spec = get_backbone(backbone)
-        plan = ExtractionPlan(
-            dataset=open_dataset(dataset, test_fraction),
-            backbone=spec,
-            weights=Weights.parse(weights),
-            image_size=spec.native_size if image_size is None else image_size,
-            pooling=pooling,
-            alpha=alpha,
-            dtype=dtype,
-            batch_size=batch_size,
-            workers=workers,
-        )
+        settings = ExtractSettings(dataset, backbone, weights, alpha, image_size, pooling, dtype,
+                                   batch_size, test_fraction, workers, distribute)
+        if engine not in ("local", "ray"):
+            raise HeadstartError(f"--engine must be local or ray; got {engine!r}.")
+        if engine == "ray":
+            if shard or augmentation:
+                raise HeadstartError("--engine ray makes every shard itself and does not make "
+                                     "augmented views; drop --shard and --augment.")
+            _extract_on_ray(settings, the_store, address, shards, cpus_per_shard,
+                            gpus_per_shard, retries, keep_shards, quiet)
+            return
+        shard_spec = ShardSpec.parse(shard) if shard else None
+        if shard_spec and augmentation:
+            raise HeadstartError("Augmented views are not extracted by shard; merge the shards, "
+                                 "then run extract --augment K without --shard.")
+        plan = settings.plan(shard_spec)
         sizes = ", ".join(f"{len(s)} {n}" for n, s in plan.dataset.splits.items())
-        err.print(f"Dataset {plan.dataset.name}: {len(plan.dataset.class_names)} classes, {sizes} images.")
+        part = f" (shard {shard_spec} of it)" if shard_spec else ""
+        err.print(f"Dataset {plan.dataset.name}{part}: {len(plan.dataset.class_names)} classes, "
+                  f"{sizes} images.")
         result = extract_features(plan, the_store, progress=not quiet)
         views = (extract_views(plan, augmentation, augment, the_store, progress=not quiet)
                  if augmentation else [])
@@ -169,12 +195,63 @@ def extract(
             out.print(f"  {item['id']} ({item['split']}): {item['reason']}")
         if len(result.skipped) > 20:
             out.print(f"  ... and {len(result.skipped) - 20} more (all listed in the cache).")
-    out.print(f"Cache written to {cache.path}")
+    if cache.kind == "shard":
+        out.print(f"Shard {shard_spec} written to {cache.path}; when all {shard_spec.count} "
+                  f"shards are done: python cli.py merge --store {the_store.root}")
+    else:
+        out.print(f"Cache written to {cache.path}")
     if views:
         made = sum(not v.reused for v in views)
         out.print(f"Augmented views: {len(views)} of every training image ({made} computed now, "
                   f"{len(views) - made} reused), settings {augmentation.key}; written to "
                   f"{the_store.caches_dir} (one file per view).")
+
+
+def _extract_on_ray(settings, the_store: Store, address: Optional[str], shards: Optional[int],
+                    cpus_per_shard: float, gpus_per_shard: Optional[float], retries: int,
+                    keep_shards: bool, quiet: bool) -> None:
+    from extract.ray_engine import RayOptions, extract_on_ray
+
+    options = RayOptions(address, shards, cpus_per_shard, gpus_per_shard, retries, keep_shards)
+    run = extract_on_ray(settings, the_store, options, progress=not quiet)
+    if run.merge is None:
+        cache = the_store.finished(settings.plan().fingerprint)
+        out.print(f"Reused cache {cache.name} ({cache.short_id}): no backbone pass needed.")
+        return
+    computed = sum(s.get("computed", 0) for s in run.shards)
+    hosts = sorted({s.get("host", "?") for s in run.shards})
+    out.print(f"Extracted {computed} images in {run.count} shards on Ray ({len(hosts)} host(s)) "
+              f"in {run.seconds:.1f} s; merged in {run.merge.seconds:.1f} s.")
+    _print_merged(run.merge)
+
+
+def _print_merged(result) -> None:
+    cache = result.cache
+    rows = ", ".join(f"{n} {r}" for n, r in cache.split_sizes.items())
+    verb = "Already merged:" if result.reused else f"Merged {result.shards} shards into"
+    out.print(f"{verb} cache {cache.name} ({cache.short_id}), {rows} rows x {cache.width} "
+              f"({cache.dtype}); written to {cache.path}")
+    if result.removed:
+        out.print(f"Removed {len(result.removed)} shard files (use --keep-shards to keep them).")
+
+
+@app.command()
+def merge(
+    cache: Optional[str] = typer.Argument(None, help="Fingerprint prefix or cache name of the "
+                                          "shards to merge (default: every shard set)."),
+    keep_shards: bool = typer.Option(False, "--keep-shards", help="Keep the shard files."),
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Check that all N shards of a cache are finished and consistent; join them into one cache.
+
+    Example: python cli.py merge --store team-store/
+    """
+    from store.shards import merge_shards
+
+    with user_errors():
+        results = merge_shards(Store(store), cache, keep_shards)
+    for result in results:
+        _print_merged(result)
 
 
 @app.command("show-augment")
@@ -239,7 +316,7 @@ def fit(
         options = parse_options(param)
         check_head_name(head if name is None else name)
         get_head_kind(head).create(options)  # unknown kinds and bad values stop here, before work
-        err.print(f"Fitting {head} on {source.name}, {source.rows('train')} training rows x "
+        err.print(f"Fitting {head} on cache {source.label}, {source.rows('train')} training rows x "
                   f"{source.width}.")
         verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
         record, sidecar = fit_head(the_store, source, head, options, name, verbose=verbose,
@@ -621,7 +698,10 @@ def list_command(
         the_store = Store(store)
         everything = the_store.caches()
         heads = list_heads(the_store)
-        unfinished = the_store.unfinished()
+        unfinished = [p for p in the_store.unfinished() if ".shard-" not in p.name]
+        from store.shards import shard_sets
+
+        shard_info = [s.summary() for s in shard_sets(the_store)]
     caches = [c for c in everything if c.kind == "features"]
     views: dict[str, int] = {}
     for c in everything:
@@ -629,7 +709,8 @@ def list_command(
             views[c.parent] = views.get(c.parent, 0) + 1
     if as_json:
         print(json.dumps({"store": str(the_store.root), "caches": [c.summary() for c in everything],
-                          "heads": heads, "unfinished": [str(p) for p in unfinished]}, indent=2))
+                          "heads": heads, "unfinished": [str(p) for p in unfinished],
+                          "shards": shard_info}, indent=2))
         return
     out.print(f"Store {the_store.root}")
     table = Table("cache", "id", "backbone", "size", "pooling", "rows (train/test)", "width",
@@ -641,9 +722,12 @@ def list_command(
                       "/".join(str(v) for v in s["rows"].values()), str(s["width"]), s["dtype"],
                       _size(s["disk_bytes"]), str(s["skipped"]), str(views.get(c.fingerprint, 0)),
                       f"finetuned {parent[:12]}" if parent else "")
-    out.print(table if caches else "No caches yet: run 'python cli.py extract DATASET'.")
+    out.print(table if caches else "No merged caches yet: run 'python cli.py merge'."
+              if shard_info else "No caches yet: run 'python cli.py extract DATASET'.")
     if unfinished:
         out.print(f"{len(unfinished)} unfinished extraction(s); rerun their extract command to resume.")
+    if shard_info:
+        _print_shards(shard_info)
     heads_table = Table("head", "kind", "cache", "val acc", "test acc", "fit s", title="Heads",
                         title_justify="left")
     for h in heads:
@@ -653,6 +737,17 @@ def list_command(
                             f"{m.get('test', {}).get('accuracy', float('nan')):.4f}",
                             f"{h.get('fit_seconds', 0):.1f}")
     out.print(heads_table if heads else "No heads yet: run 'python cli.py fit --head mlp'.")
+
+
+def _print_shards(shard_info: list[dict]) -> None:
+    table = Table("cache (not merged)", "id", "shards", "finished", "running", "missing",
+                  title="Shards (not caches: 'merge' joins a complete set)", title_justify="left")
+    compact = lambda v: ",".join(map(str, v[:12])) + (",..." if len(v) > 12 else "") or "-"  # noqa: E731
+    for s in shard_info:
+        odd = f" (+ shards of {','.join(map(str, s['other_counts']))})" if s["other_counts"] else ""
+        table.add_row(s["name"], s["fingerprint"][:12], f"{len(s['finished'])}/{s['count']}{odd}",
+                      compact(s["finished"]), compact(s["unfinished"]), compact(s["missing"]))
+    out.print(table)
 
 
 def _size(n: int) -> str:

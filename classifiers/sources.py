@@ -77,6 +77,11 @@ class CacheSet:
         return " + ".join(c.name for c in self.caches)
 
     @property
+    def label(self) -> str:
+        """How the set is shown: each cache's name with its short id."""
+        return " + ".join(f"{c.name} ({c.short_id})" for c in self.caches)
+
+    @property
     def class_names(self) -> list[str]:
         return self.primary.class_names
 

@@ -7,6 +7,7 @@ sample ids; never file times) for the cache fingerprint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
@@ -22,6 +23,8 @@ from extract.preprocessing import Preprocessing
 from extract.runtime import load_keras
 from store.errors import HeadstartError
 from store.fingerprint import digest_file, unit_fraction
+from store.shards import ShardSelection, ShardSpec
+from store.store import expand_path
 
 SPLITS = ("train", "test")
 SPLIT_SALT = "headstart-test-split:"
@@ -69,6 +72,8 @@ class Dataset:
     splits: dict[str, SplitSamples]
     _loader: Callable[[str, int, Preprocessing], np.ndarray] = field(repr=False)
     _digest: Callable[[], str] = field(repr=False)
+    #: Set on the part of a dataset one shard extracts (see `sharded`).
+    shard: ShardSelection | None = None
 
     def load(self, split: str, index: int, preprocessing: Preprocessing) -> np.ndarray:
         """Sample `index` of `split` as a uint8 S×S×3 array (raises BadImage for a bad file)."""
@@ -78,12 +83,31 @@ class Dataset:
         """Digest of the contents, labels, ids and split of every sample."""
         return self._digest()
 
+    def sharded(self, spec: ShardSpec) -> "Dataset":
+        """Only the samples of shard `spec` (by a hash of each id), in their original order.
+
+        The content digest stays the full dataset's, so a shard's fingerprint is the full
+        cache's; the selection records where each sample sits in the full split.
+        """
+        if self.shard is not None:
+            raise HeadstartError("A shard cannot be cut into shards again.")
+        selection = ShardSelection.select(spec, {s: v.ids for s, v in self.splits.items()})
+        splits = {split: SplitSamples([samples.ids[i] for i in selection.rows[split]],
+                                      samples.labels[selection.rows[split]])
+                  for split, samples in self.splits.items()}
+        full_load = self._loader
+
+        def load(split: str, index: int, preprocessing: Preprocessing) -> np.ndarray:
+            return full_load(split, int(selection.rows[split][index]), preprocessing)
+
+        return dataclasses.replace(self, splits=splits, _loader=load, shard=selection)
+
 
 def open_dataset(spec: str, test_fraction: float = 0.2) -> Dataset:
     """A Keras built-in by name, or an image folder by path."""
     if not 0.0 < test_fraction < 1.0:
         raise HeadstartError(f"--test-fraction must be between 0 and 1; got {test_fraction}.")
-    path = Path(spec).expanduser()
+    path = expand_path(spec)
     if path.is_dir():
         return folder_dataset(path, test_fraction)
     if spec in KERAS_DATASETS:

@@ -18,6 +18,7 @@ import numpy as np
 from extract.augment import AUGMENT_CHUNK, Augmentation
 from extract.backbones import Backbone, Weights, build_feature_model, check_options
 from extract.datasets import SPLITS, Dataset
+from extract.distribute import build_distributed
 from extract.images import BadImage
 from extract.preprocessing import Preprocessing
 from store import layout
@@ -52,6 +53,7 @@ class ExtractionPlan:
     view: int = 0
     base: "ExtractionPlan | None" = None  # the plan of the cache these views belong to
     lineage: dict[str, Any] | None = None  # e.g. the parent cache of a fine-tuned backbone
+    distribute: bool = False  # MirroredStrategy over every visible GPU (no-op with one device)
 
     def __post_init__(self) -> None:
         check_options(self.backbone, self.alpha, self.image_size, self.pooling)
@@ -61,6 +63,10 @@ class ExtractionPlan:
             )
         if not 1 <= self.batch_size <= 4096:
             raise HeadstartError(f"--batch-size must be between 1 and 4096; got {self.batch_size}.")
+        if self.augmentation is not None and self.dataset.shard is not None:
+            raise HeadstartError(
+                "Augmented views are not extracted by shard (a view augments fixed chunks of the "
+                "full split); merge the shards, then run extract --augment K without --shard.")
 
     @cached_property
     def preprocessing(self) -> Preprocessing:
@@ -100,6 +106,12 @@ class ExtractionPlan:
         return fingerprint(self.inputs)
 
     @property
+    def storage_key(self) -> str:
+        """The stem of this plan's files in the store: the fingerprint (plus the shard for one)."""
+        shard = self.dataset.shard
+        return self.fingerprint if shard is None else f"{self.fingerprint}.{shard.spec.suffix}"
+
+    @property
     def segment_size(self) -> int:
         """Samples per segment: about SEGMENT_BYTES of decoded images, whole batches (whole
         augmentation chunks for views)."""
@@ -127,18 +139,23 @@ class ExtractionResult:
 
 
 def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) -> ExtractionResult:
-    """Return the cache for `plan`, running the backbone only for rows not already on disk."""
-    existing = store.finished(plan.fingerprint)
+    """Return the cache for `plan`, running the backbone only for rows not already on disk.
+
+    For a shard plan (`plan.dataset.shard`) that is the shard's own file; a merged cache of the
+    same fingerprint is reused instead, so rerunning a shard after the merge does nothing.
+    """
+    key, shard = plan.storage_key, plan.dataset.shard
+    existing = _finished(plan, store)
     if existing is not None:
         return ExtractionResult(existing, reused=True, skipped=existing.skipped)
-    with store.writing(plan.fingerprint):
-        existing = store.finished(plan.fingerprint)  # another process may have just finished it
+    with store.writing(key):
+        existing = _finished(plan, store)  # another process may have just finished it
         if existing is not None:
             return ExtractionResult(existing, reused=True, skipped=existing.skipped)
         partial = PartialCache.open(
-            store.partial_dir(plan.fingerprint),
+            store.partial_dir(key),
             {"fingerprint": plan.fingerprint, "segment_size": plan.segment_size,
-             "inputs": plan.inputs},
+             "inputs": plan.inputs, **({"shard": str(shard.spec)} if shard else {})},
         )
         try:
             computed, width, seconds = _run_backbone(plan, partial, progress)
@@ -148,19 +165,25 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
             raise
         dataset = plan.dataset
         partial.assemble(
-            store.cache_path(plan.fingerprint),
-            attrs=_cache_attrs(plan),
+            store.cache_path(key),
+            attrs={**_cache_attrs(plan), **(shard.attrs() if shard else {})},
             class_names=dataset.class_names,
             split_ids={s: dataset.splits[s].ids for s in plan.splits},
             split_labels={s: dataset.splits[s].labels for s in plan.splits},
             width=width,
             dtype=plan.dtype,
             compression=plan.compression,
+            source_rows=shard.rows if shard else None,
         )
         partial.remove()
-    cache = FeatureCache(store.cache_path(plan.fingerprint))
+    cache = FeatureCache(store.cache_path(key))
     return ExtractionResult(cache, reused=False, computed=computed, seconds=seconds,
                             skipped=cache.skipped)
+
+
+def _finished(plan: ExtractionPlan, store: Store) -> FeatureCache | None:
+    """The finished cache of `plan`, or for a shard, its file or the merged cache."""
+    return store.finished(plan.fingerprint) or store.finished(plan.storage_key)
 
 
 def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
@@ -179,8 +202,8 @@ def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
     if not todo:
         return 0, width, 0.0
     total = sum(len(_segment_rows(plan, partial, split, k)) for split, k in todo)
-    model = build_feature_model(plan.backbone, plan.alpha, plan.weights, plan.image_size,
-                                plan.pooling)
+    model = build_distributed(plan.distribute, lambda: build_feature_model(
+        plan.backbone, plan.alpha, plan.weights, plan.image_size, plan.pooling))
     width = int(model.output_shape[-1])
     from tqdm import tqdm
 

@@ -51,13 +51,15 @@ class FeatureCache:
         self.source: dict[str, Any] = json.loads(attrs.get("source", "{}"))
         #: The backbone weights file read at extraction (format 1.1+), or None.
         self.weights_path: str | None = str(attrs.get("weights-path", "")) or None
-        self.kind = str(attrs.get("kind", "features"))  # "features", or "views" (augmented)
+        self.kind = str(attrs.get("kind", "features"))  # "features", "views" or "shard"
         self.parent = str(attrs["parent"]) if "parent" in attrs else None
         self.view = int(attrs["view"]) if "view" in attrs else None
         self.augmentation: dict[str, Any] | None = (
             json.loads(attrs["augmentation"]) if "augmentation" in attrs else None)
         self.lineage: dict[str, Any] | None = (
             json.loads(attrs["lineage"]) if "lineage" in attrs else None)
+        #: For a shard file (kind "shard"): index, count, full split sizes and ids digest.
+        self.shard: dict[str, Any] | None = json.loads(attrs["shard"]) if "shard" in attrs else None
 
     def _check_format(self, attrs: dict[str, Any]) -> None:
         if attrs.get("encoding-type") != layout.ENCODING_TYPE:

@@ -1,6 +1,6 @@
 """The on-disk layout of one feature cache (an HDF5 file). See README "HDF5 layout".
 
-Format `headstart.feature-cache`, version 1.1:
+Format `headstart.feature-cache`, version 1.2:
 
     /                       attrs: encoding-type, encoding-version, fingerprint, inputs (JSON),
                                    preprocessing (JSON), dataset, created, libraries (JSON),
@@ -12,7 +12,9 @@ Format `headstart.feature-cache`, version 1.1:
     /skipped/{split,id,reason}     UTF-8 strings, files that could not be used and why
 
 Version 1.1 only adds the optional `weights-path` attribute; 1.0 caches stay readable (prediction
-then needs the weights file named explicitly).
+then needs the weights file named explicitly). Version 1.2 adds shard files (see store/shards.py:
+attrs `kind` = "shard" and `shard`, datasets `/<split>/rows` and `/skipped/row`) and the optional
+`merged` attribute of a cache made from shards; caches are otherwise unchanged.
 
 Readers MUST refuse a different major version and MAY read any minor version of their own.
 """
@@ -20,7 +22,7 @@ Readers MUST refuse a different major version and MAY read any minor version of 
 from __future__ import annotations
 
 ENCODING_TYPE = "headstart.feature-cache"
-ENCODING_VERSION = "1.1"
+ENCODING_VERSION = "1.2"
 SPLITS = ("train", "test")
 FEATURE_DTYPES = ("float16", "float32")
 CHUNK_BYTES = 1 << 20  # target size of one features chunk

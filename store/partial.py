@@ -122,10 +122,16 @@ class PartialCache:
         width: int,
         dtype: str,
         compression: str | None = None,
+        source_rows: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """Copy every segment, in order, into the finished HDF5 file at `target`."""
+        """Copy every segment, in order, into the finished HDF5 file at `target`.
+
+        `source_rows` (a shard's) maps each split's sample index to its row in the full split;
+        it is stored as `/<split>/rows` and `/skipped/row`, which merging needs.
+        """
         text = h5py.string_dtype("utf-8")
         skipped: list[tuple[str, str, str]] = []
+        skipped_source: list[int] = []
         with atomic_path(target) as temporary:
             with h5py.File(temporary, "w") as handle:
                 handle.attrs.update(attrs)
@@ -135,14 +141,10 @@ class PartialCache:
                                 for k in range(self.segment_count(len(split_ids[split])))]
                     if any(s is None for s in segments):
                         raise RuntimeError(f"Segment missing in {self.directory}; run again.")
-                    rows = np.concatenate([s.rows for s in segments if s is not None])
+                    rows = np.concatenate([np.zeros(0, np.int64)]  # a shard's split may be empty
+                                          + [s.rows for s in segments if s is not None])
                     group = handle.create_group(split)
-                    features = group.create_dataset(
-                        "features", shape=(len(rows), width), dtype=dtype,
-                        chunks=(layout.rows_per_chunk(width, np.dtype(dtype).itemsize,
-                                                      max(1, len(rows))), width) if len(rows) else None,
-                        fletcher32=bool(len(rows)), compression=compression,
-                    )
+                    features = create_features(group, len(rows), width, dtype, compression)
                     start = 0
                     for segment in segments:
                         assert segment is not None
@@ -153,16 +155,39 @@ class PartialCache:
                             for row, reason in zip(segment.skipped_rows.tolist(),
                                                    segment.skipped_reasons)
                         )
+                        if source_rows is not None:
+                            skipped_source.extend(source_rows[split][segment.skipped_rows].tolist())
                     ids = np.asarray(split_ids[split], dtype=object)[rows]
                     group.create_dataset("labels", data=split_labels[split][rows].astype(np.int32))
                     group.create_dataset("ids", data=ids.tolist(), dtype=text)
                     if attrs.get("kind") == "views":
                         group.create_dataset("views", data=np.full(len(rows), attrs["view"], np.int32))
-                group = handle.create_group("skipped")
-                for position, column in enumerate(("split", "id", "reason")):
-                    group.create_dataset(column, data=[row[position] for row in skipped],
-                                         dtype=text, shape=(len(skipped),))
+                    if source_rows is not None:
+                        group.create_dataset("rows", data=source_rows[split][rows])
+                group = write_skipped(handle, skipped)
+                if source_rows is not None:
+                    group.create_dataset("row", data=np.asarray(skipped_source, np.int64))
 
     def remove(self) -> None:
         """Delete the partial cache (after its finished file is in place)."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def create_features(group: h5py.Group, rows: int, width: int, dtype: str,
+                    compression: str | None) -> h5py.Dataset:
+    """An empty `features` dataset of the cache layout: row chunks of about 1 MiB, checksummed."""
+    return group.create_dataset(
+        "features", shape=(rows, width), dtype=dtype,
+        chunks=(layout.rows_per_chunk(width, np.dtype(dtype).itemsize, max(1, rows)), width)
+        if rows else None,
+        fletcher32=bool(rows), compression=compression,
+    )
+
+
+def write_skipped(handle: h5py.File, skipped: Sequence[tuple[str, str, str]]) -> h5py.Group:
+    """The `/skipped` group: split, id and reason of every file that could not be used."""
+    group = handle.create_group("skipped")
+    for position, column in enumerate(("split", "id", "reason")):
+        group.create_dataset(column, data=[row[position] for row in skipped],
+                             dtype=h5py.string_dtype("utf-8"), shape=(len(skipped),))
+    return group

@@ -3,6 +3,8 @@
     STORE/caches/<fingerprint>.h5        finished caches, one HDF5 file each
     STORE/caches/<fingerprint>.partial/  an extraction in progress (segments + manifest)
     STORE/caches/<fingerprint>.lock      held while a process writes that cache
+    STORE/caches/<fingerprint>.shard-000i-of-000N.h5   shard i of N (see store/shards.py); never
+                                         taken for a cache; `merge` makes the cache from them
     STORE/heads/<fingerprint[:16]>/      fitted heads of that cache (model file + JSON sidecar)
 """
 
@@ -31,10 +33,19 @@ def is_disk_full(error: BaseException) -> bool:
     return "No space left on device" in text or "errno = 28" in text or "Disk quota" in text
 
 
+def expand_path(text: str | Path) -> Path:
+    """`~` and `~user` expanded; left as written when there is no such home (then the path is
+    simply missing, which callers already report in a sentence)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # "Could not determine home directory."
+        return Path(text)
+
+
 def default_store_root() -> Path:
     """$HEADSTART_STORE, else $XDG_CACHE_HOME/headstart, else ~/.cache/headstart."""
     if os.environ.get(STORE_ENV):
-        return Path(os.environ[STORE_ENV]).expanduser()
+        return expand_path(os.environ[STORE_ENV])
     cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache_home) / "headstart"
 
@@ -43,7 +54,7 @@ class Store:
     """The caches and heads below one root folder."""
 
     def __init__(self, root: Path | str | None = None) -> None:
-        self.root = Path(root).expanduser() if root else default_store_root()
+        self.root = expand_path(root) if root else default_store_root()
         if self.root.exists() and not self.root.is_dir():
             raise HeadstartError(f"Store {self.root} is a file, not a folder.")
 
@@ -107,6 +118,10 @@ class Store:
         """The cache named by a fingerprint prefix or a readable name; by default the newest."""
         caches = self.feature_caches()
         if not caches:
+            if any(self.caches_dir.glob("*.shard-*.h5")):
+                raise HeadstartError(
+                    f"Store {self.root} holds only shards, not a cache; run 'python cli.py merge "
+                    f"--store {self.root}' once every shard has finished.")
             raise HeadstartError(
                 f"No finished cache in store {self.root}; run 'python cli.py extract DATASET' first."
             )

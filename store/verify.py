@@ -31,9 +31,10 @@ from store.cache import FeatureCache
 from store.errors import HeadstartError
 from store.fingerprint import digest_file
 from store.heads import HEAD_FORMAT
-from store.store import Store
+from store.store import Store, expand_path
 
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+SHARD = re.compile(r"([0-9a-f]{64})\.shard-\d+-of-\d+")  # store/shards.py: a shard of a cache
 TEMPORARY = re.compile(r"\..*\.tmp-(\d+)(\..*)?$")  # store.atomic.atomic_path names
 
 
@@ -99,7 +100,7 @@ def path_in(path: Path, paths: list[Path]) -> bool:
 
 
 def _select(store: Store, files: list[Path], selector: str) -> list[Path]:
-    as_path = Path(selector).expanduser()
+    as_path = expand_path(selector)
     if as_path.suffix == ".h5" and as_path.is_file():
         return [as_path]
     matches = [p for p in files if p.stem.startswith(selector.lower())]
@@ -125,7 +126,9 @@ def check_cache_file(path: Path) -> tuple[list[Problem], int]:
     name = path.name
     corrupt = lambda why: Problem(  # noqa: E731
         f"Cache {name} {why}; it cannot be trusted (--fix deletes it; extract again).", [path])
-    if not FINGERPRINT.fullmatch(path.stem):
+    shard = SHARD.fullmatch(path.stem)
+    expected = shard.group(1) if shard else path.stem
+    if not shard and not FINGERPRINT.fullmatch(path.stem):
         return [Problem(f"{name} in the caches folder is not named by a fingerprint; headstart "
                         "ignores it (left alone).")], 0
     try:
@@ -137,7 +140,7 @@ def check_cache_file(path: Path) -> tuple[list[Problem], int]:
         return [corrupt(f"cannot be opened as a headstart cache ({_short(text)})")], 0
     except (KeyError, ValueError, TypeError) as error:
         return [corrupt(f"lacks required metadata ({_short(str(error))})")], 0
-    if cache.fingerprint != path.stem:
+    if cache.fingerprint != expected:
         return [corrupt(f"records fingerprint {cache.fingerprint[:12]}, not its file name")], 0
     problems: list[Problem] = []
     rows = 0
@@ -204,7 +207,7 @@ def _unfinished(store: Store) -> list[Problem]:
     problems = []
     for directory in store.unfinished():
         fingerprint = directory.name.removesuffix(".partial")
-        short = fingerprint[:12]
+        short = fingerprint[:12] + fingerprint[64:]  # a shard keeps its ".shard-i-of-N"
         if _locked(store.caches_dir / f"{fingerprint}.lock"):
             problems.append(Problem(f"Cache {short} is being extracted by another process right "
                                     "now (left alone)."))

@@ -51,7 +51,7 @@ def test_end_to_end(fitted_store: tuple[Path, dict]) -> None:
         output = fits[head].output
         assert f"Fitting {head} on cache {cache.name} ({cache.short_id}), 400 training rows x 256." \
             in output
-        assert f"Fitted {head} in" in output and "test accuracy" in output
+        assert f"Fitted {head} (in memory) in" in output and "test accuracy" in output
         assert _printed_path(output, "Head saved to ") == store / "heads" / \
             cache.fingerprint[:16] / f"{head}.json"
 

@@ -1,0 +1,48 @@
+"""The settings of one `extract` run as plain values: sent to shard workers, turned into plans."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from extract.backbones import Weights, get_backbone
+from extract.datasets import Dataset, open_dataset
+from extract.pipeline import ExtractionPlan
+from store.shards import ShardSpec
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """What `extract` was asked for (picklable: a Ray task or another process rebuilds the plan)."""
+
+    dataset: str
+    backbone: str = "vgg16"
+    weights: str = "imagenet"
+    alpha: float | None = None
+    image_size: int | None = None
+    pooling: str = "avg"
+    dtype: str = "float16"
+    batch_size: int = 64
+    test_fraction: float = 0.2
+    workers: int = 4
+    distribute: bool = False
+
+    def open_dataset(self) -> Dataset:
+        """The dataset, listed (cheap: no file is read)."""
+        return open_dataset(self.dataset, self.test_fraction)
+
+    def plan(self, shard: ShardSpec | None = None, dataset: Dataset | None = None) -> ExtractionPlan:
+        """The extraction plan of the whole dataset, or of one shard of it."""
+        dataset = dataset or self.open_dataset()
+        spec = get_backbone(self.backbone)
+        return ExtractionPlan(
+            dataset=dataset.sharded(shard) if shard else dataset,
+            backbone=spec,
+            weights=Weights.parse(self.weights),
+            image_size=spec.native_size if self.image_size is None else self.image_size,
+            pooling=self.pooling,
+            alpha=self.alpha,
+            dtype=self.dtype,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            distribute=self.distribute,
+        )
