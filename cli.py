@@ -4,6 +4,7 @@
     python cli.py fit --head mlp           # train a head on the cached features
     python cli.py evaluate                 # test-split metrics of every head
     python cli.py list                     # caches and heads in the store
+    python cli.py verify --fix             # check every byte; remove what cannot be trusted
     python cli.py extract DIR --shard 3/16 # one shard, on any machine; then:
     python cli.py merge --store S          # all N shards -> one cache
     python cli.py extract DIR --engine ray # every shard as a Ray task, then merge
@@ -26,10 +27,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from store.errors import HeadstartError  # noqa: E402
-from store.store import STORE_ENV, Store  # noqa: E402
+from store.store import STORE_ENV, Store, is_disk_full  # noqa: E402
 
 if TYPE_CHECKING:
     from classifiers.sources import CacheSet
@@ -67,11 +69,25 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except HeadstartError as error:
-        err.print(f"[red]Error:[/red] {error}")
+        err.print(f"[red]Error:[/red] {escape(str(error))}")
+        raise typer.Exit(1) from None
+    except OSError as error:  # the system refused (a path too long, no permission, disk full)
+        err.print(f"[red]Error:[/red] {escape(os_error_sentence(error))}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("Interrupted. Finished work is kept; run the same command again to resume.")
         raise typer.Exit(130) from None
+
+
+def os_error_sentence(error: OSError) -> str:
+    """One sentence for an operating-system error, naming the file involved (shortened)."""
+    if is_disk_full(error):
+        return ("The disk is full; free some space and run the same command again (finished "
+                "work is kept).")
+    name = str(error.filename) if error.filename is not None else ""
+    name = name if len(name) <= 120 else name[:100] + "..." + name[-17:]
+    reason = error.strerror or str(error).rstrip(".") or type(error).__name__
+    return f"{reason}: {name!r}." if name else f"{reason}."
 
 
 def parse_options(pairs: list[str]) -> dict[str, str]:
@@ -293,12 +309,16 @@ def fit(
 
     Example: python cli.py fit --head mlp -p epochs=10 -p dropout=0.5 --memory-budget 256MB
     """
+    from classifiers.registry import get_head_kind
     from classifiers.training import fit_head
+    from store.heads import check_head_name
 
     with user_errors():
         the_store = Store(store)
         source = _cache_set(the_store, cache)
         options = parse_options(param)
+        check_head_name(head if name is None else name)
+        get_head_kind(head).create(options)  # unknown kinds and bad values stop here, before work
         err.print(f"Fitting {head} on cache {source.label}, {source.rows('train')} training rows x "
                   f"{source.width}.")
         verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
@@ -566,6 +586,8 @@ def serve(
     token: Optional[str] = typer.Option(None, envvar="HEADSTART_TOKEN", help="Require "
                                         "'Authorization: Bearer TOKEN' on /predict and /models."),
     max_body_mb: float = typer.Option(10.0, help="Largest accepted request body (413 above)."),
+    body_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a request body may take "
+                                       "to arrive (408 after: slow-drip clients are cut off)."),
     max_batch: int = typer.Option(32, min=1, help="Most images per backbone batch."),
     max_wait_ms: float = typer.Option(5.0, min=0, help="Longest wait to fill a batch."),
     max_queue: int = typer.Option(256, min=1, help="Queued images before answering 503."),
@@ -584,7 +606,8 @@ def serve(
     with user_errors():
         run_server(ServerOptions(
             head=head, cache=cache, store=store, weights=weights, host=host, port=port,
-            service=ServiceSettings(max_body_bytes=int(max_body_mb * 1024 * 1024), token=token,
+            service=ServiceSettings(max_body_bytes=int(max_body_mb * 1024 * 1024),
+                                    body_timeout_s=body_timeout, token=token,
                                     batching=BatchSettings(max_batch, max_wait_ms, max_queue)),
         ), announce=err.print)
 
@@ -640,6 +663,33 @@ def report(
     with user_errors():
         page = write_report(Store(store), cache, head, out_dir)
     out.print(f"Report written to {page} (figures beside it)")
+
+
+@app.command()
+def verify(
+    cache: Optional[str] = typer.Argument(None, help="A cache (fingerprint prefix, name or .h5 "
+                                          "path); default: the whole store."),
+    fix: bool = typer.Option(False, "--fix", help="Remove what cannot be trusted (corrupt or "
+                             "unfinished caches, crash leftovers, orphan or damaged model "
+                             "files), saying so first; healthy caches and heads are never touched."),
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Check caches and heads, reading every byte: format, rows, ids, labels, checksums, SHA-256.
+
+    Example: python cli.py verify --fix
+    """
+    from store.verify import verify_store
+
+    with user_errors():
+        the_store = Store(store)
+        report = verify_store(the_store, cache, fix, say=out.print)
+    left = [p for p in report.unfixed if p.remove]
+    fixed = sum(p.fixed for p in report.problems)
+    out.print(f"Checked {report.caches} caches ({report.rows:,} rows, every checksum read) and "
+              f"{report.heads} heads in {the_store.root}: {len(report.problems)} findings, "
+              f"{fixed} fixed, {len(left)} needing attention.")
+    if left:
+        raise typer.Exit(1)
 
 
 @app.command("list")

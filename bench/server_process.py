@@ -24,13 +24,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(store: str, head: str, *extra: str, timeout: float = 180.0) -> Iterator[str]:
-    """Serve `head` from `store` on 127.0.0.1; yields the base URL; stops the server after."""
+def running_server(store: str, head: str, *extra: str, timeout: float = 180.0,
+                   pids: list[int] | None = None) -> Iterator[str]:
+    """Serve `head` from `store` on 127.0.0.1; yields the base URL; stops the server after.
+
+    The server's process id is appended to `pids` when given (e.g. to watch its memory)."""
     port = free_port()
     command = [sys.executable, str(ROOT / "cli.py"), "serve", "--head", head, "--store", store,
                "--host", HOST, "--port", str(port), *extra]
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     url = f"http://{HOST}:{port}"
+    if pids is not None:
+        pids.append(process.pid)
     try:
         deadline = time.monotonic() + timeout
         while True:

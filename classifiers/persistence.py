@@ -1,7 +1,14 @@
-"""Saving and loading fitted heads through the store's verified sidecars."""
+"""Saving and loading fitted heads through the store's verified sidecars.
+
+Keras heads are .keras files loaded with safe_mode=True. scikit-learn heads are skops files:
+loading one builds only objects of types headstart trusts (scikit-learn's and headstart's own
+classes) and never unpickles, so a crafted file cannot run code. Older .joblib heads (pickle)
+still load, but only after their SHA-256 matches the sidecar.
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +24,8 @@ from store.store import Store
 
 #: The kind recorded in an ensemble's sidecar (see classifiers.ensembles).
 ENSEMBLE_KIND = "ensemble"
+#: Types a skops head file may hold beyond skops's own defaults: classes of these packages.
+TRUSTED_PACKAGES = ("sklearn.", "classifiers.")
 
 
 def save_fitted_head(store: Store, cache: FeatureCache, name: str, kind: HeadKind,
@@ -30,7 +39,9 @@ def save_fitted_head(store: Store, cache: FeatureCache, name: str, kind: HeadKin
             "history_": getattr(estimator, "history_", {}),
         }
         return save_head(store, cache, name, record, lambda p: estimator.model_.save(p), ".keras")
-    return save_head(store, cache, name, record, lambda p: joblib.dump(estimator, p), ".joblib")
+    import skops.io
+
+    return save_head(store, cache, name, record, lambda p: skops.io.dump(estimator, p), ".skops")
 
 
 def load_fitted_head(store: Store, cache: FeatureCache, name: str) -> tuple[Any, dict[str, Any]]:
@@ -52,7 +63,38 @@ def load_fitted_head(store: Store, cache: FeatureCache, name: str) -> tuple[Any,
         estimator.n_features_in_ = int(state["n_features_in_"])
         estimator.history_ = state.get("history_", {})
         return estimator, record
-    return joblib.load(path), record
+    return load_sklearn_file(path, name), record
+
+
+def load_sklearn_file(path: Path, name: str) -> Any:
+    """A scikit-learn head: a .skops file holding only trusted types, or a verified legacy .joblib."""
+    if path.suffix != ".skops":
+        return joblib.load(path)  # a legacy pickle; its SHA-256 matched the sidecar
+    import skops.io
+
+    try:
+        found = skops.io.get_untrusted_types(file=path)
+    except Exception as error:  # noqa: BLE001 - skops raises many kinds for a damaged file
+        raise HeadstartError(f"Head {name!r}: {path.name} is not a readable skops file "
+                             f"({error}).") from None
+    refused = [t for t in found if not _trusted_type(t)]
+    if refused:
+        raise HeadstartError(
+            f"Head {name!r} would need types headstart does not trust "
+            f"({', '.join(refused[:5])}); refusing to load it.")
+    return skops.io.load(path, trusted=found)
+
+
+def _trusted_type(dotted: str) -> bool:
+    """A class (not a function) defined in scikit-learn or in headstart's classifiers."""
+    module, _, attribute = dotted.rpartition(".")
+    if not module.startswith(TRUSTED_PACKAGES):
+        return False
+    try:
+        value = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(value, type)
 
 
 def _text(value: Any) -> str:

@@ -15,6 +15,7 @@ from extract.preprocessing import Preprocessing
 from extract.runtime import load_keras
 from store.errors import HeadstartError
 from store.fingerprint import digest_file
+from store.store import expand_path
 
 POOLINGS = ("avg", "max", "flatten")
 
@@ -113,7 +114,7 @@ class Weights:
             return cls("imagenet")
         if lowered in ("none", "random"):
             return cls("none")
-        path = Path(text).expanduser()
+        path = expand_path(text)
         if not path.is_file():
             raise HeadstartError(
                 f"Weights file {text!r} does not exist; use 'imagenet', 'none' or the path of a "

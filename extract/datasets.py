@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from extract.runtime import load_keras
 from store.errors import HeadstartError
 from store.fingerprint import digest_file, unit_fraction
 from store.shards import ShardSelection, ShardSpec
+from store.store import expand_path
 
 SPLITS = ("train", "test")
 SPLIT_SALT = "headstart-test-split:"
@@ -105,7 +107,7 @@ def open_dataset(spec: str, test_fraction: float = 0.2) -> Dataset:
     """A Keras built-in by name, or an image folder by path."""
     if not 0.0 < test_fraction < 1.0:
         raise HeadstartError(f"--test-fraction must be between 0 and 1; got {test_fraction}.")
-    path = Path(spec).expanduser()
+    path = expand_path(spec)
     if path.is_dir():
         return folder_dataset(path, test_fraction)
     if spec in KERAS_DATASETS:
@@ -208,12 +210,20 @@ def folder_dataset(root: Path, test_fraction: float = 0.2) -> Dataset:
 
 
 def _rel(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
+    """The sample id: the path relative to the dataset folder, as valid UTF-8 text.
+
+    A name that is not UTF-8 (bytes Python keeps as surrogates) gets its bad bytes written as
+    \\xNN, so it can be stored, printed and hashed; the file itself is still read by its path.
+    """
+    text = path.relative_to(root).as_posix()
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 def _safe_digest(path: Path) -> str:
     """A file's digest, or a marker for an unreadable file (it is skipped at extraction)."""
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # never read a FIFO or a device
+            return "not-a-regular-file"
         return digest_file(path)
     except OSError as error:
         return f"unreadable:{type(error).__name__}"

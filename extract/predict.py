@@ -23,7 +23,7 @@ from extract.preprocessing import Preprocessing
 from store.cache import FeatureCache
 from store.errors import HeadstartError
 from store.heads import load_head_record
-from store.store import Store
+from store.store import Store, expand_path
 
 #: Most files one `predict` call accepts (globs and folders can expand to a lot).
 MAX_INPUTS = 1_000_000
@@ -157,7 +157,7 @@ def collect_inputs(specs: Iterable[str]) -> list[Path]:
     """
     found: list[Path] = []
     for spec in specs:
-        path = Path(spec).expanduser()
+        path = expand_path(spec)
         if path.is_dir():
             found.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)))
         elif path.is_file():

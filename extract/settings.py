@@ -40,7 +40,7 @@ class ExtractSettings:
             dataset=dataset.sharded(shard) if shard else dataset,
             backbone=spec,
             weights=Weights.parse(self.weights),
-            image_size=self.image_size or spec.native_size,
+            image_size=spec.native_size if self.image_size is None else self.image_size,
             pooling=self.pooling,
             alpha=self.alpha,
             dtype=self.dtype,

@@ -6,6 +6,7 @@ file on the server. The model is loaded once; requests are batched by `DynamicBa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import time
@@ -46,6 +47,7 @@ class ServiceSettings:
     """Limits and access control of one server."""
 
     max_body_bytes: int = 10 * 1024 * 1024
+    body_timeout_s: float = 30.0  # the whole body must arrive within this (slow-drip guard)
     token: str | None = None
     batching: BatchSettings = BatchSettings()
 
@@ -60,11 +62,13 @@ class ApiError(Exception):
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes (by Content-Length, or while reading)."""
+    """ASGI middleware: refuse bodies over `limit` bytes (by Content-Length, or while reading),
+    and bodies that do not arrive within `timeout` seconds (408: a slow drip holds no worker)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout: float = 30.0) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,13 +79,23 @@ class BodyLimit:
             await _too_large(self.limit)(scope, receive, send)
             return
         seen = 0
+        complete = False
+        deadline = asyncio.get_running_loop().time() + self.timeout
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body: e.g. waiting for a disconnect, no deadline
+                return await receive()
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), max(remaining, 0.001))
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"The request body did not arrive within {self.timeout:g} "
+                               "seconds.") from None
             seen += len(message.get("body", b""))
             if seen > self.limit:
                 raise ApiError(413, _too_large_text(self.limit))
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
         await self.app(scope, counted, send)
@@ -92,7 +106,8 @@ def _too_large_text(limit: int) -> str:
 
 
 def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse({"detail": _too_large_text(limit)}, status_code=413)
+    return JSONResponse({"detail": _too_large_text(limit)}, status_code=413,
+                        headers={"Connection": "close"})
 
 
 PREDICT_BODY = {
@@ -108,6 +123,7 @@ PREDICT_BODY = {
     },
     "responses": {
         "401": {"description": "Missing or wrong bearer token"},
+        "408": {"description": "The body did not arrive in time (slow client)"},
         "413": {"description": "Body larger than the limit"},
         "415": {"description": "Not an image type or format this server decodes"},
         "422": {"description": "An image that cannot be decoded (the reason is given)"},
@@ -133,7 +149,7 @@ def create_app(model: Model, settings: ServiceSettings = ServiceSettings()) -> F
     app = FastAPI(title="headstart", version="0.1.0", lifespan=lifespan,
                   description="Classify images with a frozen backbone and a fitted head.")
     app.state.batcher = batcher
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout=settings.body_timeout_s)
     bearer = HTTPBearer(auto_error=False)
 
     def check_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -148,6 +164,8 @@ def create_app(model: Model, settings: ServiceSettings = ServiceSettings()) -> F
         headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
         if error.status == 503:
             headers = {"Retry-After": "1"}
+        if error.status in (408, 413):  # the rest of the body is unread: drop the connection
+            headers = {"Connection": "close"}
         return JSONResponse({"detail": error.detail}, status_code=error.status, headers=headers)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -46,7 +46,9 @@ class DynamicBatcher:
         self.images = 0
 
     async def start(self) -> None:
-        """Start the worker on the running event loop."""
+        """Start the worker on the running event loop (again after `stop`, if need be)."""
+        if self._pool._shutdown:  # a second lifespan of the same app (e.g. a new test client)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headstart-model")
         self._queue = asyncio.Queue(maxsize=self.settings.max_queue)
         self._worker = asyncio.create_task(self._work(), name="headstart-batcher")
 

@@ -37,7 +37,9 @@ class FeatureCache:
                                        skipped["reason"][...])
                 ]
         except (OSError, KeyError) as error:
-            raise HeadstartError(f"{self.path} is not a readable headstart cache ({error}).") from None
+            raise HeadstartError(
+                f"{self.path} is not a readable headstart cache ({error}); 'python cli.py verify "
+                "--fix' removes it.") from None
         self.fingerprint = str(attrs["fingerprint"])
         self.inputs: dict[str, Any] = json.loads(attrs["inputs"])
         self.preprocessing: dict[str, Any] = json.loads(attrs["preprocessing"])

@@ -77,7 +77,12 @@ def load_head_record(store: Store, cache: FeatureCache, name: str) -> tuple[dict
             f"Head {name!r} was fitted on cache {str(record.get('cache'))[:12]}, not on "
             f"{cache.short_id}; its features would not match. Fit it again on this cache."
         )
-    model_path = sidecar.parent / Path(str(record["file"])).name
+    model_path = sidecar.parent / Path(str(record["file"])).name  # never outside this folder
+    if model_path.is_symlink():
+        raise HeadstartError(
+            f"The model file of head {name!r} is a symbolic link; headstart loads model files "
+            "only from its own store, so it refuses it. Fit the head again."
+        )
     if not model_path.is_file() or digest_file(model_path) != record.get("sha256"):
         raise HeadstartError(
             f"The model file of head {name!r} is missing or does not match its recorded SHA-256; "

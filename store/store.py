@@ -15,6 +15,7 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -24,10 +25,27 @@ from store.errors import HeadstartError
 STORE_ENV = "HEADSTART_STORE"
 
 
+def is_disk_full(error: BaseException) -> bool:
+    """True for "no space left" / "quota exceeded", also when h5py only says so in its text."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "errno = 28" in text or "Disk quota" in text
+
+
+def expand_path(text: str | Path) -> Path:
+    """`~` and `~user` expanded; left as written when there is no such home (then the path is
+    simply missing, which callers already report in a sentence)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # "Could not determine home directory."
+        return Path(text)
+
+
 def default_store_root() -> Path:
     """$HEADSTART_STORE, else $XDG_CACHE_HOME/headstart, else ~/.cache/headstart."""
     if os.environ.get(STORE_ENV):
-        return Path(os.environ[STORE_ENV]).expanduser()
+        return expand_path(os.environ[STORE_ENV])
     cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache_home) / "headstart"
 
@@ -36,7 +54,7 @@ class Store:
     """The caches and heads below one root folder."""
 
     def __init__(self, root: Path | str | None = None) -> None:
-        self.root = Path(root).expanduser() if root else default_store_root()
+        self.root = expand_path(root) if root else default_store_root()
         if self.root.exists() and not self.root.is_dir():
             raise HeadstartError(f"Store {self.root} is a file, not a folder.")
 
@@ -61,9 +79,17 @@ class Store:
         return self.heads_dir / cache.fingerprint[:16]
 
     def finished(self, fingerprint: str) -> FeatureCache | None:
-        """The finished cache with this fingerprint, if there is one."""
+        """The finished cache with this fingerprint, if there is one.
+
+        A partial folder left beside a finished cache (a kill between the final rename and the
+        folder's removal) is removed here: nothing will ever read it again.
+        """
         path = self.cache_path(fingerprint)
-        return FeatureCache(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        cache = FeatureCache(path)
+        shutil.rmtree(self.partial_dir(fingerprint), ignore_errors=True)
+        return cache
 
     def caches(self) -> list[FeatureCache]:
         """Every finished cache, oldest first (by creation, then by when its file was finished)."""
@@ -130,6 +156,17 @@ class Store:
                     ) from None
                 raise
             try:
+                # Only a killed writer of this cache can have left its temporary files.
+                for stale in self.caches_dir.glob(f".{fingerprint}.tmp-*"):
+                    stale.unlink(missing_ok=True)
                 yield
+            except OSError as error:
+                if not is_disk_full(error):
+                    raise
+                raise HeadstartError(
+                    f"The disk holding store {self.root} is full; the finished part of cache "
+                    f"{fingerprint[:12]} is kept, so free some space and run the same command "
+                    "again to resume."
+                ) from None
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -28,7 +28,7 @@ def _sidecar(store: Store, name: str) -> Path:
     return store.head_dir(store.find_cache()) / f"{name}.json"
 
 
-@pytest.mark.parametrize("name, suffix", [("logreg", ".joblib"), ("mlp", ".keras")])
+@pytest.mark.parametrize("name, suffix", [("logreg", ".skops"), ("mlp", ".keras")])
 def test_sidecar_records_the_cache_the_file_and_the_metrics(heads_store: Store, name: str,
                                                             suffix: str) -> None:
     cache = heads_store.find_cache()

@@ -1,0 +1,190 @@
+"""Property tests of the command line: any bad option value or path gets one clear sentence and a
+non-zero exit, never a traceback, and never changes the caches or heads already in the store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from cli import app
+from tests.conftest import MINI, WEIGHTS
+from tests.reliability_support import tree_digest
+
+runner = CliRunner()
+TRIED = {"commands": 0}
+#: Examples per property; HEADSTART_CLI_EXAMPLES=500 for a long run outside the suite.
+SETTINGS = settings(max_examples=int(os.environ.get("HEADSTART_CLI_EXAMPLES", "40")), deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+# Any text, including control characters, NUL, lone surrogates are left out (argv cannot hold them)
+texts = st.text(st.characters(exclude_categories=("Cs",)), min_size=0, max_size=40)
+odd_paths = st.one_of(
+    texts,
+    texts.map(lambda t: "/nonexistent/" + t),
+    st.sampled_from(["", ".", "..", "/", "/dev/null", "/etc/passwd", "-", "--", "~", "\x00",
+                     "a\x00b", "../" * 20, "x" * 5000, "/proc/self/mem", "*", "[", "?"]),
+)
+
+
+@pytest.fixture(scope="module")
+def store(fitted_store: tuple, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    copy = tmp_path_factory.mktemp("cli-properties") / "store"
+    shutil.copytree(fitted_store[0], copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def fingerprint(store: Path) -> str:
+    return next((store / "caches").glob("*.h5")).stem
+
+
+def refused(store: Path, args: list[str]) -> None:
+    """Run args against the store: it must fail with one sentence and change nothing."""
+    before = tree_digest(store)
+    result = runner.invoke(app, [*args, "--store", str(store)])
+    TRIED["commands"] += 1
+    output = result.output
+    assert result.exit_code not in (0, None), (args[-6:], output)
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        args, repr(result.exception))
+    assert "Traceback" not in output, (args, output)
+    ours = [line for line in output.splitlines() if line.startswith("Error: ")]
+    usage = [line for line in output.splitlines() if line.startswith("│ ") or "Error" in line]
+    if result.exit_code == 1:  # headstart's own: exactly one "Error: ..." sentence
+        assert len(ours) == 1 and ours[0].rstrip().endswith((".", ")")), (args, output)
+    else:  # click's usage error (exit 2): one message in its box
+        assert result.exit_code == 2 and usage, (args, output)
+    assert tree_digest(store) == before, args
+
+
+EXTRACT_BASE = [str(MINI), "--backbone", "mobilenet", "--alpha", "0.25", "--weights",
+                str(WEIGHTS), "--image-size", "32", "--quiet"]
+
+
+def replaced(base: list[str], option: str, value: str) -> list[str]:
+    args = list(base)
+    if option in args:
+        args[args.index(option) + 1] = value
+    else:
+        args += [option, value]
+    return args
+
+
+bad_extract_option = st.one_of(
+    st.tuples(st.just("--image-size"), st.one_of(st.integers(max_value=31),
+                                                  st.integers(min_value=1025)).map(str)),
+    st.tuples(st.just("--image-size"), texts.filter(lambda t: not t.strip().lstrip("+-").isdigit())),
+    st.tuples(st.just("--pooling"), texts.filter(lambda t: t not in ("avg", "max", "flatten"))),
+    st.tuples(st.just("--dtype"), texts.filter(lambda t: t not in ("float16", "float32"))),
+    st.tuples(st.just("--batch-size"), st.one_of(st.integers(max_value=0),
+                                                  st.integers(min_value=4097)).map(str)),
+    st.tuples(st.just("--test-fraction"), st.one_of(
+        st.floats(max_value=0.0), st.floats(min_value=1.0), st.just(float("nan"))).map(str)),
+    st.tuples(st.just("--workers"), st.one_of(st.integers(max_value=0),
+                                               st.integers(min_value=65)).map(str)),
+    st.tuples(st.just("--augment"), st.one_of(st.integers(max_value=-1),
+                                               st.integers(min_value=65)).map(str)),
+    st.tuples(st.just("--alpha"), st.floats(allow_nan=True).filter(
+        lambda a: a not in (0.25, 0.5, 0.75, 1.0)).map(str)),
+    st.tuples(st.just("--backbone"), texts.filter(lambda t: t.strip() not in (
+        "vgg16", "vgg19", "resnet50", "inception_v3", "mobilenet", "mobilenet_v2",
+        "efficientnet_b0"))),
+    st.tuples(st.just("--weights"), odd_paths.filter(lambda t: t not in ("imagenet", "none"))),
+)
+
+
+@SETTINGS
+@given(bad=bad_extract_option)
+def test_extract_bad_option_values(store: Path, bad: tuple[str, str]) -> None:
+    refused(store, ["extract", *replaced(EXTRACT_BASE, *bad)])
+
+
+@SETTINGS
+@given(path=odd_paths.filter(lambda p: p.strip() not in ("cifar10", "cifar100", "mnist",
+                                                         "fashion_mnist")))
+def test_extract_bad_dataset_paths(store: Path, path: str) -> None:
+    refused(store, ["extract", path, *EXTRACT_BASE[1:]])
+
+
+head_names = texts.filter(lambda t: t not in ("mlp", "logreg"))
+param_pairs = st.one_of(
+    texts.filter(lambda t: "=" not in t),  # no KEY=VALUE
+    st.tuples(texts.filter(lambda t: t.strip() not in ("C", "max_iter", "tol") and "=" not in t),
+              texts).map("=".join),  # unknown key
+    st.tuples(st.sampled_from(["C", "max_iter", "tol"]),
+              texts.filter(lambda t: not _number(t))).map("=".join),  # bad value
+)
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+@SETTINGS
+@given(data=st.data())
+def test_fit_evaluate_bad_values(store: Path, fingerprint: str, data: st.DataObject) -> None:
+    choice = data.draw(st.sampled_from(["head", "param", "name", "cache", "evaluate"]))
+    if choice == "head":
+        args = ["fit", "--head", data.draw(head_names)]
+    elif choice == "param":
+        args = ["fit", "--head", "logreg", "-p", data.draw(param_pairs)]
+    elif choice == "name":
+        name = data.draw(st.one_of(texts, st.sampled_from(["../x", "a/b", ".hidden", "", "x" * 65,
+                                                           "..", "-", "a b"])))
+        if name and name[0].isalnum() and all(c.isascii() and (c.isalnum() or c in "_.-")
+                                              for c in name) and len(name) <= 64:
+            name = "../" + name  # a valid name would fit a head: make it invalid
+        args = ["fit", "--head", "logreg", "--name", name]
+    elif choice == "cache":
+        selector = data.draw(texts.filter(lambda t: not fingerprint.startswith(t.lower())
+                                          and not t.startswith("cifar10-mini")))
+        args = ["fit", "--head", "logreg", "--cache", selector]
+    else:
+        args = ["evaluate", "--head", data.draw(head_names.filter(lambda t: t != ""))]
+    refused(store, args)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_predict_verify_list_bad_values(store: Path, fingerprint: str, data: st.DataObject) -> None:
+    choice = data.draw(st.sampled_from(["format", "top", "inputs", "verify", "head"]))
+    if choice == "format":
+        args = ["predict", str(MINI / "test"), "--head", "logreg", "--format",
+                data.draw(texts.filter(lambda t: t not in ("table", "csv", "json")))]
+    elif choice == "top":
+        args = ["predict", str(MINI / "test"), "--head", "logreg", "--top",
+                str(data.draw(st.integers(max_value=0)))]
+    elif choice == "inputs":
+        args = ["predict", data.draw(odd_paths.map(lambda p: "/nonexistent/" + p)),
+                "--head", "logreg"]
+    elif choice == "head":
+        args = ["predict", str(MINI / "test"), "--head", data.draw(head_names)]
+    else:
+        args = ["verify", data.draw(texts.filter(lambda t: t and not fingerprint.startswith(
+            t.lower()) and not t.startswith("cifar10-mini")))]
+    refused(store, args)
+
+
+@SETTINGS
+@given(path=odd_paths)
+def test_store_that_is_not_a_folder(path: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    afile = tmp_path_factory.getbasetemp() / "a-file"
+    afile.write_text("not a store")
+    result = runner.invoke(app, ["list", "--store", str(afile)])
+    assert result.exit_code == 1 and "is a file, not a folder" in result.output
+
+
+def test_tried_figure() -> None:
+    """Not a check: prints how many bad command lines the property tests ran."""
+    print(f"\nCLI properties: {TRIED['commands']} bad command lines, all refused cleanly")
