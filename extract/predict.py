@@ -34,13 +34,17 @@ class Predictor:
 
     def __init__(self, store: Store, cache: FeatureCache, head: str,
                  weights: str | None = None) -> None:
+        self._load_head(store, cache, head)
+        self.weights = cache_weights(cache, weights)
+        self.backbone = cache_feature_model(cache, self.weights)
+
+    def _load_head(self, store: Store, cache: FeatureCache, head: str) -> None:
+        """The saved head (or ensemble), and the cache's preprocessing and classes."""
         self.cache = cache
         self.head_name = head
         self.estimator, self.record = load_fitted_head(store, cache, head)
         self.preprocessing = Preprocessing.from_dict(cache.preprocessing)
         self.class_names = list(cache.class_names)
-        self.weights = cache_weights(cache, weights)
-        self.backbone = cache_feature_model(cache, self.weights)
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 batch (N×S×S×3, already resized) → float32 feature rows, as at extraction."""
@@ -81,11 +85,7 @@ class EnsemblePredictor(Predictor):
 
     def __init__(self, store: Store, cache: FeatureCache, head: str,
                  weights: str | None = None) -> None:
-        self.cache = cache
-        self.head_name = head
-        self.estimator, self.record = load_fitted_head(store, cache, head)
-        self.preprocessing = Preprocessing.from_dict(cache.preprocessing)
-        self.class_names = list(cache.class_names)
+        self._load_head(store, cache, head)
         self.members: list[tuple[str, Any]] = []
         self.parts: dict[str, Predictor] = {}
         for member in self.record["members"]:
