@@ -30,6 +30,7 @@ from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from extract.augment import Augmentation  # noqa: E402
 from store.errors import HeadstartError  # noqa: E402
 from store.store import STORE_ENV, Store, is_disk_full  # noqa: E402
 
@@ -53,6 +54,16 @@ CacheOption = typer.Option(
     None, "--cache", help="Cache to use: a fingerprint prefix or a name from 'list' "
     "(default: the most recently finished).",
 )
+_AUGMENTATION = Augmentation()  # the paper's settings, the defaults of extract and show-augment
+AugRotationOption = typer.Option(_AUGMENTATION.rotation, help="Augmented views: rotation range, "
+                                 "degrees.")
+AugShiftOption = typer.Option(_AUGMENTATION.shift, help="Augmented views: shift range, fraction "
+                              "of the size.")
+AugZoomOption = typer.Option(_AUGMENTATION.zoom, help="Augmented views: zoom range, fraction.")
+AugFlipOption = typer.Option(_AUGMENTATION.flip, help="Augmented views: random horizontal flips.")
+AugContrastOption = typer.Option(_AUGMENTATION.contrast, help="Augmented views: contrast range "
+                                 "(0 = off).")
+AugSeedOption = typer.Option(_AUGMENTATION.seed, help="Augmented views: seed.")
 CachesOption = typer.Option(
     [], "--cache", help="Cache to use (a fingerprint prefix or a name from 'list'); repeat it "
     "to train on several caches of one dataset, features side by side (default: the newest).",
@@ -121,12 +132,12 @@ def extract(
     xla: bool = typer.Option(False, "--xla", help="GPU: compile the forward pass with XLA."),
     augment: int = typer.Option(0, min=0, max=64, help="Also cache K augmented views of every "
                                 "training image (test images are never augmented)."),
-    aug_rotation: float = typer.Option(15.0, help="View rotation range, degrees."),
-    aug_shift: float = typer.Option(0.1, help="View shift range, fraction of the size."),
-    aug_zoom: float = typer.Option(0.2, help="View zoom range, fraction."),
-    aug_flip: bool = typer.Option(True, help="Random horizontal flips in views."),
-    aug_contrast: float = typer.Option(0.0, help="View contrast range (0 = off)."),
-    aug_seed: int = typer.Option(0, help="Seed of the views."),
+    aug_rotation: float = AugRotationOption,
+    aug_shift: float = AugShiftOption,
+    aug_zoom: float = AugZoomOption,
+    aug_flip: bool = AugFlipOption,
+    aug_contrast: float = AugContrastOption,
+    aug_seed: int = AugSeedOption,
     shard: Optional[str] = typer.Option(None, help="Extract only shard i/N (0 <= i < N), chosen "
                                         "by a hash of each sample id; 'merge' joins the N shards."),
     engine: str = typer.Option("local", help="local (this process), or ray: one task per shard "
@@ -152,7 +163,6 @@ def extract(
     Example: python cli.py extract ../shared/data/cifar10-mini --backbone mobilenet --alpha 0.25
     --weights ../shared/weights/mobilenet_2_5_224_tf_no_top.h5 --image-size 128
     """
-    from extract.augment import Augmentation
     from extract.pipeline import extract_features, extract_views
     from extract.settings import ExtractSettings
     from store.shards import ShardSpec
@@ -264,12 +274,12 @@ def show_augment(
     backbone: str = typer.Option("vgg16", help="Backbone (its preprocessing sizes the images)."),
     count: int = typer.Option(8, help="Images (rows)."),
     views: int = typer.Option(4, help="Views per image (columns after the original)."),
-    aug_rotation: float = typer.Option(15.0, help="Rotation range, degrees."),
-    aug_shift: float = typer.Option(0.1, help="Shift range, fraction of the size."),
-    aug_zoom: float = typer.Option(0.2, help="Zoom range, fraction."),
-    aug_flip: bool = typer.Option(True, help="Random horizontal flips."),
-    aug_contrast: float = typer.Option(0.0, help="Contrast range (0 = off)."),
-    aug_seed: int = typer.Option(0, help="Seed of the views."),
+    aug_rotation: float = AugRotationOption,
+    aug_shift: float = AugShiftOption,
+    aug_zoom: float = AugZoomOption,
+    aug_flip: bool = AugFlipOption,
+    aug_contrast: float = AugContrastOption,
+    aug_seed: int = AugSeedOption,
     test_fraction: float = typer.Option(0.2, help="As for extract."),
     output: Path = typer.Option(Path("augment.png"), "--out", help="PNG file to write."),
 ) -> None:
@@ -277,7 +287,6 @@ def show_augment(
 
     Example: python cli.py show-augment ../shared/data/cifar10-mini --image-size 64 --out aug.png
     """
-    from extract.augment import Augmentation
     from extract.backbones import get_backbone
     from extract.datasets import open_dataset
     from extract.preview import augmentation_grid, save_png
