@@ -24,11 +24,11 @@ import numpy as np
 from classifiers.evaluation import accuracy_figures
 from classifiers.persistence import load_fitted_head, save_fitted_head
 from classifiers.registry import HEADS, get_head_kind
-from classifiers.training import head_proba, validation_mask
+from classifiers.training import as_cache_set, head_metrics, head_proba, validation_mask
 from extract.augment import Augmentation
 from extract.blocks import is_batch_norm, unfreeze_top
 from extract.datasets import Dataset
-from extract.pipeline import extract_features
+from extract.pipeline import ComputeOptions, extract_features
 from extract.preprocessing import Preprocessing
 from extract.rebuild import (cache_dataset, cache_feature_model, cache_plan, cache_preprocessing,
                              cache_weights)
@@ -144,12 +144,8 @@ def finetune(store: Store, cache: FeatureCache, head_name: str, settings: Finetu
                               head_proba(head, cache.features("test"), n_classes))
 
     gpu = _has_gpu()
-    if gpu:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
+    with ComputeOptions("mixed_float16" if gpu else "float32").building():
         feature_model = cache_feature_model(cache, backbone_weights)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
     base = application_model(feature_model)
     unfrozen = unfreeze_top(base, settings.unfreeze)
     if not unfrozen:
@@ -189,8 +185,8 @@ def finetune(store: Store, cache: FeatureCache, head_name: str, settings: Finetu
                       lineage={"parent": cache.fingerprint, "finetune_run": str(run_dir)})
     refreshed = extract_features(plan, store, progress=verbose > 0).cache
     head_kind = get_head_kind(head_record["kind"])
-    after = accuracy_figures(refreshed.labels("test"),
-                             head_proba(head, refreshed.features("test"), n_classes))
+    metrics = head_metrics(head, as_cache_set(refreshed))
+    after = metrics["test"]
     record = {
         "parent_cache": cache.fingerprint,
         "parent_name": cache.name,
@@ -207,14 +203,11 @@ def finetune(store: Store, cache: FeatureCache, head_name: str, settings: Finetu
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_text(run_dir / "run.json", json.dumps(record, indent=2))
-    X_val = refreshed.features("train")[validation_mask(refreshed.ids("train"))]
-    y_val = refreshed.labels("train")[validation_mask(refreshed.ids("train"))]
     head_sidecar = save_fitted_head(store, refreshed, head_name, head_kind, head, {
         "classes": refreshed.class_names,
         "fit_seconds": round(train_seconds, 3),
         "finetune_run": str(run_dir),
-        "metrics": {"validation": accuracy_figures(y_val, head_proba(head, X_val, n_classes)),
-                    "test": after},
+        "metrics": metrics,
         "created": record["created"],
     })
     return FinetuneResult(record, run_dir, refreshed, head_sidecar)

@@ -74,14 +74,17 @@ class Dataset:
     _digest: Callable[[], str] = field(repr=False)
     #: Set on the part of a dataset one shard extracts (see `sharded`).
     shard: ShardSelection | None = None
+    _digest_value: str | None = field(default=None, repr=False)
 
     def load(self, split: str, index: int, preprocessing: Preprocessing) -> np.ndarray:
         """Sample `index` of `split` as a uint8 S×S×3 array (raises BadImage for a bad file)."""
         return self._loader(split, index, preprocessing)
 
     def content_digest(self) -> str:
-        """Digest of the contents, labels, ids and split of every sample."""
-        return self._digest()
+        """Digest of the contents, labels, ids and split of every sample (computed once)."""
+        if self._digest_value is None:
+            self._digest_value = self._digest()
+        return self._digest_value
 
     def sharded(self, spec: ShardSpec) -> "Dataset":
         """Only the samples of shard `spec` (by a hash of each id), in their original order.

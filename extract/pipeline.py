@@ -263,9 +263,8 @@ def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
         for k in range(partial.segment_count(len(plan.dataset.splits[split])))
         if not partial.has_segment(split, k)
     ]
-    width = _width_of_finished(partial, plan)
-    if not todo:
-        return 0, width, 0.0, 0.0
+    if not todo:  # every segment was finished by an earlier run: only assembly is left
+        return 0, _width_of_finished(partial, plan), 0.0, 0.0
     total = sum(len(_segment_rows(plan, partial, split, k)) for split, k in todo)
     with plan.compute.building():
         model = build_feature_model(plan.backbone, plan.alpha, plan.weights, plan.image_size,

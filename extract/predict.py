@@ -96,7 +96,9 @@ class EnsemblePredictor(Predictor):
                     "ensemble again.")
             if owner.fingerprint not in self.parts:
                 self.parts[owner.fingerprint] = self._part(store, owner, member["name"], weights)
-            estimator, current = load_fitted_head(store, owner, member["name"])
+            part = self.parts[owner.fingerprint]
+            estimator, current = ((part.estimator, part.record) if part.head_name == member["name"]
+                                  else load_fitted_head(store, owner, member["name"]))
             if current.get("sha256") != member.get("sha256"):
                 raise HeadstartError(
                     f"Member {member['name']} of ensemble {head!r} was refitted since the "

@@ -27,6 +27,8 @@ class FeatureCache:
                                     for c in handle["classes"][...]]
                 self.split_sizes = {s: int(handle[s]["labels"].shape[0])
                                     for s in layout.SPLITS if s in handle}
+                if not self.split_sizes:
+                    raise HeadstartError(f"{self.path} holds no split of features.")
                 first = handle[next(iter(self.split_sizes))]["features"]
                 self.width = int(first.shape[1])
                 self.dtype = str(first.dtype)
