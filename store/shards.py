@@ -37,7 +37,7 @@ from store.store import Store
 
 SHARD_SALT = "headstart-shard:"
 MAX_SHARDS = 100_000
-_NAME = re.compile(r"(?P<fingerprint>[0-9a-f]{64})\.shard-(?P<index>\d+)-of-(?P<count>\d+)")
+SHARD_NAME = re.compile(r"(?P<fingerprint>[0-9a-f]{64})\.shard-(?P<index>\d+)-of-(?P<count>\d+)")
 _MERGE_BLOCK_BYTES = 1 << 26  # merged features are copied in blocks of about this size
 
 
@@ -154,7 +154,7 @@ def shard_sets(store: Store) -> list[ShardSet]:
         return []
     for path in sorted(store.caches_dir.glob("*.shard-*")):
         stem, _, suffix = path.name.rpartition(".")
-        match = _NAME.fullmatch(stem)
+        match = SHARD_NAME.fullmatch(stem)
         if not match or suffix not in ("h5", "partial"):
             continue
         try:

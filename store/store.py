@@ -140,21 +140,28 @@ class Store:
             f"{selector!r} matches several caches ({names}); give a longer fingerprint prefix."
         )
 
+    def is_being_written(self, fingerprint: str) -> bool:
+        """True when another process holds the write lock of this cache right now."""
+        lock_path = self.caches_dir / f"{fingerprint}.lock"
+        if not lock_path.exists():
+            return False
+        with open(lock_path, "a+") as handle:
+            if not _try_lock(handle.fileno()):
+                return True
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            return False
+
     @contextlib.contextmanager
     def writing(self, fingerprint: str) -> Iterator[None]:
         """Hold the write lock of one cache; a second writer stops with a clear message."""
         self.caches_dir.mkdir(parents=True, exist_ok=True)
         lock_path = self.caches_dir / f"{fingerprint}.lock"
         with open(lock_path, "a+") as handle:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as error:
-                if error.errno in (errno.EAGAIN, errno.EACCES):
-                    raise HeadstartError(
-                        f"Another headstart process is writing cache {fingerprint[:12]} right "
-                        "now; wait for it to finish (its work will be reused)."
-                    ) from None
-                raise
+            if not _try_lock(handle.fileno()):
+                raise HeadstartError(
+                    f"Another headstart process is writing cache {fingerprint[:12]} right "
+                    "now; wait for it to finish (its work will be reused)."
+                )
             try:
                 # Only a killed writer of this cache can have left its temporary files.
                 for stale in self.caches_dir.glob(f".{fingerprint}.tmp-*"):
@@ -170,3 +177,14 @@ class Store:
                 ) from None
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _try_lock(descriptor: int) -> bool:
+    """Take an exclusive flock without waiting; False when another process holds it."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True

@@ -14,8 +14,6 @@ healthy cache or head is never touched.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import re
@@ -31,10 +29,10 @@ from store.cache import FeatureCache
 from store.errors import HeadstartError
 from store.fingerprint import digest_file
 from store.heads import HEAD_FORMAT
+from store.shards import SHARD_NAME
 from store.store import Store, expand_path
 
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")
-SHARD = re.compile(r"([0-9a-f]{64})\.shard-\d+-of-\d+")  # store/shards.py: a shard of a cache
 TEMPORARY = re.compile(r"\..*\.tmp-(\d+)(\..*)?$")  # store.atomic.atomic_path names
 
 
@@ -126,8 +124,8 @@ def check_cache_file(path: Path) -> tuple[list[Problem], int]:
     name = path.name
     corrupt = lambda why: Problem(  # noqa: E731
         f"Cache {name} {why}; it cannot be trusted (--fix deletes it; extract again).", [path])
-    shard = SHARD.fullmatch(path.stem)
-    expected = shard.group(1) if shard else path.stem
+    shard = SHARD_NAME.fullmatch(path.stem)
+    expected = shard.group("fingerprint") if shard else path.stem
     if not shard and not FINGERPRINT.fullmatch(path.stem):
         return [Problem(f"{name} in the caches folder is not named by a fingerprint; headstart "
                         "ignores it (left alone).")], 0
@@ -190,25 +188,12 @@ def _short(text: str) -> str:
     return text.rstrip(".").replace("\n", " ")[:200]
 
 
-def _locked(lock_path: Path) -> bool:
-    """True when another process holds the write lock of a cache right now."""
-    if not lock_path.exists():
-        return False
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            return error.errno in (errno.EAGAIN, errno.EACCES)
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        return False
-
-
 def _unfinished(store: Store) -> list[Problem]:
     problems = []
     for directory in store.unfinished():
         fingerprint = directory.name.removesuffix(".partial")
         short = fingerprint[:12] + fingerprint[64:]  # a shard keeps its ".shard-i-of-N"
-        if _locked(store.caches_dir / f"{fingerprint}.lock"):
+        if store.is_being_written(fingerprint):
             problems.append(Problem(f"Cache {short} is being extracted by another process right "
                                     "now (left alone)."))
             continue
