@@ -71,30 +71,31 @@ def pipeline(folder: Any, batch: int, workers: int, store_dir: Any, settings: di
 
 
 def decomposition(folder: Any, settings: dict, sample: int = 300) -> dict[str, float]:
-    """Single-thread CPU milliseconds per image of each step outside the forward pass."""
+    """CPU milliseconds per image of each step outside the forward pass: decoding (one thread,
+    as a worker does it), and the graph's batched resize and preprocessing (all threads)."""
     from extract.backbones import get_backbone
     from extract.datasets import open_dataset
-    from extract.images import open_image, resize
 
     dataset = open_dataset(str(folder))
     preprocessing = get_backbone(settings["backbone"]).preprocessing(settings["image_size"])
     paths = [Path(folder) / i for i in dataset.splits["train"].ids[:sample]]
-    size = settings["image_size"]
-    decoded = [open_image(p) for p in paths]
-    batch = np.stack([resize(d, size) for d in decoded[:64]])
+    native = preprocessing.stack([preprocessing.decode_file(p) for p in paths[:64]])
+    resized = preprocessing.resize_batch(native)
+    repeats = len(paths) // 64 or 1
     steps = {
-        "decode_ms": lambda: [open_image(p) for p in paths],
-        "resize_ms": lambda: [resize(d, size) for d in decoded],
-        "preprocess_ms": lambda: [preprocessing.apply(batch) for _ in range(len(paths) // 64 or 1)],
+        "decode_ms": (lambda: [preprocessing.decode_file(p) for p in paths], len(paths)),
+        "resize_ms": (lambda: [preprocessing.resize_batch(native) for _ in range(repeats)],
+                      64 * repeats),
+        "preprocess_ms": (lambda: [preprocessing.apply(resized) for _ in range(repeats)],
+                          64 * repeats),
     }
     out = {}
-    for name, step in steps.items():
+    for name, (step, count) in steps.items():
         times = []
         for _ in range(3):
             start = time.process_time()
             step()
             times.append(time.process_time() - start)
-        count = len(paths) if name != "preprocess_ms" else 64 * (len(paths) // 64 or 1)
         out[name] = min(times) / count * 1e3
     return out
 

@@ -31,10 +31,10 @@ def measure(settings: dict, images: int, batch: int, compute: Any, workers: int)
     with compute.building():
         model = build_feature_model(spec, settings.get("alpha"), Weights.parse(settings["weights"]),
                                     settings["image_size"], "avg")
-    forward = forward_function(model, compute)
+    forward = forward_function(model, preprocessing, compute)
     dataset = open_dataset(str(folder))
-    pool = preprocessing.apply(np.stack([dataset.load("train", r, preprocessing)
-                                         for r in range(min(batch, len(dataset.splits["train"])))]))
+    pool = np.stack([dataset.load("train", r, preprocessing, resized=False)
+                     for r in range(min(batch, len(dataset.splits["train"])))])
     pool = np.concatenate([pool] * (-(-batch // len(pool))))[:batch]
     forward(pool)
     done, start = 0, time.perf_counter()

@@ -38,12 +38,14 @@ class Backbone:
     width: int  # feature width with avg/max pooling at alpha = 1
     alphas: tuple[float, ...] = ()  # width multipliers the family accepts (empty: none)
 
-    def preprocessing(self, image_size: int, interpolation: str = "bilinear") -> Preprocessing:
+    def preprocessing(self, image_size: int, interpolation: str = "bilinear",
+                      resizer: str = "tensorflow") -> Preprocessing:
         """The preprocessing for this backbone at a given input size."""
         return Preprocessing(
             image_size=image_size,
             preprocess_input=f"keras.applications.{self.module}.preprocess_input",
             interpolation=interpolation,
+            resizer=resizer,
         )
 
     def feature_width(self, alpha: float | None) -> int:

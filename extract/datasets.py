@@ -70,15 +70,17 @@ class Dataset:
     source: dict[str, Any]  # how the dataset was specified, recorded in the cache
     class_names: list[str]
     splits: dict[str, SplitSamples]
-    _loader: Callable[[str, int, Preprocessing], np.ndarray] = field(repr=False)
+    _loader: Callable[[str, int, Preprocessing, bool], np.ndarray] = field(repr=False)
     _digest: Callable[[], str] = field(repr=False)
     #: Set on the part of a dataset one shard extracts (see `sharded`).
     shard: ShardSelection | None = None
     _digest_value: str | None = field(default=None, repr=False)
 
-    def load(self, split: str, index: int, preprocessing: Preprocessing) -> np.ndarray:
-        """Sample `index` of `split` as a uint8 S×S×3 array (raises BadImage for a bad file)."""
-        return self._loader(split, index, preprocessing)
+    def load(self, split: str, index: int, preprocessing: Preprocessing,
+             resized: bool = True) -> np.ndarray:
+        """Sample `index` of `split` as a uint8 S×S×3 array (raises BadImage for a bad file);
+        with `resized` false, as the graph takes it (`Preprocessing.decode_file`)."""
+        return self._loader(split, index, preprocessing, resized)
 
     def content_digest(self) -> str:
         """Digest of the contents, labels, ids and split of every sample (computed once)."""
@@ -100,8 +102,8 @@ class Dataset:
                   for split, samples in self.splits.items()}
         full_load = self._loader
 
-        def load(split: str, index: int, preprocessing: Preprocessing) -> np.ndarray:
-            return full_load(split, int(selection.rows[split][index]), preprocessing)
+        def load(split: str, index: int, preprocessing: Preprocessing, resized: bool) -> np.ndarray:
+            return full_load(split, int(selection.rows[split][index]), preprocessing, resized)
 
         return dataclasses.replace(self, splits=splits, _loader=load, shard=selection)
 
@@ -193,8 +195,9 @@ def folder_dataset(root: Path, test_fraction: float = 0.2) -> Dataset:
         for split, (files, labels) in split_files.items()
     }
 
-    def load(split: str, index: int, preprocessing: Preprocessing) -> np.ndarray:
-        return preprocessing.load_file(paths[split][index])
+    def load(split: str, index: int, preprocessing: Preprocessing, resized: bool) -> np.ndarray:
+        path = paths[split][index]
+        return preprocessing.load_file(path) if resized else preprocessing.decode_file(path)
 
     def digest() -> str:
         sha = hashlib.sha256()
@@ -273,8 +276,9 @@ def array_dataset(
         for split, (images, labels) in arrays.items()
     }
 
-    def load(split: str, index: int, preprocessing: Preprocessing) -> np.ndarray:
-        return preprocessing.load_array(arrays[split][0][index])
+    def load(split: str, index: int, preprocessing: Preprocessing, resized: bool) -> np.ndarray:
+        pixels = arrays[split][0][index]
+        return preprocessing.load_array(pixels) if resized else preprocessing.decode_array(pixels)
 
     def digest() -> str:
         sha = hashlib.sha256()

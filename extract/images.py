@@ -43,7 +43,8 @@ def is_image_file(path: Path) -> bool:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Apply EXIF rotation and convert any mode (grey, palette, CMYK, alpha, 16-bit) to 8-bit RGB."""
-    image = ImageOps.exif_transpose(image)
+    if not (image.format == "JPEG" and "exif" not in image.info):  # a JPEG's EXIF is its APP1
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
         # 16-bit modes are out of 65535 however dark the picture; plain "I" may hold either.
@@ -55,7 +56,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 class UnsupportedImage(BadImage):

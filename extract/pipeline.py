@@ -102,6 +102,7 @@ class ExtractionPlan:
     alpha: float | None = None
     dtype: str = "float16"
     interpolation: str = "bilinear"
+    resizer: str = "tensorflow"  # "pillow" rebuilds the plan of a cache of format 1.2 or older
     batch_size: int = 64
     workers: int = 4
     compression: str | None = None
@@ -126,7 +127,7 @@ class ExtractionPlan:
 
     @cached_property
     def preprocessing(self) -> Preprocessing:
-        return self.backbone.preprocessing(self.image_size, self.interpolation)
+        return self.backbone.preprocessing(self.image_size, self.interpolation, self.resizer)
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -251,11 +252,11 @@ def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
     """Compute every missing segment; returns (images computed, feature width, seconds, CPU
     seconds).
 
-    The seconds cover the pass itself (decode, backbone, segment writes), not building and
-    warming up the model.
-    Decoding (and, without augmentation, preprocessing) runs on `plan.workers` threads a few
-    batches ahead of the backbone; each finished segment is written by a background thread while
-    the next one is computed, so the backbone waits on neither.
+    The seconds cover the pass itself (decode, resize, backbone, segment writes), not building
+    the model.
+    Decoding runs on `plan.workers` threads a few batches ahead of the backbone; resizing and
+    preprocessing run in the backbone's graph, on whole batches; each finished segment is written
+    by a background thread while the next one is computed, so the backbone waits on neither.
     """
     todo = [
         (split, k)
@@ -270,9 +271,8 @@ def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
         model = build_feature_model(plan.backbone, plan.alpha, plan.weights, plan.image_size,
                                     plan.pooling)
     width = int(model.output_shape[-1])
-    forward = forward_function(model, plan.compute)
-    forward(np.zeros((plan.batch_size, plan.image_size, plan.image_size, 3), np.float32))  # warm up
-    plan.preprocessing.function()  # import preprocess_input once, before the worker threads
+    forward = forward_function(model, plan.preprocessing, plan.compute)
+    forward(_warm_up_batch(plan, todo[0][0]))  # trace before the clock starts
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, file=sys.stderr,
@@ -301,30 +301,39 @@ def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
     return computed, width, time.perf_counter() - started, time.process_time() - cpu_started
 
 
-def forward_function(model: Any, compute: "ComputeOptions | None" = None
-                     ) -> Callable[[np.ndarray], np.ndarray]:
-    """The model's inference pass as one compiled function: float32 batch in, numpy array out.
+def forward_function(model: Any, preprocessing: Preprocessing,
+                     compute: "ComputeOptions | None" = None) -> Callable[[np.ndarray], np.ndarray]:
+    """Resize, preprocess and the model's inference pass as one compiled function: a batch of
+    decoded images (uint8 N×H×W×3, any one size; see `Preprocessing.stack`) in, float32
+    features out.
 
-    `model.predict_on_batch` goes through Keras's predict machinery on every call; one traced
-    `tf.function` (XLA-compiled with `compute.xla`) costs less per batch and gives the same
-    numbers. Under a multi-GPU strategy each batch is split across the replicas in order.
+    One traced `tf.function` per image size and dtype (XLA-compiled with `compute.xla`) costs
+    less per batch than `model.predict_on_batch`, and resizing in the graph runs vectorized on
+    every core. Under a multi-GPU strategy each batch is split across the replicas in order.
     """
     keras = load_keras()
     if keras.backend.backend() != "tensorflow":
-        return lambda batch: np.asarray(model.predict_on_batch(batch))
+        return lambda batch: np.asarray(model.predict_on_batch(
+            preprocessing.apply(preprocessing.resize_batch(batch))))
     import tensorflow as tf
 
     compute = compute or ComputeOptions()
 
     def infer(batch: Any) -> Any:
-        return tf.cast(model(batch, training=False), tf.float32)
+        return tf.cast(model(preprocessing.graph_inputs(batch), training=False), tf.float32)
 
-    shape = [None, *model.input_shape[1:]]  # one trace for every batch size
-    call = tf.function(infer, jit_compile=compute.xla,
-                       input_signature=[tf.TensorSpec(shape, tf.float32)])
+    traced: dict[tuple[str, tuple[int, ...]], Any] = {}
+
+    def call(batch: np.ndarray) -> np.ndarray:
+        key = (batch.dtype.str, batch.shape[1:])  # one trace per image size, any batch size
+        if key not in traced:
+            spec = tf.TensorSpec([None, *batch.shape[1:]], tf.as_dtype(batch.dtype))
+            traced[key] = tf.function(infer, jit_compile=compute.xla, input_signature=[spec])
+        return np.asarray(traced[key](tf.constant(batch)))
+
     strategy = compute.strategy()
     if strategy is None or strategy.num_replicas_in_sync == 1:
-        return lambda batch: np.asarray(call(tf.constant(batch)))
+        return call
 
     # strategy.run hands a traced function PerReplica values, which an input signature refuses.
     step = tf.function(infer, jit_compile=compute.xla)
@@ -339,6 +348,17 @@ def forward_function(model: Any, compute: "ComputeOptions | None" = None
     return distributed
 
 
+def _warm_up_batch(plan: ExtractionPlan, split: str) -> np.ndarray:
+    """One blank image of the size the first batch will most likely have (that of the first
+    image of `split`), so the pass starts with the forward function traced."""
+    shape: tuple[int, ...] = (plan.image_size, plan.image_size, 3)
+    try:
+        shape = plan.dataset.load(split, 0, plan.preprocessing, resized=False).shape
+    except BadImage:
+        pass
+    return np.zeros((1, *shape), np.uint8)
+
+
 def _segment_rows(plan: ExtractionPlan, partial: PartialCache, split: str, k: int) -> range:
     size = partial.segment_size
     return range(k * size, min((k + 1) * size, len(plan.dataset.splits[split])))
@@ -346,16 +366,15 @@ def _segment_rows(plan: ExtractionPlan, partial: PartialCache, split: str, k: in
 
 @dataclass
 class _Batch:
-    """Decoded rows of one batch: uint8 images, or float32 backbone inputs when preprocessed."""
+    """Decoded rows of one batch: uint8 images as the graph takes them (`Preprocessing.stack`)."""
 
     rows: list[int]
     pixels: np.ndarray
     skipped_rows: list[int]
     reasons: list[str]
-    preprocessed: bool
 
 
-def _decode_batch(plan: ExtractionPlan, split: str, rows: range, preprocess: bool) -> _Batch:
+def _decode_batch(plan: ExtractionPlan, split: str, rows: range) -> _Batch:
     """Decode (worker thread) one batch of rows; bad files are recorded, never raised."""
     ok: list[int] = []
     pixels: list[np.ndarray] = []
@@ -363,16 +382,12 @@ def _decode_batch(plan: ExtractionPlan, split: str, rows: range, preprocess: boo
     reasons: list[str] = []
     for row in rows:
         try:
-            pixels.append(plan.dataset.load(split, row, plan.preprocessing))
+            pixels.append(plan.dataset.load(split, row, plan.preprocessing, resized=False))
             ok.append(row)
         except BadImage as error:
             skipped.append(row)
             reasons.append(str(error))
-    size = plan.image_size
-    images = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
-    if preprocess and len(images):
-        return _Batch(ok, plan.preprocessing.apply(images), skipped, reasons, True)
-    return _Batch(ok, images, skipped, reasons, False)
+    return _Batch(ok, plan.preprocessing.stack(pixels), skipped, reasons)
 
 
 class _Prefetch:
@@ -387,9 +402,8 @@ class _Prefetch:
         self.plan = plan
         self.pool = pool
         self.depth = plan.workers + 2  # batches decoded or decoding ahead of the backbone
-        preprocess = plan.augmentation is None  # views are augmented per segment first
         self.tasks = (
-            (split, k, rows[start:start + plan.batch_size], preprocess)
+            (split, k, rows[start:start + plan.batch_size])
             for split, k in todo
             for rows in [_segment_rows(plan, partial, split, k)]
             for start in range(0, len(rows), plan.batch_size)
@@ -402,9 +416,8 @@ class _Prefetch:
             task = next(self.tasks, None)
             if task is None:
                 return
-            split, k, rows, preprocess = task
-            self.window.append((split, k, self.pool.submit(_decode_batch, self.plan, split, rows,
-                                                           preprocess)))
+            split, k, rows = task
+            self.window.append((split, k, self.pool.submit(_decode_batch, self.plan, split, rows)))
 
     def segment(self, split: str, k: int) -> Iterator[_Batch]:
         """The decoded batches of segment k of `split`, in row order."""
@@ -426,23 +439,23 @@ def _compute_segment(plan: ExtractionPlan, forward: Callable[[np.ndarray], np.nd
     skipped_rows: list[int] = []
     reasons: list[str] = []
     features: list[np.ndarray] = []
-    held: list[np.ndarray] = []  # views: the segment's uint8 images, augmented together below
+    held: list[np.ndarray] = []  # views: the segment's resized images, augmented together below
     for batch in batches:
         rows += batch.rows
         skipped_rows += batch.skipped_rows
         reasons += batch.reasons
         bar.update(len(batch.skipped_rows))
-        if not batch.preprocessed:
-            held.append(batch.pixels)
+        if plan.augmentation is not None:
+            held.append(plan.preprocessing.resize_batch(batch.pixels))
         elif len(batch.rows):
             features.append(_features(plan, forward, batch.pixels))
             bar.update(len(batch.rows))
     if held:
         images = np.concatenate(held)
-        if plan.augmentation is not None and len(images):
+        if len(images):
             images = plan.augmentation.apply(images, np.asarray(rows), plan.view, split)
         for start in range(0, len(images), plan.batch_size):
-            inputs = plan.preprocessing.apply(images[start:start + plan.batch_size])
+            inputs = images[start:start + plan.batch_size]
             features.append(_features(plan, forward, inputs))
             bar.update(len(inputs))
     return Segment(

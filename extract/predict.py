@@ -19,6 +19,7 @@ from classifiers.persistence import ENSEMBLE_KIND, load_fitted_head
 from classifiers.training import head_proba
 from extract.rebuild import cache_feature_model, cache_weights
 from extract.images import BadImage, is_image_file
+from extract.pipeline import forward_function
 from extract.preprocessing import Preprocessing
 from store.cache import FeatureCache
 from store.errors import HeadstartError
@@ -37,6 +38,7 @@ class Predictor:
         self._load_head(store, cache, head)
         self.weights = cache_weights(cache, weights)
         self.backbone = cache_feature_model(cache, self.weights)
+        self._forward = forward_function(self.backbone, self.preprocessing)
 
     def _load_head(self, store: Store, cache: FeatureCache, head: str) -> None:
         """The saved head (or ensemble), and the cache's preprocessing and classes."""
@@ -47,10 +49,9 @@ class Predictor:
         self.class_names = list(cache.class_names)
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 batch (N×S×S×3, already resized) → float32 feature rows, as at extraction."""
-        batch = self.preprocessing.apply(pixels)
-        output = np.asarray(self.backbone.predict_on_batch(batch))
-        return output.reshape(len(pixels), -1).astype(np.float32)
+        """uint8 batch (N×S×S×3, already resized) → float32 feature rows, by the extraction
+        pass's own compiled function."""
+        return self._forward(pixels).reshape(len(pixels), -1).astype(np.float32)
 
     def proba(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 batch → class probabilities over all of the cache's classes (N×C)."""
@@ -79,7 +80,7 @@ class EnsemblePredictor(Predictor):
     """A saved ensemble: every member's backbone and head, combined as the ensemble was fitted.
 
     Members may come from several caches of the dataset (two backbones, two poolings) as long
-    as those caches decode images alike (same image size and interpolation); each cache's
+    as those caches decode images alike (same image size, interpolation and resizer); each cache's
     backbone runs once per batch, whatever the number of its members.
     """
 
@@ -110,8 +111,9 @@ class EnsemblePredictor(Predictor):
     def _part(self, store: Store, owner: FeatureCache, member: str,
               weights: str | None) -> Predictor:
         other = Preprocessing.from_dict(owner.preprocessing)
-        if (other.image_size, other.interpolation) != (self.preprocessing.image_size,
-                                                       self.preprocessing.interpolation):
+        mine = self.preprocessing
+        if (other.image_size, other.interpolation, other.resizer) != (
+                mine.image_size, mine.interpolation, mine.resizer):
             raise HeadstartError(
                 f"Ensemble {self.head_name!r} mixes caches of different image sizes; predict and "
                 "serve need its members' caches to decode images alike.")

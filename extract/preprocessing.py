@@ -2,6 +2,13 @@
 
 A `Preprocessing` is stored with every cache (as JSON) and rebuilt from it by every later step,
 so extraction, fine-tuning and prediction cannot preprocess differently.
+
+Two resizers exist. `tensorflow` (the default since format 1.3) resizes inside the backbone's
+graph with `tf.image.resize`: the extraction pass hands the graph whole batches of decoded
+images at their own size, and the resize runs vectorized on every core beside the forward pass.
+`pillow` (caches of format 1.2 and older) resizes each image with Pillow before batching. Either
+way the resized image is rounded to uint8, so a resized image is the same array wherever it
+was made: one image at a time (`load_file`, uploads) or a batch in the graph.
 """
 
 from __future__ import annotations
@@ -15,12 +22,21 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from extract.images import RESAMPLING, decode_image_bytes, open_image, resize, to_rgb
+from extract.images import RESAMPLING, decode_image_bytes, open_image, to_rgb
+from extract.images import resize as pillow_resize
+
+RESIZERS = ("tensorflow", "pillow")
+#: tf.image.resize's name for each interpolation.
+TF_METHODS = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic",
+              "lanczos": "lanczos3"}
+#: Decoded images with more pixels than this are resized at once (one at a time) rather than
+#: batched at their own size, so a batch of large photos never holds them all in memory.
+MAX_BATCHED_PIXELS = 512 * 512
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Decode → RGB → squash-resize to `image_size` → float32 → `preprocess_input`."""
+    """Decode → RGB → squash-resize to `image_size` (uint8) → float32 → `preprocess_input`."""
 
     image_size: int
     preprocess_input: str  # dotted path, e.g. "keras.applications.mobilenet.preprocess_input"
@@ -28,41 +44,121 @@ class Preprocessing:
     resize: str = "squash"
     color: str = "RGB"
     decoder: str = "pillow"
+    resizer: str = "pillow"  # the default of stored definitions written before the field existed
 
     def __post_init__(self) -> None:
         if self.interpolation not in RESAMPLING:
             raise ValueError(
                 f"Unknown interpolation {self.interpolation!r}; known: {', '.join(RESAMPLING)}."
             )
+        if self.resizer not in RESIZERS:
+            raise ValueError(f"Unknown resizer {self.resizer!r}; known: {', '.join(RESIZERS)}.")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form, as stored in a cache."""
-        return dataclasses.asdict(self)
+        """Plain-JSON form, as stored in a cache (a Pillow definition as it was before 1.3)."""
+        values = dataclasses.asdict(self)
+        if self.resizer == "pillow":
+            del values["resizer"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Preprocessing":
         """Rebuild from `to_dict`'s output."""
         return cls(**values)
 
+    # --- one image at a time: uint8 S×S×3 ------------------------------------------------------
+
     def load_file(self, path: Path) -> np.ndarray:
         """Decode an image file into a uint8 array of the input size (raises BadImage)."""
-        return resize(open_image(path), self.image_size, self.interpolation)
+        return self.resize_pixels(self.decode_file(path))
 
     def load_bytes(self, data: bytes) -> np.ndarray:
         """Decode an in-memory encoded image (e.g. an upload) into a uint8 input array."""
-        return resize(decode_image_bytes(data), self.image_size, self.interpolation)
+        return self.resize_pixels(self._decoded(decode_image_bytes(data)))
 
     def load_array(self, pixels: np.ndarray) -> np.ndarray:
         """Turn an in-memory uint8 image (H×W, H×W×1 or H×W×3) into a uint8 input array."""
+        return self.resize_pixels(self.decode_array(pixels))
+
+    # --- decoded, not yet resized: what the extraction pass batches ---------------------------
+
+    def decode_file(self, path: Path) -> np.ndarray:
+        """An image file as the graph takes it: uint8 RGB at its own size (already the input
+        size for the Pillow resizer or a very large image)."""
+        return self._decoded(open_image(path))
+
+    def decode_array(self, pixels: np.ndarray) -> np.ndarray:
+        """An in-memory uint8 image as the graph takes it (see `decode_file`)."""
         if pixels.ndim == 3 and pixels.shape[-1] == 1:
             pixels = pixels[..., 0]
-        return resize(to_rgb(Image.fromarray(np.ascontiguousarray(pixels))), self.image_size,
-                      self.interpolation)
+        return self._decoded(to_rgb(Image.fromarray(np.ascontiguousarray(pixels))))
 
-    def function(self) -> Callable[[np.ndarray], np.ndarray]:
+    def _decoded(self, image: Image.Image) -> np.ndarray:
+        if self.resizer == "pillow":
+            return pillow_resize(image, self.image_size, self.interpolation)
+        pixels = np.asarray(image, dtype=np.uint8)
+        if pixels.shape[0] * pixels.shape[1] > MAX_BATCHED_PIXELS:
+            return self.resize_pixels(pixels)
+        return pixels
+
+    def stack(self, images: list[np.ndarray]) -> np.ndarray:
+        """Decoded images as one uint8 batch: at their own size when they all share it, else
+        each resized to the input size first (the same numbers either way)."""
+        if not images:
+            return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        if len({image.shape for image in images}) == 1:
+            return np.stack(images)
+        return np.stack([self.resize_pixels(image) for image in images])
+
+    # --- resizing -----------------------------------------------------------------------------
+
+    def resize_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """One decoded uint8 image (H×W×3) → uint8 S×S×3."""
+        return self.resize_batch(pixels[None])[0]
+
+    def resize_batch(self, batch: np.ndarray) -> np.ndarray:
+        """A uint8 batch (N×H×W×3) → uint8 N×S×S×3, exactly as the graph resizes it."""
+        size = self.image_size
+        if batch.shape[1:3] == (size, size) or len(batch) == 0:
+            return batch
+        if self.resizer == "pillow":
+            return np.stack([pillow_resize(Image.fromarray(image), size, self.interpolation)
+                             for image in batch])
+        import tensorflow as tf
+
+        return np.asarray(self.resize_tensor(tf.cast(batch, tf.float32))).astype(np.uint8)
+
+    def resize_tensor(self, images: Any) -> Any:
+        """float32 tensor N×H×W×3 (H, W known) → float32 N×S×S×3 holding rounded 0..255 values.
+
+        Antialiased when shrinking (as Pillow and Keras's Resizing(antialias=True) are); when
+        enlarging, antialiasing changes nothing and the plain kernel is several times faster.
+        """
+        import tensorflow as tf
+
+        size = self.image_size
+        height, width = images.shape[1], images.shape[2]
+        if (height, width) == (size, size):
+            return images
+        shrinking = height is None or width is None or height > size or width > size
+        resized = tf.image.resize(images, (size, size), method=TF_METHODS[self.interpolation],
+                                  antialias=shrinking)
+        return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+
+    # --- to backbone inputs ---------------------------------------------------------------------
+
+    def function(self) -> Callable[[Any], Any]:
         """The backbone's own `preprocess_input` (imports Keras)."""
         module_name, _, attribute = self.preprocess_input.rpartition(".")
         return getattr(importlib.import_module(module_name), attribute)
+
+    def graph_inputs(self, images: Any) -> Any:
+        """Inside a traced function: a uint8 or float32 batch (N×H×W×3, H and W known) →
+        resized, preprocessed float32 backbone inputs."""
+        import tensorflow as tf
+
+        resized = self.resize_tensor(tf.cast(images, tf.float32))
+        return self.function()(resized)
 
     def apply(self, batch: np.ndarray) -> np.ndarray:
         """uint8 batch (N×S×S×3) → float32 backbone input."""

@@ -89,6 +89,7 @@ def cache_plan(cache: FeatureCache, dataset: Dataset, weights: Weights, **change
         "image_size": int(inputs["image_size"]), "pooling": inputs["pooling"],
         "alpha": inputs.get("alpha"), "dtype": inputs["dtype"],
         "interpolation": cache.preprocessing.get("interpolation", "bilinear"),
+        "resizer": cache.preprocessing.get("resizer", "pillow"),
     }
     settings.update(changes)
     return ExtractionPlan(**settings)

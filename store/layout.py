@@ -1,6 +1,6 @@
 """The on-disk layout of one feature cache (an HDF5 file). See README "HDF5 layout".
 
-Format `headstart.feature-cache`, version 1.2:
+Format `headstart.feature-cache`, version 1.3:
 
     /                       attrs: encoding-type, encoding-version, fingerprint, inputs (JSON),
                                    preprocessing (JSON), dataset, created, libraries (JSON),
@@ -14,7 +14,9 @@ Format `headstart.feature-cache`, version 1.2:
 Version 1.1 only adds the optional `weights-path` attribute; 1.0 caches stay readable (prediction
 then needs the weights file named explicitly). Version 1.2 adds shard files (see store/shards.py:
 attrs `kind` = "shard" and `shard`, datasets `/<split>/rows` and `/skipped/row`) and the optional
-`merged` attribute of a cache made from shards; caches are otherwise unchanged.
+`merged` attribute of a cache made from shards; caches are otherwise unchanged. Version 1.3 adds
+`resizer` to the preprocessing JSON: "tensorflow" (images resized in the backbone's graph by
+tf.image.resize, rounded to uint8); a definition without it (1.2 and older) means "pillow".
 
 Readers MUST refuse a different major version and MAY read any minor version of their own.
 """
@@ -24,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 ENCODING_TYPE = "headstart.feature-cache"
-ENCODING_VERSION = "1.2"
+ENCODING_VERSION = "1.3"
 SPLITS = ("train", "test")
 FEATURE_DTYPES = ("float16", "float32")
 #: Target size of one features chunk. 64 KiB measured best (bench/results, "Storage choices"):

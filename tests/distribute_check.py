@@ -27,8 +27,9 @@ plain = build()
 compute = ComputeOptions(multi_gpu=True, devices=("/cpu:0", "/cpu:1"))
 with compute.building():  # built under the strategy's scope, as extraction does
     model = build()
-batch = np.random.default_rng(0).random((7, 32, 32, 3)).astype("float32")  # odd: uneven parts
-expected = np.asarray(plain.predict_on_batch(batch))
-got = forward_function(model, compute)(batch)
+preprocessing = get_backbone("mobilenet").preprocessing(32)
+batch = np.random.default_rng(0).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)  # odd: uneven parts
+expected = forward_function(plain, preprocessing)(batch)  # the same graph on one device
+got = forward_function(model, preprocessing, compute)(batch)
 assert got.shape == expected.shape, (got.shape, expected.shape)
 print(f"replicas {compute.strategy().num_replicas_in_sync} max-diff {float(np.abs(got - expected).max())}")
