@@ -20,7 +20,7 @@ from classifiers.combine import METHODS, EnsembleHead, describe
 from classifiers.evaluation import accuracy_figures
 from classifiers.persistence import ENSEMBLE_KIND
 from classifiers.sources import align_rows, check_same_dataset, dataset_key
-from classifiers.training import record_proba, validation_mask
+from classifiers.training import VALIDATION_FRACTION, record_proba, validation_mask
 from store.cache import FeatureCache
 from store.errors import HeadstartError
 from store.heads import check_head_name, list_heads, load_head_record, save_head
@@ -42,6 +42,13 @@ def candidate_members(store: Store, caches: Sequence[FeatureCache],
                       names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Sidecars of the fitted heads (not ensembles) of `caches`, optionally only those named."""
     records = [r for c in caches for r in list_heads(store, c) if r.get("kind") != ENSEMBLE_KIND]
+    blind = [r for r in records if not trained_apart_from_validation(r)]
+    if names and blind and any(r["name"] in names for r in blind):
+        raise HeadstartError(
+            f"Head {member_label(next(r for r in blind if r['name'] in names))} was fitted on the "
+            "validation rows too (--validation-fraction 0), so it cannot be weighed on them; "
+            "refit it with the default validation split.")
+    records = [r for r in records if trained_apart_from_validation(r)]
     if names:
         known = sorted({r["name"] for r in records})
         unknown = [n for n in names if n not in known]
@@ -62,6 +69,11 @@ def candidate_members(store: Store, caches: Sequence[FeatureCache],
                 f"Heads {member_label(records[0])} and {member_label(record)} have different "
                 "class sets; they cannot be combined.")
     return records
+
+
+def trained_apart_from_validation(record: dict[str, Any]) -> bool:
+    """Whether a head left the validation rows out of its training (ensembles weigh on them)."""
+    return record.get("validation_fraction", VALIDATION_FRACTION) > 0
 
 
 def member_label(record: dict[str, Any]) -> str:
