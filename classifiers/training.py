@@ -61,6 +61,7 @@ class TrainingRows:
     X_val: np.ndarray
     y_val: np.ndarray
     val_ids: np.ndarray
+    held_out: np.ndarray  # the validation mask over the primary cache's training rows
     views: list[str] = field(default_factory=list)  # fingerprints of the view caches used
 
 
@@ -80,7 +81,7 @@ def training_rows(source: CacheSet, views: Sequence[FeatureCache] = ()) -> Train
         keep = ~validation_mask(view_ids)
         parts.append((view.features("train")[keep], view.labels("train")[keep], view_ids[keep]))
     X_fit, y_fit, fit_ids = (np.concatenate(column) for column in zip(*parts))
-    return TrainingRows(X_fit, y_fit, fit_ids, X[held_out], y[held_out], ids[held_out],
+    return TrainingRows(X_fit, y_fit, fit_ids, X[held_out], y[held_out], ids[held_out], held_out,
                         [v.fingerprint for v in views])
 
 
@@ -134,7 +135,7 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
         estimator.set_params(verbose=verbose)
     started = time.perf_counter()
     try:
-        rows = train_estimator(estimator, source, plan, views)
+        rows, held_out, X_val = train_estimator(estimator, source, plan, views)
     except ValueError as error:  # an option value the estimator refuses (parsing passed)
         if not options:
             raise
@@ -150,7 +151,7 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
         "views": [v.fingerprint for v in views],
         "memory": {"mode": "stream" if plan.stream else "memory", "budget_bytes": plan.budget},
         "metrics": head_metrics(estimator, source, plan.buffer_bytes if plan.stream
-                                else PREDICT_BLOCK_BYTES),
+                                else PREDICT_BLOCK_BYTES, held_out, X_val),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
@@ -159,19 +160,25 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
 
 
 def train_estimator(estimator: Any, source: CacheSet, plan: MemoryPlan,
-                    views: Sequence[FeatureCache] = ()) -> dict[str, int]:
-    """Fit on the training rows outside the validation split (plus views), in memory or streamed."""
+                    views: Sequence[FeatureCache] = ()
+                    ) -> tuple[dict[str, int], np.ndarray, np.ndarray | None]:
+    """Fit on the training rows outside the validation split (plus views), in memory or streamed.
+
+    Returns the row counts, the validation mask of the train split, and the validation rows'
+    features when they were read into memory (None when streamed).
+    """
     if plan.stream:
         y = source.labels("train")
         held_out = validation_mask(source.ids("train"))
         fit_streaming(estimator, source, y, ~held_out, plan.buffer_bytes)
-        return {"train": int((~held_out).sum()), "validation": int(held_out.sum())}
+        return {"train": int((~held_out).sum()), "validation": int(held_out.sum())}, held_out, None
     rows = training_rows(source, views)
     if isinstance(estimator, MLPHead):
         estimator.fit(rows.X_fit, rows.y_fit, validation_data=(rows.X_val, rows.y_val))
     else:
         estimator.fit(rows.X_fit, rows.y_fit)
-    return {"train": int(len(rows.y_fit)), "validation": int(len(rows.y_val))}
+    counts = {"train": int(len(rows.y_fit)), "validation": int(len(rows.y_val))}
+    return counts, rows.held_out, rows.X_val
 
 
 def fit_streaming(estimator: Any, source: CacheSet, y: np.ndarray, fit_rows: np.ndarray,
@@ -195,16 +202,23 @@ def fit_streaming(estimator: Any, source: CacheSet, y: np.ndarray, fit_rows: np.
         estimator.fit_blocks(batches, np.unique(y[fit_rows]), source.width)
 
 
-def head_metrics(estimator: Any, source: CacheSet, block_bytes: int = 0
+def head_metrics(estimator: Any, source: CacheSet, block_bytes: int = 0,
+                 held_out: np.ndarray | None = None, X_val: np.ndarray | None = None
                  ) -> dict[str, dict[str, float]]:
-    """Validation and test accuracy figures of a fitted head (features read in blocks)."""
+    """Validation and test accuracy figures of a fitted head (features read in blocks).
+
+    A caller that already holds the validation mask (`held_out`) or the validation rows'
+    features (`X_val`) passes them, and they are not worked out or read again.
+    """
     y = source.labels("train")
-    held_out = validation_mask(source.ids("train"))
+    if held_out is None:
+        held_out = validation_mask(source.ids("train"))
     metrics = {"test": accuracy_figures(source.labels("test"),
                                         source_proba(estimator, source, "test", None, block_bytes))}
     if held_out.any():  # a very small training split may hash no row into validation
-        metrics["validation"] = accuracy_figures(
-            y[held_out], source_proba(estimator, source, "train", held_out, block_bytes))
+        proba = (source_proba(estimator, source, "train", held_out, block_bytes) if X_val is None
+                 else head_proba(estimator, X_val, len(source.class_names)))
+        metrics["validation"] = accuracy_figures(y[held_out], proba)
     return metrics
 
 

@@ -28,6 +28,7 @@ from store.store import expand_path
 
 SPLITS = ("train", "test")
 SPLIT_SALT = "headstart-test-split:"
+DIGEST_CHUNK = 256  # files digested per thread task: one task per file costs more than a small file
 
 CIFAR10_CLASSES = ("airplane automobile bird cat deer dog frog horse ship truck").split()
 CIFAR100_CLASSES = (
@@ -128,38 +129,43 @@ def open_dataset(spec: str, test_fraction: float = 0.2) -> Dataset:
 # --- image folders -------------------------------------------------------------------------
 
 
-def _image_files(class_dir: Path) -> list[Path]:
-    """Image files below a class folder, recursively, sorted; symlinked folders are not followed."""
-    found: list[Path] = []
+def _image_files(root: Path, class_dir: Path) -> list[tuple[str, Path]]:
+    """(sample id, path) of the image files below a class folder, recursively, in path order;
+    symlinked folders are not followed."""
+    found: list[tuple[str, Path]] = []
     for directory, subdirs, files in os.walk(class_dir, followlinks=False):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        found.extend(
-            Path(directory) / name
-            for name in files
-            if not name.startswith(".") and is_image_file(Path(name))
-        )
-    return sorted(found)
+        folder = Path(directory)
+        prefix = folder.relative_to(root).as_posix() + "/"
+        named = [folder / name for name in files if not name.startswith(".")]
+        found.extend((prefix + path.name, path) for path in named if is_image_file(path))
+    found.sort(key=lambda item: item[0].split("/"))  # as sorted(paths): part by part
+    return [(_id_text(relative), path) for relative, path in found]
 
 
 def _class_dirs(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _list_split(root: Path, split_dir: Path, class_names: list[str]) -> tuple[list[Path], list[int]]:
+def _list_split(root: Path, split_dir: Path, class_names: list[str]
+                ) -> tuple[list[Path], list[int], list[str]]:
+    """The image paths of a split's class folders, their labels and their sample ids."""
     files: list[Path] = []
     labels: list[int] = []
+    ids: list[str] = []
     for class_dir in _class_dirs(split_dir):
         if class_dir.name not in class_names:
             raise HeadstartError(
                 f"Class folder {class_dir.relative_to(root)} has no counterpart in the training "
                 "split; every class must have training images."
             )
-        images = _image_files(class_dir)
+        images = _image_files(root, class_dir)
         if not images:
             raise HeadstartError(f"Class folder {class_dir} holds no image files.")
-        files.extend(images)
+        ids.extend(sample_id for sample_id, _ in images)
+        files.extend(path for _, path in images)
         labels.extend([class_names.index(class_dir.name)] * len(images))
-    return files, labels
+    return files, labels, ids
 
 
 def folder_dataset(root: Path, test_fraction: float = 0.2) -> Dataset:
@@ -173,26 +179,24 @@ def folder_dataset(root: Path, test_fraction: float = 0.2) -> Dataset:
     if not class_dirs:
         raise HeadstartError(f"Dataset folder {root} holds no class folders (expected DIR/<class>/*).")
     class_names = [d.name for d in class_dirs]
-    train_files, train_labels = _list_split(root, train_dir, class_names)
+    train = _list_split(root, train_dir, class_names)
     if test_dir is not None:
-        test_files, test_labels = _list_split(root, test_dir, class_names)
-        split_files = {"train": (train_files, train_labels), "test": (test_files, test_labels)}
+        split_files = {"train": train, "test": _list_split(root, test_dir, class_names)}
         source = {"kind": "folder", "layout": "split-folders", "test_folder": test_dir.name}
     else:
-        is_test = [unit_fraction(_rel(f, root), SPLIT_SALT) < test_fraction for f in train_files]
+        is_test = [unit_fraction(sample_id, SPLIT_SALT) < test_fraction for sample_id in train[2]]
         split_files = {
-            name: ([f for f, t in zip(train_files, is_test) if t == want],
-                   [y for y, t in zip(train_labels, is_test) if t == want])
+            name: tuple([item for item, t in zip(column, is_test) if t == want] for column in train)
             for name, want in (("train", False), ("test", True))
         }
         source = {"kind": "folder", "layout": "hash-split", "test_fraction": test_fraction}
-    for split, (files, _) in split_files.items():
+    for split, (files, _, _) in split_files.items():
         if not files:
             raise HeadstartError(f"The {split} split of {root} is empty.")
-    paths = {split: files for split, (files, _) in split_files.items()}
+    paths = {split: files for split, (files, _, _) in split_files.items()}
     splits = {
-        split: SplitSamples([_rel(f, root) for f in files], np.asarray(labels, dtype=np.int32))
-        for split, (files, labels) in split_files.items()
+        split: SplitSamples(ids, np.asarray(labels, dtype=np.int32))
+        for split, (_, labels, ids) in split_files.items()
     }
 
     def load(split: str, index: int, preprocessing: Preprocessing, resized: bool) -> np.ndarray:
@@ -203,7 +207,9 @@ def folder_dataset(root: Path, test_fraction: float = 0.2) -> Dataset:
         sha = hashlib.sha256()
         with ThreadPoolExecutor(max_workers=8) as pool:
             for split in SPLITS:
-                file_digests = pool.map(_safe_digest, paths[split])
+                chunks = [paths[split][start:start + DIGEST_CHUNK]
+                          for start in range(0, len(paths[split]), DIGEST_CHUNK)]
+                file_digests = (d for chunk in pool.map(_safe_digests, chunks) for d in chunk)
                 for sample_id, label, file_digest in zip(
                     splits[split].ids, splits[split].labels.tolist(), file_digests
                 ):
@@ -215,14 +221,13 @@ def folder_dataset(root: Path, test_fraction: float = 0.2) -> Dataset:
                    load, digest)
 
 
-def _rel(path: Path, root: Path) -> str:
-    """The sample id: the path relative to the dataset folder, as valid UTF-8 text.
+def _id_text(relative: str) -> str:
+    """The sample id of a path relative to the dataset folder, as valid UTF-8 text.
 
     A name that is not UTF-8 (bytes Python keeps as surrogates) gets its bad bytes written as
     \\xNN, so it can be stored, printed and hashed; the file itself is still read by its path.
     """
-    text = path.relative_to(root).as_posix()
-    return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return os.fsencode(relative).decode("utf-8", "backslashreplace")
 
 
 def _safe_digest(path: Path) -> str:
@@ -233,6 +238,11 @@ def _safe_digest(path: Path) -> str:
         return digest_file(path)
     except OSError as error:
         return f"unreadable:{type(error).__name__}"
+
+
+def _safe_digests(paths: list[Path]) -> list[str]:
+    """`_safe_digest` of each file: one thread task for many small files."""
+    return [_safe_digest(path) for path in paths]
 
 
 def _dataset_name(root: Path) -> str:

@@ -30,7 +30,7 @@ def digest_text(text: str) -> str:
 def digest_file(path: Path) -> str:
     """SHA-256 hex digest of a file's contents, read in blocks."""
     sha = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open(path, "rb", buffering=0) as handle:  # whole blocks: a buffer would only copy
         for block in iter(lambda: handle.read(_READ_BLOCK), b""):
             sha.update(block)
     return sha.hexdigest()
