@@ -309,6 +309,9 @@ def fit(
     name: Optional[str] = typer.Option(None, help="Save under this name (default: the kind)."),
     augmented: bool = typer.Option(False, "--augmented", help="Also train on the cache's "
                                    "augmented views (made with extract --augment K)."),
+    validation_fraction: float = typer.Option(
+        0.1, help="Training rows held out (by a hash of their ids) for validation and early "
+        "stopping; 0 trains on every row (the head then cannot join an ensemble)."),
     cache: List[str] = CachesOption,
     memory_budget: Optional[str] = BudgetOption,
     store: Optional[Path] = StoreOption,
@@ -332,7 +335,8 @@ def fit(
                   f"{source.width}.")
         verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
         record, sidecar = fit_head(the_store, source, head, options, name, verbose=verbose,
-                                   memory_budget=memory_budget, augmented=augmented)
+                                   memory_budget=memory_budget, augmented=augmented,
+                                   validation_fraction=validation_fraction)
     _print_fitted(head, record, sidecar)
 
 

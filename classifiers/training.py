@@ -65,7 +65,8 @@ class TrainingRows:
     views: list[str] = field(default_factory=list)  # fingerprints of the view caches used
 
 
-def training_rows(source: CacheSet, views: Sequence[FeatureCache] = ()) -> TrainingRows:
+def training_rows(source: CacheSet, views: Sequence[FeatureCache] = (),
+                  fraction: float = VALIDATION_FRACTION) -> TrainingRows:
     """Split the training rows into fit and validation rows (by sample id), in memory.
 
     Augmented `views` of the primary cache add rows for the fit images only; no view of a
@@ -74,11 +75,11 @@ def training_rows(source: CacheSet, views: Sequence[FeatureCache] = ()) -> Train
     X = source.features("train")
     y = source.labels("train")
     ids = source.ids("train")
-    held_out = validation_mask(ids)
+    held_out = validation_mask(ids, fraction)
     parts = [(X[~held_out], y[~held_out], ids[~held_out])]
     for view in views:
         view_ids = view.ids("train")
-        keep = ~validation_mask(view_ids)
+        keep = ~validation_mask(view_ids, fraction)
         parts.append((view.features("train")[keep], view.labels("train")[keep], view_ids[keep]))
     X_fit, y_fit, fit_ids = (np.concatenate(column) for column in zip(*parts))
     return TrainingRows(X_fit, y_fit, fit_ids, X[held_out], y[held_out], ids[held_out], held_out,
@@ -104,14 +105,19 @@ def as_cache_set(caches: FeatureCache | CacheSet | Sequence[FeatureCache]) -> Ca
 def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCache],
              kind_name: str, options: dict[str, Any] | None = None, name: str | None = None,
              verbose: int = 0, memory_budget: str | int | None = None,
-             extra: dict[str, Any] | None = None, augmented: bool = False
-             ) -> tuple[dict[str, Any], Path]:
+             extra: dict[str, Any] | None = None, augmented: bool = False,
+             validation_fraction: float = VALIDATION_FRACTION) -> tuple[dict[str, Any], Path]:
     """Fit one head on the training rows (minus the validation rows) of one or more caches of
     the same dataset, and save it beside the first cache.
 
     With `augmented`, the cached augmented views of the training images are trained on too.
-    Returns the sidecar record and its path. Validation and test accuracy are recorded.
+    `validation_fraction` 0 trains on every training row (no validation figures; such a head
+    cannot join an ensemble). Returns the sidecar record and its path. Validation and test
+    accuracy are recorded.
     """
+    if not 0.0 <= validation_fraction < 1.0:
+        raise HeadstartError(
+            f"--validation-fraction must be at least 0 and below 1; got {validation_fraction}.")
     kind = get_head_kind(kind_name)
     name = check_head_name(name or kind_name)
     source = as_cache_set(caches)
@@ -135,7 +141,8 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
         estimator.set_params(verbose=verbose)
     started = time.perf_counter()
     try:
-        rows, held_out, X_val = train_estimator(estimator, source, plan, views)
+        rows, held_out, X_val = train_estimator(estimator, source, plan, views,
+                                                validation_fraction)
     except ValueError as error:  # an option value the estimator refuses (parsing passed)
         if not options:
             raise
@@ -148,6 +155,7 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
         "caches": source.fingerprints,
         "fit_seconds": round(fit_seconds, 3),
         "rows": rows,
+        "validation_fraction": validation_fraction,
         "views": [v.fingerprint for v in views],
         "memory": {"mode": "stream" if plan.stream else "memory", "budget_bytes": plan.budget},
         "metrics": head_metrics(estimator, source, plan.buffer_bytes if plan.stream
@@ -160,7 +168,7 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
 
 
 def train_estimator(estimator: Any, source: CacheSet, plan: MemoryPlan,
-                    views: Sequence[FeatureCache] = ()
+                    views: Sequence[FeatureCache] = (), fraction: float = VALIDATION_FRACTION
                     ) -> tuple[dict[str, int], np.ndarray, np.ndarray | None]:
     """Fit on the training rows outside the validation split (plus views), in memory or streamed.
 
@@ -169,10 +177,10 @@ def train_estimator(estimator: Any, source: CacheSet, plan: MemoryPlan,
     """
     if plan.stream:
         y = source.labels("train")
-        held_out = validation_mask(source.ids("train"))
+        held_out = validation_mask(source.ids("train"), fraction)
         fit_streaming(estimator, source, y, ~held_out, plan.buffer_bytes)
         return {"train": int((~held_out).sum()), "validation": int(held_out.sum())}, held_out, None
-    rows = training_rows(source, views)
+    rows = training_rows(source, views, fraction)
     if isinstance(estimator, MLPHead):
         estimator.fit(rows.X_fit, rows.y_fit, validation_data=(rows.X_val, rows.y_val))
     else:

@@ -135,3 +135,22 @@ def test_sgd_probabilities_rank_classes_like_predict_when_decisions_are_large() 
     proba = head.predict_proba(X)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
     assert np.array_equal(head.classes_[proba.argmax(axis=1)], head.predict(X))
+
+
+def test_validation_fraction_zero_trains_on_every_row_and_stays_out_of_ensembles(
+        toy_store) -> None:  # noqa: F811
+    from classifiers.ensembles import candidate_members
+
+    root, caches = toy_store
+    store = Store(root)
+    cache = store.find_cache(caches["a"][:12])
+    everything, _ = fit_head(store, cache, "logreg", name="all-rows", validation_fraction=0.0)
+    assert everything["rows"] == {"train": cache.split_sizes["train"], "validation": 0}
+    assert "validation" not in everything["metrics"]
+    fit_head(store, cache, "logreg", name="split")
+    fit_head(store, cache, "sgd", name="split-sgd")
+    assert {r["name"] for r in candidate_members(store, [cache])} == {"split", "split-sgd"}
+    with pytest.raises(HeadstartError, match="validation rows too"):
+        candidate_members(store, [cache], ["all-rows", "split"])
+    with pytest.raises(HeadstartError, match="validation-fraction"):
+        fit_head(store, cache, "logreg", name="bad", validation_fraction=1.0)
