@@ -31,8 +31,9 @@ SETTINGS = {"vgg16-32": PAPER_VGG16, "mobilenet-128": {**MOBILENET, "pooling": "
 FURTHER = (("logreg", {}), ("mlp", {"hidden": "512"}))
 
 
-def paper_recipe(folder: Any, settings: dict, epochs: int) -> dict[str, Any]:
-    """(a): frozen base inside the model, the backbone recomputed in every epoch."""
+def paper_recipe(folder: Any, settings: dict, epochs: int, seed: int = 0) -> dict[str, Any]:
+    """(a): frozen base inside the model, the backbone recomputed in every epoch; `seed` draws
+    the head's initial weights, dropout and shuffling."""
     from extract.backbones import Weights, build_feature_model, get_backbone
     from extract.datasets import open_dataset
     from extract.runtime import load_keras
@@ -50,9 +51,9 @@ def paper_recipe(folder: Any, settings: dict, epochs: int) -> dict[str, Any]:
                     lambda r, s=split: dataset.load(s, r, preprocessing), rows)))
         y = {s: keras.utils.to_categorical(dataset.splits[s].labels, len(dataset.class_names))
              for s in ("train", "test")}
-        keras.utils.set_random_seed(0)
         base = build_feature_model(spec, settings.get("alpha"), Weights.parse(settings["weights"]),
                                    settings["image_size"], settings["pooling"])
+        keras.utils.set_random_seed(seed)
         function = preprocessing.function()
         inputs = keras.Input(arrays["train"].shape[1:])
         x = keras.layers.Lambda(lambda t: function(t))(inputs)
@@ -68,11 +69,13 @@ def paper_recipe(folder: Any, settings: dict, epochs: int) -> dict[str, Any]:
         accuracy = float(history.history["val_accuracy"][-1])
     return {"seconds": total["s"], "decode_seconds": decode["s"], "fit_seconds": fit["s"],
             "test_accuracy": accuracy, "train_rows": len(arrays["train"]),
-            "test_rows": len(arrays["test"]), "epochs": epochs}
+            "test_rows": len(arrays["test"]), "epochs": epochs, "seed": seed}
 
 
-def headstart(folder: Any, settings: dict, epochs: int, store_dir: Any) -> dict[str, Any]:
-    """(b): one backbone pass into a cache, then the paper's head on the cached features."""
+def headstart(folder: Any, settings: dict, epochs: int, store_dir: Any, seed: int = 0
+              ) -> dict[str, Any]:
+    """(b): one backbone pass into a cache, then the paper's head (seeded by `seed`) on the
+    cached features."""
     from classifiers.training import fit_head
     from extract.backbones import Weights, get_backbone
     from extract.datasets import open_dataset
@@ -81,7 +84,7 @@ def headstart(folder: Any, settings: dict, epochs: int, store_dir: Any) -> dict[
 
     shutil.rmtree(store_dir, ignore_errors=True)
     store = Store(store_dir)
-    paper_head = {"epochs": str(epochs), "early_stopping": "false"}
+    paper_head = {"epochs": str(epochs), "early_stopping": "false", "random_state": str(seed)}
     with timer() as total:
         with timer() as extract:
             spec = get_backbone(settings["backbone"])
@@ -107,15 +110,16 @@ def headstart(folder: Any, settings: dict, epochs: int, store_dir: Any) -> dict[
 
 
 def compare(name: str, settings: dict, images: int, epochs: int, repeats: int) -> dict[str, Any]:
-    """(b) and (a) alternately, `repeats` times each, on the same images."""
+    """(b) and (a) alternately, `repeats` times each, on the same images; run r seeds both
+    heads with r, so the accuracies compared are medians over the same seeds."""
     folder = subset(images)
     runs = []
     for r in range(repeats):
         log(f"paper {name} rep {r}: (b) headstart on {images} images")
-        b = headstart(folder, settings, epochs, WORK / "stores" / f"paper-{name}")
+        b = headstart(folder, settings, epochs, WORK / "stores" / f"paper-{name}", seed=r)
         log(f"paper {name} rep {r}: (b) {b['seconds']:.1f} s, test {b['test_accuracy']:.4f}; "
             "(a) the paper's recipe")
-        a = paper_recipe(folder, settings, epochs)
+        a = paper_recipe(folder, settings, epochs, seed=r)
         log(f"paper {name} rep {r}: (a) {a['seconds']:.1f} s, test {a['test_accuracy']:.4f}")
         runs.append({"a": a, "b": b, "speedup": a["seconds"] / b["seconds"]})
     a_seconds = median([x["a"]["seconds"] for x in runs])

@@ -51,6 +51,9 @@ def _paper_section(name: str, p: dict) -> list[str]:
                      f"{f['seconds']:.2f}", f"{f['test_accuracy']:.4f}",
                      f"{f['speedup_vs_a']:.0f}x faster than (a)"])
     out.append(_table(["run", "wall s", "test accuracy", "notes"], rows))
+    if p.get("accuracies"):
+        out.append("\nTest accuracy per seed, (a) / (b): " + ", ".join(
+            f"{a_acc:.4f} / {b_acc:.4f}" for a_acc, b_acc in p["accuracies"]) + " (medians above).\n")
     out.append(f"\nSpeed-up (a)/(b): **{p['speedup']:.2f}x** {p.get('speedups', '')} at accuracy "
                f"{h['test_accuracy'] - a['test_accuracy']:+.4f} - target >= 8x at equal or better "
                f"accuracy: {_ok(p['target_speedup_met'])}. Further heads >= 100x faster than "

@@ -23,6 +23,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".
 #: the warning is silenced because such an image is refused here with a reason anyway.
 MAX_PIXELS = 64_000_000
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+#: Files up to this size are read in one call and decoded from memory.
+SMALL_FILE_BYTES = 1 << 20
 
 RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
@@ -71,6 +73,8 @@ def open_image(path: Path) -> Image.Image:
             raise BadImage("not a regular file")
         if info.st_size == 0:
             raise BadImage("empty file (0 bytes)")
+        if info.st_size <= SMALL_FILE_BYTES:  # one read instead of Pillow's buffered reads
+            return _decode(io.BytesIO(path.read_bytes()))
     except PermissionError:
         raise BadImage("cannot be read (permission denied)") from None
     except OSError as error:

@@ -29,6 +29,8 @@ RESIZERS = ("tensorflow", "pillow")
 #: tf.image.resize's name for each interpolation.
 TF_METHODS = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic",
               "lanczos": "lanczos3"}
+#: Interpolations whose output never leaves the input's range (no clipping needed).
+CONVEX_INTERPOLATIONS = ("nearest", "bilinear")
 #: Decoded images with more pixels than this are resized at once (one at a time) rather than
 #: batched at their own size, so a batch of large photos never holds them all in memory.
 MAX_BATCHED_PIXELS = 512 * 512
@@ -141,9 +143,12 @@ class Preprocessing:
         if (height, width) == (size, size):
             return images
         shrinking = height is None or width is None or height > size or width > size
-        resized = tf.image.resize(images, (size, size), method=TF_METHODS[self.interpolation],
-                                  antialias=shrinking)
-        return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+        resized = tf.round(tf.image.resize(images, (size, size),
+                                           method=TF_METHODS[self.interpolation],
+                                           antialias=shrinking))
+        if self.interpolation in CONVEX_INTERPOLATIONS:  # weights >= 0 summing to 1: in range
+            return resized
+        return tf.clip_by_value(resized, 0.0, 255.0)
 
     # --- to backbone inputs ---------------------------------------------------------------------
 

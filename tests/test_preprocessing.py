@@ -104,3 +104,13 @@ def test_a_pillow_plan_is_another_cache_with_its_own_pixels(tmp_path: Path) -> N
     expected = np.asarray(model.predict_on_batch(pillow_plan.preprocessing.apply(pixels)))
     np.testing.assert_allclose(pillow.features("train"), expected, rtol=2e-3,
                                atol=2e-3 * np.abs(expected).max())
+
+
+def test_interpolations_that_overshoot_are_clipped_to_pixel_values() -> None:
+    edge = np.zeros((8, 8, 3), np.uint8)
+    edge[:, 4:] = 255  # a hard edge: bicubic and lanczos ring past 0 and 255 around it
+    for interpolation in ("bicubic", "lanczos", "bilinear"):
+        resized = Preprocessing(32, MOBILENET, interpolation, resizer="tensorflow").resize_batch(
+            edge[None]).astype(int)
+        assert resized.min() == 0 and resized.max() == 255  # no wrap-around of -3 or 258
+        assert (resized[:, :, :6] == 0).all() and (resized[:, :, -6:] == 255).all()
