@@ -52,8 +52,13 @@ def _paper_section(name: str, p: dict) -> list[str]:
                      f"{f['speedup_vs_a']:.0f}x faster than (a)"])
     out.append(_table(["run", "wall s", "test accuracy", "notes"], rows))
     if p.get("accuracies"):
+        pairs = p["accuracies"]
+        paired = sum(b_acc - a_acc for a_acc, b_acc in pairs) / len(pairs)
+        spread = max(a_acc for a_acc, _ in pairs) - min(a_acc for a_acc, _ in pairs)
         out.append("\nTest accuracy per seed, (a) / (b): " + ", ".join(
-            f"{a_acc:.4f} / {b_acc:.4f}" for a_acc, b_acc in p["accuracies"]) + " (medians above).\n")
+            f"{a_acc:.4f} / {b_acc:.4f}" for a_acc, b_acc in pairs) + f" (medians above). Mean of "
+            f"the per-seed differences (b) - (a): {paired:+.4f}; spread of (a) over its seeds: "
+            f"{spread:.4f}.\n")
     out.append(f"\nSpeed-up (a)/(b): **{p['speedup']:.2f}x** {p.get('speedups', '')} at accuracy "
                f"{h['test_accuracy'] - a['test_accuracy']:+.4f} - target >= 8x at equal or better "
                f"accuracy: {_ok(p['target_speedup_met'])}. Further heads >= 100x faster than "
@@ -86,12 +91,14 @@ def render(results: dict) -> str:
         e = b[key]
         s = e["settings"]
         out.append(f"\n## {title}\n")
-        out.append(f"{s['backbone']} alpha {s.get('alpha')} at {s['image_size']} px, avg pooling. "
+        alpha = f" alpha {s['alpha']}" if s.get("alpha") else ""
+        pipeline = ("that code's `extract_features` pass" if key == "extraction_before" else
+                    "`extract_features` pass (decode on worker threads; resize, preprocess and "
+                    "forward in one compiled graph; segment writes)")
+        out.append(f"{s['backbone']}{alpha} at {s['image_size']} px, avg pooling. "
                    "Ceiling: the same Keras model's forward pass alone on preprocessed float32 "
                    "tensors in memory, same batch size (the faster of `predict_on_batch` and a "
-                   "traced `tf.function`). Pipeline: `extract_features` pass (decode on worker "
-                   "threads; resize, preprocess and forward in one compiled graph; segment writes) "
-                   "into a fresh store.\n")
+                   f"traced `tf.function`). Pipeline: {pipeline} into a fresh store.\n")
         out.append(_machine(e["machine"]))
         rows = [[r["batch_size"], r["workers"], r["images"], f"{r['pipeline_images_per_second']:.0f}",
                  f"{r['ceiling_images_per_second']:.0f}", f"**{r['ratio_median']:.3f}** {r['ratios']}",
@@ -102,7 +109,7 @@ def render(results: dict) -> str:
                            "CPU ratio", "extract end-to-end s"], rows))
         c = e["cpu_steps"]
         out.append(f"\nCPU per image outside the forward pass: decode {c['decode_ms']:.3f} ms (one "
-                   f"thread), batched resize {c['resize_ms']:.3f} ms, preprocess "
+                   f"thread), resize {c['resize_ms']:.3f} ms, preprocess "
                    f"{c['preprocess_ms']:.3f} ms; forward "
                    f"{c['forward_ms']:.3f} CPU ms. Bound when the CPU is the limit: forward / (forward + "
                    f"decode + resize + preprocess) = **{c['cpu_bound_ratio']:.3f}**. Target >= 0.9: "
@@ -114,7 +121,7 @@ def render(results: dict) -> str:
                            f"{v['end_to_end_seconds']:.0f} s ({v['images_per_second']:.0f} img/s)"
                            for k, v in h["caches"].items())
         out.append(f"Caches: {caches}. mlp = the paper's head, 10 epochs, early stopping off; "
-                   "logreg = StandardScaler + LogisticRegression (lbfgs).\n")
+                   "logreg = StandardScaler + LogisticRegression (newton-cg).\n")
         out.append(_table(["head", "features", "train rows", "fit s", "fit + load + test s",
                            "test accuracy"],
                           [[f["head"], f["width"], f["train_rows"], f"{f['fit_seconds']:.1f}",
