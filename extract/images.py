@@ -15,6 +15,11 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+try:  # libjpeg-turbo without Pillow's Python-side JPEG parsing; Pillow alone works too
+    import simplejpeg
+except ImportError:  # pragma: no cover - a platform without its wheel
+    simplejpeg = None
+
 #: File name endings treated as images; anything else in a class folder is ignored.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -66,27 +71,60 @@ class UnsupportedImage(BadImage):
 
 
 def open_image(path: Path) -> Image.Image:
-    """Open and fully decode an image file as RGB, or raise BadImage with the reason."""
+    """Fully decode an image file as an RGB image (`read_pixels`), or raise BadImage."""
+    return Image.fromarray(read_pixels(path))
+
+
+def read_pixels(path: Path) -> np.ndarray:
+    """An image file as RGB uint8 pixels (H×W×3), or raise BadImage with the reason.
+
+    Pillow's pixels; small plain JPEGs are decoded faster (see `_plain_jpeg`).
+    """
+    data = _read_small_file(path)
+    return np.asarray(_decode(path)) if data is None else pixels_of_bytes(data)
+
+
+def pixels_of_bytes(data: bytes) -> np.ndarray:
+    """An encoded image in memory (an upload) as RGB uint8 pixels, or raise BadImage."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    pixels = _plain_jpeg(data)
+    return pixels if pixels is not None else np.asarray(_decode(io.BytesIO(data)))
+
+
+def _plain_jpeg(data: bytes) -> np.ndarray | None:
+    """Pillow's pixels of a plain JPEG, decoded by libjpeg-turbo (simplejpeg) without Pillow's
+    Python-side header parsing, six times faster on small images.
+
+    Both run libjpeg-turbo with the same settings (accurate integer IDCT, smooth chroma
+    upsampling; tests compare them). None, so that Pillow decodes it, for anything else: other
+    formats, EXIF (which may rotate the image), colour spaces other than YCbCr and grey, images
+    over MAX_PIXELS, and any decoding warning (Pillow then gives the reason).
+    """
+    if simplejpeg is None or not data.startswith(b"\xff\xd8") or b"Exif\x00\x00" in data[:1 << 16]:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("YCbCr", "Gray") or width * height > MAX_PIXELS:
+            return None
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except ValueError:
+        return None
+
+
+def _read_small_file(path: Path) -> bytes | None:
+    """The bytes of a regular file up to SMALL_FILE_BYTES (None for a larger one), or BadImage."""
     try:
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
             raise BadImage("not a regular file")
         if info.st_size == 0:
             raise BadImage("empty file (0 bytes)")
-        if info.st_size <= SMALL_FILE_BYTES:  # one read instead of Pillow's buffered reads
-            return _decode(io.BytesIO(path.read_bytes()))
+        return path.read_bytes() if info.st_size <= SMALL_FILE_BYTES else None
     except PermissionError:
         raise BadImage("cannot be read (permission denied)") from None
     except OSError as error:
         raise BadImage(f"cannot be read ({error.strerror or error})") from None
-    return _decode(path)
-
-
-def decode_image_bytes(data: bytes) -> Image.Image:
-    """Decode an in-memory encoded image (an upload) as RGB, or raise BadImage with the reason."""
-    if not data:
-        raise BadImage("empty file (0 bytes)")
-    return _decode(io.BytesIO(data))
 
 
 def _decode(source: Path | BinaryIO) -> Image.Image:

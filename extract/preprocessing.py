@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from extract.images import RESAMPLING, decode_image_bytes, open_image, to_rgb
+from extract.images import RESAMPLING, pixels_of_bytes, read_pixels, to_rgb
 from extract.images import resize as pillow_resize
 
 RESIZERS = ("tensorflow", "pillow")
@@ -76,7 +76,7 @@ class Preprocessing:
 
     def load_bytes(self, data: bytes) -> np.ndarray:
         """Decode an in-memory encoded image (e.g. an upload) into a uint8 input array."""
-        return self.resize_pixels(self._decoded(decode_image_bytes(data)))
+        return self.resize_pixels(self._sized(pixels_of_bytes(data)))
 
     def load_array(self, pixels: np.ndarray) -> np.ndarray:
         """Turn an in-memory uint8 image (H×W, H×W×1 or H×W×3) into a uint8 input array."""
@@ -87,18 +87,18 @@ class Preprocessing:
     def decode_file(self, path: Path) -> np.ndarray:
         """An image file as the graph takes it: uint8 RGB at its own size (already the input
         size for the Pillow resizer or a very large image)."""
-        return self._decoded(open_image(path))
+        return self._sized(read_pixels(path))
 
     def decode_array(self, pixels: np.ndarray) -> np.ndarray:
         """An in-memory uint8 image as the graph takes it (see `decode_file`)."""
         if pixels.ndim == 3 and pixels.shape[-1] == 1:
             pixels = pixels[..., 0]
-        return self._decoded(to_rgb(Image.fromarray(np.ascontiguousarray(pixels))))
+        return self._sized(np.asarray(to_rgb(Image.fromarray(np.ascontiguousarray(pixels)))))
 
-    def _decoded(self, image: Image.Image) -> np.ndarray:
+    def _sized(self, pixels: np.ndarray) -> np.ndarray:
+        """Decoded RGB pixels as the graph takes them (see `decode_file`)."""
         if self.resizer == "pillow":
-            return pillow_resize(image, self.image_size, self.interpolation)
-        pixels = np.asarray(image, dtype=np.uint8)
+            return pillow_resize(Image.fromarray(pixels), self.image_size, self.interpolation)
         if pixels.shape[0] * pixels.shape[1] > MAX_BATCHED_PIXELS:
             return self.resize_pixels(pixels)
         return pixels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 
 from extract import images
 from extract.images import BadImage, open_image, resize, to_rgb
+from tests.conftest import MINI
 from tests.helpers import mini_files
 
 
@@ -87,3 +89,50 @@ def test_images_above_the_pixel_limit_are_refused_before_decoding(
 def test_resize_squashes_to_a_square() -> None:
     out = resize(to_rgb(Image.new("RGB", (50, 20), (1, 2, 3))), 16)
     assert out.shape == (16, 16, 3) and (out == [1, 2, 3]).all()
+
+
+def _pillow_pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_plain_jpegs_decode_to_exactly_pillows_pixels() -> None:
+    """The fast libjpeg-turbo path must give Pillow's pixels, or it would change every cache."""
+    real = [p.read_bytes() for split in ("train", "test")
+            for p in sorted((MINI / split).rglob("*.jpg"))]
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (37, 23, 3), dtype=np.uint8)).resize((61, 45))
+    made = []
+    for image, options in [(photo, {"subsampling": 0}), (photo, {"subsampling": 1}),
+                           (photo, {"subsampling": 2, "quality": 50}),
+                           (photo, {"progressive": True, "optimize": True, "quality": 95}),
+                           (photo.convert("L"), {})]:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", **options)
+        made.append(buffer.getvalue())
+    assert len(real) == 600
+    for data in real + made:
+        fast = images._plain_jpeg(data)
+        assert fast is not None  # the fast path was taken: the comparison is not vacuous
+        np.testing.assert_array_equal(fast, _pillow_pixels(data))
+        np.testing.assert_array_equal(images.pixels_of_bytes(data), fast)
+
+
+def test_jpegs_that_need_pillow_take_its_path() -> None:
+    wide = Image.new("RGB", (8, 4), (10, 200, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cases = {}
+    for name, image, options in [("exif", wide, {"exif": exif}), ("cmyk", Image.new(
+            "CMYK", (8, 4), (1, 2, 3, 4)), {}), ("png", wide, {"format": "PNG"})]:
+        buffer = io.BytesIO()
+        image.save(buffer, options.pop("format", "JPEG"), **options)
+        cases[name] = buffer.getvalue()
+    cases["truncated"] = mini_files("train", "dog", 1)[0].read_bytes()[:300]
+    for name, data in cases.items():
+        assert images._plain_jpeg(data) is None, name
+    assert images.pixels_of_bytes(cases["exif"]).shape == (8, 4, 3)  # rotated by Pillow
+    np.testing.assert_array_equal(images.pixels_of_bytes(cases["cmyk"]),
+                                  _pillow_pixels(cases["cmyk"]))
+    with pytest.raises(BadImage, match="truncated"):
+        images.pixels_of_bytes(cases["truncated"])
