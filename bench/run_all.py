@@ -52,10 +52,10 @@ def main() -> None:
     if "extraction" in args.only:
         done["extraction"] = extraction.run(images=2000 if q else 5000,
                                             batches=(64,) if q else (64, 128),
-                                            repeats=2 if q else 3)
+                                            repeats=2 if q else 5)
     if args.before:
         done["extraction_before"] = extraction.run_elsewhere(args.before, images=2000 if q else 5000,
-                                                             repeats=2 if q else 3)
+                                                             repeats=2 if q else 5)
     if "vgg16" in args.only:
         vgg = {"backbone": "vgg16", "weights": "none", "image_size": 128}
         done["vgg16"] = extraction.run(images=1000, batches=(32,), repeats=1,
