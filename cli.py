@@ -311,7 +311,8 @@ def fit(
                                    "augmented views (made with extract --augment K)."),
     validation_fraction: float = typer.Option(
         0.1, help="Training rows held out (by a hash of their ids) for validation and early "
-        "stopping; 0 trains on every row (the head then cannot join an ensemble)."),
+        "stopping; 0 trains on every row, without early stopping (below 0.1, the head cannot "
+        "join an ensemble)."),
     cache: List[str] = CachesOption,
     memory_budget: Optional[str] = BudgetOption,
     store: Optional[Path] = StoreOption,

@@ -46,8 +46,8 @@ def candidate_members(store: Store, caches: Sequence[FeatureCache],
     if names and blind and any(r["name"] in names for r in blind):
         raise HeadstartError(
             f"Head {member_label(next(r for r in blind if r['name'] in names))} was fitted on the "
-            "validation rows too (--validation-fraction 0), so it cannot be weighed on them; "
-            "refit it with the default validation split.")
+            f"validation rows too (--validation-fraction below {VALIDATION_FRACTION}), so it "
+            "cannot be weighed on them; refit it with the default validation split.")
     records = [r for r in records if trained_apart_from_validation(r)]
     if names:
         known = sorted({r["name"] for r in records})
@@ -72,8 +72,9 @@ def candidate_members(store: Store, caches: Sequence[FeatureCache],
 
 
 def trained_apart_from_validation(record: dict[str, Any]) -> bool:
-    """Whether a head left the validation rows out of its training (ensembles weigh on them)."""
-    return record.get("validation_fraction", VALIDATION_FRACTION) > 0
+    """Whether a head left all of the default validation rows (which ensembles weigh their
+    members on) out of its training: its own fraction is at least the default."""
+    return record.get("validation_fraction", VALIDATION_FRACTION) >= VALIDATION_FRACTION
 
 
 def member_label(record: dict[str, Any]) -> str:

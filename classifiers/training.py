@@ -111,8 +111,8 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
     the same dataset, and save it beside the first cache.
 
     With `augmented`, the cached augmented views of the training images are trained on too.
-    `validation_fraction` 0 trains on every training row (no validation figures; such a head
-    cannot join an ensemble). Returns the sidecar record and its path. Validation and test
+    `validation_fraction` 0 trains on every training row (no validation figures, no early
+    stopping); a head with a fraction below the default cannot join an ensemble. Returns the sidecar record and its path. Validation and test
     accuracy are recorded.
     """
     if not 0.0 <= validation_fraction < 1.0:
@@ -122,6 +122,8 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
     name = check_head_name(name or kind_name)
     source = as_cache_set(caches)
     estimator = kind.create(options)
+    if validation_fraction == 0 and isinstance(estimator, MLPHead):
+        estimator.set_params(early_stopping=False)  # no rows to stop on: train every epoch
     views = augmented_views(store, source.primary) if augmented else []
     if views and len(source.caches) > 1:
         raise HeadstartError("--augmented trains on one cache at a time; give a single --cache.")

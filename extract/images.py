@@ -28,6 +28,9 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".
 #: the warning is silenced because such an image is refused here with a reason anyway.
 MAX_PIXELS = 64_000_000
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+#: Where Pillow finds a JPEG's orientation: EXIF, or an XMP packet's tiff:Orientation.
+ORIENTATION_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp")
+ORIENTATION_MARKERS = (b"Exif\x00\x00", b"http://ns.adobe.com/xap/1.0/")
 #: Files up to this size are read in one call and decoded from memory.
 SMALL_FILE_BYTES = 1 << 20
 
@@ -50,8 +53,8 @@ def is_image_file(path: Path) -> bool:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Apply EXIF rotation and convert any mode (grey, palette, CMYK, alpha, 16-bit) to 8-bit RGB."""
-    if not (image.format == "JPEG" and "exif" not in image.info):  # a JPEG's EXIF is its APP1
-        image = ImageOps.exif_transpose(image)
+    if image.format != "JPEG" or any(key in image.info for key in ORIENTATION_SOURCES):
+        image = ImageOps.exif_transpose(image)  # (a JPEG without them has no orientation)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
         # 16-bit modes are out of 65535 however dark the picture; plain "I" may hold either.
@@ -98,10 +101,11 @@ def _plain_jpeg(data: bytes) -> np.ndarray | None:
 
     Both run libjpeg-turbo with the same settings (accurate integer IDCT, smooth chroma
     upsampling; tests compare them). None, so that Pillow decodes it, for anything else: other
-    formats, EXIF (which may rotate the image), colour spaces other than YCbCr and grey, images
+    formats, EXIF or XMP (either may rotate the image), colour spaces other than YCbCr and grey, images
     over MAX_PIXELS, and any decoding warning (Pillow then gives the reason).
     """
-    if simplejpeg is None or not data.startswith(b"\xff\xd8") or b"Exif\x00\x00" in data[:1 << 16]:
+    if simplejpeg is None or not data.startswith(b"\xff\xd8") or any(
+            marker in data for marker in ORIENTATION_MARKERS):
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)

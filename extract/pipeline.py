@@ -31,6 +31,8 @@ from store.fingerprint import fingerprint
 from store.partial import PartialCache, Segment
 from store.store import Store
 
+#: Image sizes the forward function is traced for; batches of further sizes are resized first.
+MAX_TRACED_SHAPES = 4
 #: Bytes of decoded images one segment may hold; segments are also the unit of resume.
 SEGMENT_BYTES = 1 << 26
 MAX_SEGMENT_SIZE = 2048
@@ -318,17 +320,23 @@ def forward_function(model: Any, preprocessing: Preprocessing,
     import tensorflow as tf
 
     compute = compute or ComputeOptions()
+    # XLA compiles the backbone only: resizing stays the op that one-image paths run eagerly.
+    backbone = tf.function(lambda x: model(x, training=False), jit_compile=True) \
+        if compute.xla else (lambda x: model(x, training=False))
 
     def infer(batch: Any) -> Any:
-        return tf.cast(model(preprocessing.graph_inputs(batch), training=False), tf.float32)
+        return tf.cast(backbone(preprocessing.graph_inputs(batch)), tf.float32)
 
     traced: dict[tuple[str, tuple[int, ...]], Any] = {}
 
     def call(batch: np.ndarray) -> np.ndarray:
         key = (batch.dtype.str, batch.shape[1:])  # one trace per image size, any batch size
+        if key not in traced and len(traced) >= MAX_TRACED_SHAPES:  # images of many sizes:
+            batch = preprocessing.resize_batch(batch)  # the same numbers, one more trace at most
+            key = (batch.dtype.str, batch.shape[1:])
         if key not in traced:
             spec = tf.TensorSpec([None, *batch.shape[1:]], tf.as_dtype(batch.dtype))
-            traced[key] = tf.function(infer, jit_compile=compute.xla, input_signature=[spec])
+            traced[key] = tf.function(infer, input_signature=[spec])
         return np.asarray(traced[key](tf.constant(batch)))
 
     strategy = compute.strategy()
@@ -336,7 +344,7 @@ def forward_function(model: Any, preprocessing: Preprocessing,
         return call
 
     # strategy.run hands a traced function PerReplica values, which an input signature refuses.
-    step = tf.function(infer, jit_compile=compute.xla)
+    step = tf.function(infer)
 
     def distributed(batch: np.ndarray) -> np.ndarray:
         parts = np.array_split(batch, strategy.num_replicas_in_sync)

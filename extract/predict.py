@@ -115,8 +115,9 @@ class EnsemblePredictor(Predictor):
         if (other.image_size, other.interpolation, other.resizer) != (
                 mine.image_size, mine.interpolation, mine.resizer):
             raise HeadstartError(
-                f"Ensemble {self.head_name!r} mixes caches of different image sizes; predict and "
-                "serve need its members' caches to decode images alike.")
+                f"Ensemble {self.head_name!r} mixes caches that prepare images differently "
+                "(image size, interpolation or resizer); predict and serve need its members' "
+                "caches to decode images alike.")
         return Predictor(store, owner, member, weights if owner.fingerprint == self.cache.fingerprint
                          else None)
 

@@ -115,7 +115,16 @@ class Preprocessing:
     # --- resizing -----------------------------------------------------------------------------
 
     def resize_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """One decoded uint8 image (H×W×3) → uint8 S×S×3."""
+        """One decoded uint8 image (H×W×3) → uint8 S×S×3.
+
+        An image over MAX_BATCHED_PIXELS is first shrunk by a whole factor with Pillow's box
+        `reduce` (to no less than twice the input size), so that the float copy the resize
+        works on stays small. Such images never reach the batched graph, so every path agrees.
+        """
+        if self.resizer == "tensorflow" and pixels.shape[0] * pixels.shape[1] > MAX_BATCHED_PIXELS:
+            factor = min(pixels.shape[0], pixels.shape[1]) // (2 * self.image_size)
+            if factor > 1:
+                pixels = np.asarray(Image.fromarray(pixels).reduce(factor))
         return self.resize_batch(pixels[None])[0]
 
     def resize_batch(self, batch: np.ndarray) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
@@ -147,6 +149,11 @@ def test_validation_fraction_zero_trains_on_every_row_and_stays_out_of_ensembles
     everything, _ = fit_head(store, cache, "logreg", name="all-rows", validation_fraction=0.0)
     assert everything["rows"] == {"train": cache.split_sizes["train"], "validation": 0}
     assert "validation" not in everything["metrics"]
+    mlp, sidecar = fit_head(store, cache, "mlp", {"epochs": "3"}, name="mlp-all-rows",
+                            validation_fraction=0.0)  # early stopping on: nothing to stop on
+    assert mlp["rows"] == everything["rows"]
+    assert json.loads(sidecar.read_text())["options"]["early_stopping"] is False
+    fit_head(store, cache, "logreg", name="partly", validation_fraction=0.05)
     fit_head(store, cache, "logreg", name="split")
     fit_head(store, cache, "sgd", name="split-sgd")
     assert {r["name"] for r in candidate_members(store, [cache])} == {"split", "split-sgd"}

@@ -128,10 +128,17 @@ def test_jpegs_that_need_pillow_take_its_path() -> None:
         buffer = io.BytesIO()
         image.save(buffer, options.pop("format", "JPEG"), **options)
         cases[name] = buffer.getvalue()
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/'
+           b'22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+           b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    buffer = io.BytesIO()
+    wide.save(buffer, "JPEG", xmp=xmp)
+    cases["xmp"] = buffer.getvalue()
     cases["truncated"] = mini_files("train", "dog", 1)[0].read_bytes()[:300]
     for name, data in cases.items():
         assert images._plain_jpeg(data) is None, name
     assert images.pixels_of_bytes(cases["exif"]).shape == (8, 4, 3)  # rotated by Pillow
+    assert images.pixels_of_bytes(cases["xmp"]).shape == (8, 4, 3)  # XMP orientation too
     np.testing.assert_array_equal(images.pixels_of_bytes(cases["cmyk"]),
                                   _pillow_pixels(cases["cmyk"]))
     with pytest.raises(BadImage, match="truncated"):

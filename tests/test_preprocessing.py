@@ -114,3 +114,26 @@ def test_interpolations_that_overshoot_are_clipped_to_pixel_values() -> None:
             edge[None]).astype(int)
         assert resized.min() == 0 and resized.max() == 255  # no wrap-around of -3 or 258
         assert (resized[:, :, :6] == 0).all() and (resized[:, :, -6:] == 255).all()
+
+
+def test_very_large_images_are_box_reduced_before_the_resize() -> None:
+    preprocessing = Preprocessing(32, MOBILENET, resizer="tensorflow")
+    side = 32 * 2 * 9  # a factor-9 box reduce to 64 px, then the antialiased resize to 32
+    rng = np.random.default_rng(1)
+    pixels = np.repeat(np.repeat(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), 9, 0), 9, 1)
+    assert pixels.shape[0] == side and side * side > MAX_BATCHED_PIXELS
+    expected = preprocessing.resize_batch(pixels[::9, ::9][None])[0]  # 9x9 blocks: box = block
+    np.testing.assert_array_equal(preprocessing.resize_pixels(pixels), expected)
+
+
+def test_many_image_sizes_share_a_few_traced_functions(model: object) -> None:
+    from extract import pipeline
+
+    preprocessing = get_backbone("mobilenet").preprocessing(64)
+    forward = forward_function(model, preprocessing)
+    rng = np.random.default_rng(2)
+    batches = [rng.integers(0, 256, (2, 30 + i, 30 + i, 3), dtype=np.uint8) for i in range(7)]
+    for batch in batches:  # sizes past the limit are resized first: the same features
+        np.testing.assert_allclose(forward(batch), forward(preprocessing.resize_batch(batch)),
+                                   rtol=1e-6, atol=1e-6)
+    assert pipeline.MAX_TRACED_SHAPES < len(batches)
