@@ -11,15 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_process import SHARED, running_server  # noqa: E402
+from server_process import SHARED, closed_loop, running_server  # noqa: E402
 
 IMAGE = SHARED / "data" / "cifar10-mini" / "test" / "cat" / "4900.jpg"
 
@@ -27,37 +25,11 @@ IMAGE = SHARED / "data" / "cifar10-mini" / "test" / "cat" / "4900.jpg"
 async def level(url: str, body: bytes, concurrency: int, requests: int, seconds: float
                 ) -> dict[str, float]:
     """Run one concurrency level; returns throughput, latency percentiles and error count."""
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    issued = 0
-    deadline = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0) as client:
-        async def worker() -> None:
-            nonlocal issued
-            while issued < requests and time.monotonic() < deadline:
-                issued += 1
-                began = time.perf_counter()
-                try:
-                    answer = await client.post("/predict", content=body,
-                                               headers={"content-type": "image/jpeg"})
-                    key = "" if answer.status_code == 200 else str(answer.status_code)
-                except httpx.HTTPError as error:
-                    key = type(error).__name__
-                if key:
-                    errors[key] = errors.get(key, 0) + 1
-                else:
-                    latencies.append(time.perf_counter() - began)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-    ms = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
-    return {"concurrency": concurrency, "requests": issued, "ok": len(latencies),
-            "errors": sum(errors.values()), "error_kinds": errors,
-            "rps": len(latencies) / wall, "p50": float(np.percentile(ms, 50)),
-            "p99": float(np.percentile(ms, 99))}
+    traffic = await closed_loop(url, concurrency, seconds, requests, lambda n: (body, (200,), True))
+    return {"concurrency": concurrency, "requests": traffic.sent, "ok": len(traffic.latencies),
+            "errors": sum(traffic.unexpected.values()), "error_kinds": traffic.unexpected,
+            "rps": len(traffic.latencies) / traffic.seconds, "p50": traffic.percentile_ms(50),
+            "p99": traffic.percentile_ms(99)}
 
 
 async def run(url: str, levels: list[int], requests: int, seconds: float) -> list[dict]:

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_process import ROOT, SHARED, running_server  # noqa: E402
+from server_process import ROOT, SHARED, Traffic, closed_loop, running_server  # noqa: E402
 
 MINI = SHARED / "data" / "cifar10-mini"
 WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
@@ -49,44 +49,32 @@ def ensure_store(store: Path, head: str) -> None:
 
 async def drive(url: str, concurrency: int, seconds: float, max_requests: int, pid: int,
                 memory: list[tuple[float, float]]) -> dict:
+    """Closed-loop traffic (one request in ten junk, expected 415/422) while the server's memory
+    is sampled into `memory` as (seconds, MB)."""
     good, junk = IMAGE.read_bytes(), b"not an image" * 10
-    latencies: list[float] = []
-    unexpected: dict[str, int] = {}
-    sent = 0
     began = time.monotonic()
-    deadline = began + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    done = asyncio.Event()
 
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0) as client:
-        async def worker() -> None:
-            nonlocal sent
-            while sent < max_requests and time.monotonic() < deadline:
-                sent += 1
-                bad = sent % 10 == 0
-                start = time.perf_counter()
-                try:
-                    answer = await client.post("/predict", content=junk if bad else good,
-                                               headers={"content-type": "image/jpeg"})
-                    ok = answer.status_code in ((415, 422) if bad else (200,))
-                    key = "" if ok else str(answer.status_code)
-                except httpx.HTTPError as error:
-                    key = type(error).__name__
-                if key:
-                    unexpected[key] = unexpected.get(key, 0) + 1
-                elif not bad:
-                    latencies.append(time.perf_counter() - start)
+    def request(n: int) -> tuple[bytes, tuple[int, ...], bool]:
+        bad = n % 10 == 0
+        return (junk, (415, 422), False) if bad else (good, (200,), True)
 
-        async def sampler() -> None:
-            while time.monotonic() < deadline and sent < max_requests:
-                memory.append((time.monotonic() - began, rss_mb(pid)))
-                await asyncio.sleep(min(5.0, max(0.5, seconds / 40)))
+    async def traffic() -> Traffic:
+        try:
+            return await closed_loop(url, concurrency, seconds, max_requests, request)
+        finally:
+            done.set()
 
-        await asyncio.gather(sampler(), *(worker() for _ in range(concurrency)))
-    wall = time.monotonic() - began
-    ms = np.asarray(latencies or [0.0]) * 1000
-    return {"sent": sent, "ok": len(latencies), "unexpected": unexpected, "seconds": wall,
-            "rps": sent / wall, "p50": float(np.percentile(ms, 50)),
-            "p99": float(np.percentile(ms, 99))}
+    async def sampler() -> None:
+        while not done.is_set():
+            memory.append((time.monotonic() - began, rss_mb(pid)))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), min(5.0, max(0.5, seconds / 40)))
+
+    sent, _ = await asyncio.gather(traffic(), sampler())
+    return {"sent": sent.sent, "ok": len(sent.latencies), "unexpected": sent.unexpected,
+            "seconds": sent.seconds, "rps": sent.sent / sent.seconds,
+            "p50": sent.percentile_ms(50), "p99": sent.percentile_ms(99)}
 
 
 def main() -> None:
