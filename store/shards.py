@@ -282,6 +282,7 @@ class _SplitPlan:
 
     owner: np.ndarray  # shard of each merged row
     local: np.ndarray  # row within that shard
+    ids: np.ndarray  # sample id of each merged row
     skipped: list[tuple[int, str, str]]  # (full-split row, id, reason)
 
 
@@ -332,7 +333,8 @@ def _plan_split(split: str, shards: list[FeatureCache], handles: list[h5py.File]
                              "rerun the shards from the same images.")
     source = np.concatenate(sources)
     order = np.argsort(source, kind="stable")
-    return _SplitPlan(np.concatenate(owners)[order], np.concatenate(locals_)[order], sorted(skipped))
+    return _SplitPlan(np.concatenate(owners)[order], np.concatenate(locals_)[order],
+                      ids_in_order[source[order]], sorted(skipped))
 
 
 def _merge_checked(store: Store, shard_set: ShardSet, shards: list[FeatureCache],
@@ -383,13 +385,11 @@ def write_merged(target: Path, shards: list[FeatureCache]) -> None:
                                             for h in handles], width, dtype)
                 labels = np.concatenate([h[split]["labels"][...] if split in h else
                                          np.zeros(0, np.int32) for h in handles])
-                ids = np.concatenate([h[split]["ids"].asstr()[...] if split in h else
-                                      np.zeros(0, object) for h in handles])
                 offsets = np.cumsum([0] + [len(h[split]["labels"]) if split in h else 0
                                            for h in handles])
                 position = offsets[plan.owner] + plan.local
                 group.create_dataset("labels", data=labels[position].astype(np.int32))
-                group.create_dataset("ids", data=ids[position].tolist(),
+                group.create_dataset("ids", data=plan.ids.tolist(),
                                      dtype=h5py.string_dtype("utf-8"))
                 skipped.extend((split, sample_id, reason) for _, sample_id, reason in plan.skipped)
             write_skipped(out, skipped)
