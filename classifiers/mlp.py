@@ -19,6 +19,21 @@ LR_SCHEDULES = ("constant", "cosine", "plateau")
 STEPS_PER_EXECUTION = 64
 
 
+def index_batches(n_rows: int, batch_size: int, seed: int | None = None) -> Any:
+    """A `tf.data` dataset of row-index batches: in order, or reshuffled every epoch by `seed`.
+
+    After `keras.utils.set_random_seed(seed)` the epochs' orders depend on `seed` alone, so
+    another model fed through this gets the rows in the same order as an `MLPHead` fitted in
+    memory with `random_state=seed`.
+    """
+    import tensorflow as tf
+
+    rows = tf.data.Dataset.range(n_rows)
+    if seed is not None:
+        rows = rows.shuffle(n_rows, seed=seed)
+    return rows.batch(batch_size)
+
+
 class MLPHead(ClassifierMixin, BaseEstimator):
     """A Keras multilayer perceptron on feature vectors.
 
@@ -147,14 +162,13 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         import tensorflow as tf
 
         tensors = tuple(tf.constant(column, dtype=tf.float32) for column in columns)
-        rows = tf.data.Dataset.range(len(columns[0]))
-        if shuffle:
-            rows = rows.shuffle(len(columns[0]), seed=int(self.random_state))
+        seed = int(self.random_state) if shuffle else None
+        indices = index_batches(len(columns[0]), int(self.batch_size), seed)
 
         def gather(index: Any) -> tuple[Any, ...]:
             return tuple(tf.gather(tensor, index) for tensor in tensors)
 
-        return rows.batch(int(self.batch_size)).map(gather).prefetch(1)
+        return indices.map(gather).prefetch(1)
 
     def fit_batches(self, batches: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],
                     labels: np.ndarray, n_features: int,

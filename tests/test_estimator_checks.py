@@ -63,3 +63,36 @@ def test_mlp_with_few_rows_per_class_still_holds_out_validation_rows() -> None:
     y = np.repeat(np.arange(6), 5)
     head = MLPHead(epochs=2, validation_fraction=0.1).fit(X, y)
     assert "val_loss" in head.history_ and head.predict(X).shape == (30,)
+
+
+def test_a_keras_model_fed_through_index_batches_trains_exactly_like_the_mlp_head() -> None:
+    """bench/paper.py's (a) relies on this: same seed, same initial weights, dropout masks and
+    batch order as MLPHead, so the two differ only in their inputs."""
+    import tensorflow as tf
+
+    from classifiers.mlp import index_batches
+    from extract.runtime import load_keras
+
+    keras = load_keras()
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(300, 12)).astype(np.float32)
+    y = (X[:, 0] + X[:, 1] > 0).astype(int) + (X[:, 2] > 1)
+    head = MLPHead(hidden=(16,), epochs=3, batch_size=32, early_stopping=False,
+                   random_state=5).fit(X, y)
+
+    keras.utils.set_random_seed(5)
+    features, targets = tf.constant(X), tf.constant(np.eye(3, dtype=np.float32)[y])
+    batches = index_batches(len(X), 32, 5).map(
+        lambda i: (tf.gather(features, i), tf.gather(targets, i)))
+    inputs = keras.Input((12,))
+    hidden = keras.layers.Dense(16, activation="relu")(inputs)  # layers made in MLPHead's order
+    hidden = keras.layers.Dropout(0.5)(hidden)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(hidden))
+    model.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy")
+    model.fit(batches, epochs=3, shuffle=False, verbose=0)
+
+    for ours, theirs in zip(head.model_.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    unseeded = index_batches(len(X), 32, 6)
+    assert not np.array_equal(np.concatenate(list(unseeded.as_numpy_iterator())),
+                              np.concatenate(list(index_batches(len(X), 32, 5).as_numpy_iterator())))
