@@ -245,8 +245,14 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
 
 
 def _finished(plan: ExtractionPlan, store: Store) -> FeatureCache | None:
-    """The finished cache of `plan`, or for a shard, its file or the merged cache."""
-    return store.finished(plan.fingerprint) or store.finished(plan.storage_key)
+    """The finished cache of `plan`, or for a shard, its file or the merged cache; an
+    extraction folder a killed writer left beside it is removed."""
+    for key in dict.fromkeys((plan.fingerprint, plan.storage_key)):
+        cache = store.finished(key)
+        if cache is not None:
+            store.remove_leftover(key)
+            return cache
+    return None
 
 
 def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool

@@ -34,6 +34,7 @@ def write_array_cache(store: Store, dataset: str, class_names: Sequence[str],
     key = fingerprint(inputs)
     existing = store.finished(key)
     if existing is not None:
+        store.remove_leftover(key)
         return existing
     partial = PartialCache.open(store.partial_dir(key), {"fingerprint": key,
                                                          "segment_size": int(block_rows)})

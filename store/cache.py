@@ -32,12 +32,7 @@ class FeatureCache:
                 first = handle[next(iter(self.split_sizes))]["features"]
                 self.width = int(first.shape[1])
                 self.dtype = str(first.dtype)
-                skipped = handle["skipped"]
-                self.skipped = [
-                    {"split": s.decode(), "id": i.decode(), "reason": r.decode()}
-                    for s, i, r in zip(skipped["split"][...], skipped["id"][...],
-                                       skipped["reason"][...])
-                ]
+                self.skipped_count = int(handle["skipped"]["id"].shape[0])
         except (OSError, KeyError) as error:
             raise HeadstartError(
                 f"{self.path} is not a readable headstart cache ({error}); 'python cli.py verify "
@@ -62,6 +57,14 @@ class FeatureCache:
             json.loads(attrs["lineage"]) if "lineage" in attrs else None)
         #: For a shard file (kind "shard"): index, count, full split sizes and ids digest.
         self.shard: dict[str, Any] | None = json.loads(attrs["shard"]) if "shard" in attrs else None
+
+    @cached_property
+    def skipped(self) -> list[dict[str, str]]:
+        """Split, id and reason of every file that could not be used (read on first use)."""
+        with h5py.File(self.path, "r") as handle:
+            group = handle["skipped"]
+            columns = [group[name].asstr()[...] for name in ("split", "id", "reason")]
+        return [{"split": s, "id": i, "reason": r} for s, i, r in zip(*columns)]
 
     def _check_format(self, attrs: dict[str, Any]) -> None:
         if attrs.get("encoding-type") != layout.ENCODING_TYPE:
@@ -154,7 +157,7 @@ class FeatureCache:
             "dtype": self.dtype,
             "rows": self.split_sizes,
             "classes": len(self.class_names),
-            "skipped": len(self.skipped),
+            "skipped": self.skipped_count,
             "kind": self.kind,
             "parent": self.parent,
             "view": self.view,

@@ -79,17 +79,9 @@ class Store:
         return self.heads_dir / cache.fingerprint[:16]
 
     def finished(self, fingerprint: str) -> FeatureCache | None:
-        """The finished cache with this fingerprint, if there is one.
-
-        A partial folder left beside a finished cache (a kill between the final rename and the
-        folder's removal) is removed here: nothing will ever read it again.
-        """
+        """The finished cache with this fingerprint, if there is one."""
         path = self.cache_path(fingerprint)
-        if not path.is_file():
-            return None
-        cache = FeatureCache(path)
-        shutil.rmtree(self.partial_dir(fingerprint), ignore_errors=True)
-        return cache
+        return FeatureCache(path) if path.is_file() else None
 
     def caches(self) -> list[FeatureCache]:
         """Every finished cache, oldest first (by creation, then by when its file was finished)."""
@@ -110,9 +102,29 @@ class Store:
 
     def unfinished(self) -> list[Path]:
         """Folders of extractions that were started and have not finished."""
-        if not self.caches_dir.is_dir():
-            return []
-        return sorted(self.caches_dir.glob("*.partial"))
+        return [p for p in self._partial_folders() if not self._has_cache(p)]
+
+    def leftovers(self) -> list[Path]:
+        """Extraction folders left beside their finished cache: a writer killed between the
+        final rename and the folder's removal. Nothing reads them again."""
+        return [p for p in self._partial_folders() if self._has_cache(p)]
+
+    def remove_leftover(self, fingerprint: str) -> None:
+        """Delete the extraction folder left beside this finished cache, unless a writer holds
+        the cache's lock (a writer removes its own folder)."""
+        if not (self.partial_dir(fingerprint).is_dir() and self.cache_path(fingerprint).is_file()):
+            return
+        try:
+            with self.writing(fingerprint):
+                shutil.rmtree(self.partial_dir(fingerprint), ignore_errors=True)
+        except HeadstartError:
+            pass
+
+    def _partial_folders(self) -> list[Path]:
+        return sorted(self.caches_dir.glob("*.partial")) if self.caches_dir.is_dir() else []
+
+    def _has_cache(self, partial: Path) -> bool:
+        return self.cache_path(partial.name.removesuffix(".partial")).is_file()
 
     def find_cache(self, selector: str | None = None) -> FeatureCache:
         """The cache named by a fingerprint prefix or a readable name; by default the newest."""

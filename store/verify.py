@@ -190,7 +190,7 @@ def _short(text: str) -> str:
 
 def _unfinished(store: Store) -> list[Problem]:
     problems = []
-    for directory in store.unfinished():
+    for directory in sorted(store.unfinished() + store.leftovers()):
         fingerprint = directory.name.removesuffix(".partial")
         short = fingerprint[:12] + fingerprint[64:]  # a shard keeps its ".shard-i-of-N"
         if store.is_being_written(fingerprint):

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import MINI, WEIGHTS
+from tests.conftest import MINI, MINI_ARGS, WEIGHTS
 from tests.helpers import assert_clean_error, copy_store, run_cli, snapshot
 from store import layout
 from store.cache import FeatureCache
@@ -155,6 +155,29 @@ def test_temporary_and_partial_files_are_not_caches(mini_store: Path, tmp_path: 
     store = Store(root)
     assert [c.path for c in store.caches()] == [caches / mini_cache.path.name]
     assert store.unfinished() == [caches / f"{'0' * 64}.partial"]
+
+
+def test_an_extraction_folder_left_beside_its_finished_cache(mini_store: Path, tmp_path: Path,
+                                                            mini_cache: FeatureCache) -> None:
+    """A writer killed between the final rename and the folder's removal: lookups leave the
+    folder alone and do not list it as unfinished; the next extract of that cache removes it,
+    unless a writer holds the cache's lock."""
+    store = Store(copy_store(mini_store, tmp_path))
+    leftover = store.partial_dir(mini_cache.fingerprint)
+    leftover.mkdir()
+    (leftover / "manifest.json").write_text("{}")
+    assert store.finished(mini_cache.fingerprint).path == store.cache_path(mini_cache.fingerprint)
+    assert leftover.is_dir()
+    assert store.unfinished() == [] and store.leftovers() == [leftover]
+    report = run_cli("verify", "--store", str(store.root))
+    assert report.exit_code == 1 and "finished but its extraction folder was left behind" in (
+        " ".join(report.output.split())), report.output
+    with store.writing(mini_cache.fingerprint):
+        store.remove_leftover(mini_cache.fingerprint)
+        assert leftover.is_dir()
+    result = run_cli("extract", str(MINI), *MINI_ARGS, "--store", str(store.root))
+    assert "reused" in result.output.lower(), result.output
+    assert not leftover.exists() and store.leftovers() == []
 
 
 def test_the_newest_cache_is_the_default_even_within_one_second(
