@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from statistics import mean
 from typing import Any
 
 
@@ -65,6 +66,25 @@ def _paper_section(name: str, p: dict) -> list[str]:
         accuracy = (f"{d['mean']:+.4f} ± {d['standard_error']:.4f} (mean per-seed difference "
                     f"(b) - (a) ± its standard error, {d['runs']} seeds; equal or better unless "
                     "mean + 2 SE < 0)")
+    storage = p.get("storage_effect")
+    if storage:
+        d, f32 = storage["paired"], storage["accuracies"]["float32"]
+        same = sum(storage["reproduces_a"])
+        out.append(f"\nThe same head on a float32 cache of these features gives (a)'s accuracy "
+                   f"for {same} of (a)'s {len(storage['reproduces_a'])} seeds (the same number of "
+                   "correct test images): " + ", ".join(
+                       f"{x:.4f}" for x in f32[:len(storage["reproduces_a"])]) +
+                   ". So float32-cached heads stand "
+                   f"in for (a), and {storage['seeds']} seeds of the float16 cache (the default) "
+                   f"against the float32 one measure what the cache changes: mean test accuracy "
+                   f"{mean(storage['accuracies']['float16']):.4f} against {mean(f32):.4f}, "
+                   f"per-seed difference {d['mean']:+.4f} ± {d['standard_error']:.4f} (standard "
+                   f"error; 95 % interval {d['mean'] - 2 * d['standard_error']:+.4f} to "
+                   f"{d['mean'] + 2 * d['standard_error']:+.4f}).\n")
+        if all(storage["reproduces_a"]):
+            accuracy = (f"{d['mean']:+.4f} ± {d['standard_error']:.4f} (float16 cache - (a), "
+                        f"measured as float16 - float32 over {d['runs']} seeds; equal or better "
+                        "unless mean + 2 SE < 0)")
     out.append(f"\nSpeed-up (a)/(b): **{p['speedup']:.2f}x** {p.get('speedups', '')} at accuracy "
                f"{accuracy} - target >= 8x at equal or better accuracy: "
                f"{_ok(p['target_speedup_met'])}. Further heads >= 100x faster than another run of "

@@ -48,7 +48,8 @@ def main() -> None:
         done.update(json.loads(previous.read_text()).get("benchmarks", {}))
     full = CIFAR.parent if not q else subset(10000)  # the full set: 50,000 images, 40,072 train rows
     if "paper" in args.only:
-        done["paper"] = paper.run(images=2000 if q else 10000, epochs=10, repeats=1 if q else 5)
+        done["paper"] = paper.run(images=2000 if q else 10000, epochs=10, repeats=1 if q else 5,
+                                  seeds=3 if q else 40)
     if "extraction" in args.only:
         done["extraction"] = extraction.run(images=2000 if q else 5000,
                                             batches=(64,) if q else (64, 128),
