@@ -73,11 +73,6 @@ class UnsupportedImage(BadImage):
     """Bytes that no decoder recognises as an image (as opposed to a damaged image)."""
 
 
-def open_image(path: Path) -> Image.Image:
-    """Fully decode an image file as an RGB image (`read_pixels`), or raise BadImage."""
-    return Image.fromarray(read_pixels(path))
-
-
 def read_pixels(path: Path) -> np.ndarray:
     """An image file as RGB uint8 pixels (H×W×3), or raise BadImage with the reason.
 

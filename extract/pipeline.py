@@ -10,7 +10,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
 from importlib import metadata
@@ -194,7 +194,11 @@ class ExtractionResult:
     computed: int = 0  # images run through the backbone in this call
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # process CPU time (all threads) of the pass
-    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        """The files the cache could not use, and why."""
+        return self.cache.skipped
 
     @property
     def images_per_second(self) -> float:
@@ -210,11 +214,11 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
     key, shard = plan.storage_key, plan.dataset.shard
     existing = _finished(plan, store)
     if existing is not None:
-        return ExtractionResult(existing, reused=True, skipped=existing.skipped)
+        return ExtractionResult(existing, reused=True)
     with store.writing(key):
         existing = _finished(plan, store)  # another process may have just finished it
         if existing is not None:
-            return ExtractionResult(existing, reused=True, skipped=existing.skipped)
+            return ExtractionResult(existing, reused=True)
         partial = PartialCache.open(
             store.partial_dir(key),
             {"fingerprint": plan.fingerprint, "segment_size": plan.segment_size,
@@ -241,7 +245,7 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
         partial.remove()
     cache = FeatureCache(store.cache_path(key))
     return ExtractionResult(cache, reused=False, computed=computed, seconds=seconds,
-                            cpu_seconds=cpu_seconds, skipped=cache.skipped)
+                            cpu_seconds=cpu_seconds)
 
 
 def _finished(plan: ExtractionPlan, store: Store) -> FeatureCache | None:

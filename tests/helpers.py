@@ -86,3 +86,12 @@ def make_plan(dataset: str | Path, **overrides: Any) -> Any:
     test_fraction = overrides.pop("test_fraction", 0.2)
     options.update(overrides)
     return ExtractionPlan(dataset=open_dataset(str(dataset), test_fraction), **options)
+
+
+def open_image(path: Path) -> Any:
+    """An image file as the PIL RGB image of `read_pixels`'s pixels (or BadImage)."""
+    from PIL import Image
+
+    from extract.images import read_pixels
+
+    return Image.fromarray(read_pixels(path))

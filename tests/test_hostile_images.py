@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.images import BadImage, open_image
+from extract.images import BadImage
 from tests.conftest import MINI_ARGS, ROOT
+from tests.helpers import open_image
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -178,8 +179,8 @@ def test_unreadable_file_is_refused_for_a_normal_user(torture) -> None:
     root, _ = torture
     path = root / "train" / "hostile" / "unreadable.png"
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
-            "from extract.images import open_image, BadImage\n"
-            f"try:\n    open_image(Path({str(path)!r})); print('decoded')\n"
+            "from extract.images import read_pixels, BadImage\n"
+            f"try:\n    read_pixels(Path({str(path)!r})); print('decoded')\n"
             "except BadImage as e:\n    print(e)")
     try:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from extract import images
-from extract.images import BadImage, open_image, resize, to_rgb
+from extract.images import BadImage, resize, to_rgb
 from tests.conftest import MINI
-from tests.helpers import mini_files
+from tests.helpers import mini_files, open_image
 
 
 def _saved(tmp_path: Path, image: Image.Image, name: str, **kwargs: object) -> Path:
