@@ -192,6 +192,7 @@ def extract(
         err.print(f"Dataset {plan.dataset.name}{part}: {len(plan.dataset.class_names)} classes, "
                   f"{sizes} images.")
         result = extract_features(plan, the_store, progress=not quiet)
+        skipped = result.skipped
         views = (extract_views(plan, augmentation, augment, the_store, progress=not quiet)
                  if augmentation else [])
     cache = result.cache
@@ -202,12 +203,12 @@ def extract(
                   f"({result.images_per_second:.0f} images/s).")
     rows = ", ".join(f"{n} {r}" for n, r in cache.split_sizes.items())
     out.print(f"Features: {rows} rows x {cache.width} ({cache.dtype}).")
-    if result.skipped:
-        out.print(f"Skipped {len(result.skipped)} unusable files:")
-        for item in result.skipped[:20]:
+    if skipped:
+        out.print(f"Skipped {len(skipped)} unusable files:")
+        for item in skipped[:20]:
             out.print(f"  {item['id']} ({item['split']}): {item['reason']}")
-        if len(result.skipped) > 20:
-            out.print(f"  ... and {len(result.skipped) - 20} more (all listed in the cache).")
+        if len(skipped) > 20:
+            out.print(f"  ... and {len(skipped) - 20} more (all listed in the cache).")
     if cache.kind == "shard":
         out.print(f"Shard {shard_spec} written to {cache.path}; when all {shard_spec.count} "
                   f"shards are done: python cli.py merge --store {the_store.root}")
@@ -719,6 +720,7 @@ def list_command(
         everything = the_store.caches()
         heads = list_heads(the_store)
         unfinished = [p for p in the_store.unfinished() if ".shard-" not in p.name]
+        leftovers = the_store.leftovers()
         from store.shards import shard_sets
 
         shard_info = [s.summary() for s in shard_sets(the_store)]
@@ -730,6 +732,7 @@ def list_command(
     if as_json:
         print(json.dumps({"store": str(the_store.root), "caches": [c.summary() for c in everything],
                           "heads": heads, "unfinished": [str(p) for p in unfinished],
+                          "leftovers": [str(p) for p in leftovers],
                           "shards": shard_info}, indent=2))
         return
     out.print(f"Store {the_store.root}")
@@ -746,6 +749,9 @@ def list_command(
               if shard_info else "No caches yet: run 'python cli.py extract DATASET'.")
     if unfinished:
         out.print(f"{len(unfinished)} unfinished extraction(s); rerun their extract command to resume.")
+    if leftovers:
+        out.print(f"{len(leftovers)} extraction folder(s) left beside finished caches by an "
+                  "interrupted writer; 'verify --fix' removes them.")
     if shard_info:
         _print_shards(shard_info)
     heads_table = Table("head", "kind", "cache", "val acc", "test acc", "fit s", title="Heads",

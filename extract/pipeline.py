@@ -216,7 +216,8 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
     if existing is not None:
         return ExtractionResult(existing, reused=True)
     with store.writing(key):
-        existing = _finished(plan, store)  # another process may have just finished it
+        # Another process may have just finished it (and removed its own folder).
+        existing = _finished(plan, store, remove_leftovers=False)
         if existing is not None:
             return ExtractionResult(existing, reused=True)
         partial = PartialCache.open(
@@ -248,13 +249,16 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
                             cpu_seconds=cpu_seconds)
 
 
-def _finished(plan: ExtractionPlan, store: Store) -> FeatureCache | None:
-    """The finished cache of `plan`, or for a shard, its file or the merged cache; an
-    extraction folder a killed writer left beside it is removed."""
+def _finished(plan: ExtractionPlan, store: Store, remove_leftovers: bool = True
+              ) -> FeatureCache | None:
+    """The finished cache of `plan`, or for a shard, its file or the merged cache; with
+    `remove_leftovers` (not under the cache's lock), an extraction folder a killed writer left
+    beside it is removed."""
     for key in dict.fromkeys((plan.fingerprint, plan.storage_key)):
         cache = store.finished(key)
         if cache is not None:
-            store.remove_leftover(key)
+            if remove_leftovers:
+                store.remove_leftover(key)
             return cache
     return None
 

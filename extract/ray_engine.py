@@ -107,6 +107,7 @@ def extract_on_ray(settings: ExtractSettings, store: Store, options: RayOptions,
     dataset = settings.open_dataset()
     plan = settings.plan(dataset=dataset)
     if store.finished(plan.fingerprint) is not None:
+        store.remove_leftover(plan.fingerprint)
         return RayRun(None)
     ray = _import_ray()
     store_root = str(store.root.expanduser().resolve())

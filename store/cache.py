@@ -61,9 +61,14 @@ class FeatureCache:
     @cached_property
     def skipped(self) -> list[dict[str, str]]:
         """Split, id and reason of every file that could not be used (read on first use)."""
-        with h5py.File(self.path, "r") as handle:
-            group = handle["skipped"]
-            columns = [group[name].asstr()[...] for name in ("split", "id", "reason")]
+        try:
+            with h5py.File(self.path, "r") as handle:
+                group = handle["skipped"]
+                columns = [group[name].asstr()[...] for name in ("split", "id", "reason")]
+        except (OSError, KeyError) as error:
+            raise HeadstartError(
+                f"{self.path} is not a readable headstart cache ({error}); 'python cli.py verify "
+                "--fix' removes it.") from None
         return [{"split": s, "id": i, "reason": r} for s, i, r in zip(*columns)]
 
     def _check_format(self, attrs: dict[str, Any]) -> None:

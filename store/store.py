@@ -111,13 +111,17 @@ class Store:
 
     def remove_leftover(self, fingerprint: str) -> None:
         """Delete the extraction folder left beside this finished cache, unless a writer holds
-        the cache's lock (a writer removes its own folder)."""
+        the cache's lock (a writer removes its own folder) or the store is read-only.
+
+        Never call it while holding that cache's lock (`writing`): where flock is emulated by
+        POSIX locks (some network file systems), the inner release would drop the outer lock.
+        """
         if not (self.partial_dir(fingerprint).is_dir() and self.cache_path(fingerprint).is_file()):
             return
         try:
             with self.writing(fingerprint):
                 shutil.rmtree(self.partial_dir(fingerprint), ignore_errors=True)
-        except HeadstartError:
+        except (HeadstartError, OSError):
             pass
 
     def _partial_folders(self) -> list[Path]:

@@ -93,6 +93,6 @@ def test_a_keras_model_fed_through_index_batches_trains_exactly_like_the_mlp_hea
 
     for ours, theirs in zip(head.model_.get_weights(), model.get_weights()):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
-    unseeded = index_batches(len(X), 32, 6)
-    assert not np.array_equal(np.concatenate(list(unseeded.as_numpy_iterator())),
+    other_seed = index_batches(len(X), 32, 6)
+    assert not np.array_equal(np.concatenate(list(other_seed.as_numpy_iterator())),
                               np.concatenate(list(index_batches(len(X), 32, 5).as_numpy_iterator())))

@@ -169,6 +169,9 @@ def test_an_extraction_folder_left_beside_its_finished_cache(mini_store: Path, t
     assert store.finished(mini_cache.fingerprint).path == store.cache_path(mini_cache.fingerprint)
     assert leftover.is_dir()
     assert store.unfinished() == [] and store.leftovers() == [leftover]
+    listing = run_cli("list", "--store", str(store.root))
+    assert "1 extraction folder(s) left beside finished caches" in listing.output, listing.output
+    assert "unfinished" not in listing.output
     report = run_cli("verify", "--store", str(store.root))
     assert report.exit_code == 1 and "finished but its extraction folder was left behind" in (
         " ".join(report.output.split())), report.output
