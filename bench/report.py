@@ -28,6 +28,16 @@ def _ok(flag: bool) -> str:
     return "**met**" if flag else "**not met**"
 
 
+def _paired(d: dict, what: str) -> str:
+    """A paired accuracy difference: mean, 95 % interval, and the equality test."""
+    if d.get("lower") is None:
+        return f"{d['mean']:+.4f} ({what}, {d['runs']} seeds: too few to test equality)"
+    margin = d.get("margin", 0.005)
+    return (f"{d['mean']:+.4f}, 95 % interval {d['lower']:+.4f} to {d['upper']:+.4f} ({what} per "
+            f"seed, {d['runs']} seeds; equal or better when the interval's lower end is above "
+            f"-{margin})")
+
+
 def _paper_section(name: str, p: dict) -> list[str]:
     """Section 1 for one setting: (a) the paper's recipe, (b) headstart, further heads."""
     a, h, s = p["a_paper"], p["b_headstart"], p["settings"]
@@ -62,10 +72,7 @@ def _paper_section(name: str, p: dict) -> list[str]:
             f"they differ only in where the features come from. Spread of (a) over its seeds: "
             f"{spread:.4f}.\n")
     if p.get("paired_accuracy"):
-        d = p["paired_accuracy"]
-        accuracy = (f"{d['mean']:+.4f} ± {d['standard_error']:.4f} (mean per-seed difference "
-                    f"(b) - (a) ± its standard error, {d['runs']} seeds; equal or better unless "
-                    "mean + 2 SE < 0)")
+        accuracy = _paired(p["paired_accuracy"], "(b) - (a)")
     storage = p.get("storage_effect")
     if storage:
         d, f32 = storage["paired"], storage["accuracies"]["float32"]
@@ -74,17 +81,13 @@ def _paper_section(name: str, p: dict) -> list[str]:
                    f"for {same} of (a)'s {len(storage['reproduces_a'])} seeds (the same number of "
                    "correct test images): " + ", ".join(
                        f"{x:.4f}" for x in f32[:len(storage["reproduces_a"])]) +
-                   ". So float32-cached heads stand "
-                   f"in for (a), and {storage['seeds']} seeds of the float16 cache (the default) "
-                   f"against the float32 one measure what the cache changes: mean test accuracy "
-                   f"{mean(storage['accuracies']['float16']):.4f} against {mean(f32):.4f}, "
-                   f"per-seed difference {d['mean']:+.4f} ± {d['standard_error']:.4f} (standard "
-                   f"error; 95 % interval {d['mean'] - 2 * d['standard_error']:+.4f} to "
-                   f"{d['mean'] + 2 * d['standard_error']:+.4f}).\n")
+                   ". So float32-cached heads stand in for (a), and "
+                   f"{storage['seeds']} seeds of the float16 cache (the default) against the "
+                   f"float32 one measure what the cache changes: mean test accuracy "
+                   f"{mean(storage['accuracies']['float16']):.4f} against {mean(f32):.4f}; "
+                   f"per-seed difference {_paired(d, 'float16 - float32')}.\n")
         if all(storage["reproduces_a"]):
-            accuracy = (f"{d['mean']:+.4f} ± {d['standard_error']:.4f} (float16 cache - (a), "
-                        f"measured as float16 - float32 over {d['runs']} seeds; equal or better "
-                        "unless mean + 2 SE < 0)")
+            accuracy = _paired(d, "float16 cache - (a), measured as float16 - float32")
     out.append(f"\nSpeed-up (a)/(b): **{p['speedup']:.2f}x** {p.get('speedups', '')} at accuracy "
                f"{accuracy} - target >= 8x at equal or better accuracy: "
                f"{_ok(p['target_speedup_met'])}. Further heads >= 100x faster than another run of "
