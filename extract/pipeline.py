@@ -254,11 +254,10 @@ def _finished(plan: ExtractionPlan, store: Store, remove_leftovers: bool = True
     """The finished cache of `plan`, or for a shard, its file or the merged cache; with
     `remove_leftovers` (not under the cache's lock), an extraction folder a killed writer left
     beside it is removed."""
+    lookup = store.reusable if remove_leftovers else store.finished
     for key in dict.fromkeys((plan.fingerprint, plan.storage_key)):
-        cache = store.finished(key)
+        cache = lookup(key)
         if cache is not None:
-            if remove_leftovers:
-                store.remove_leftover(key)
             return cache
     return None
 

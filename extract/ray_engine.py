@@ -106,8 +106,7 @@ def extract_on_ray(settings: ExtractSettings, store: Store, options: RayOptions,
     started = time.perf_counter()
     dataset = settings.open_dataset()
     plan = settings.plan(dataset=dataset)
-    if store.finished(plan.fingerprint) is not None:
-        store.remove_leftover(plan.fingerprint)
+    if store.reusable(plan.fingerprint) is not None:
         return RayRun(None)
     ray = _import_ray()
     store_root = str(store.root.expanduser().resolve())

@@ -32,9 +32,8 @@ def write_array_cache(store: Store, dataset: str, class_names: Sequence[str],
               "backbone": "arrays", "alpha": None, "weights": "arrays", "image_size": 0,
               "pooling": "none", "preprocessing": {}, "dtype": dtype, **(inputs or {})}
     key = fingerprint(inputs)
-    existing = store.finished(key)
+    existing = store.reusable(key)
     if existing is not None:
-        store.remove_leftover(key)
         return existing
     partial = PartialCache.open(store.partial_dir(key), {"fingerprint": key,
                                                          "segment_size": int(block_rows)})

@@ -83,6 +83,14 @@ class Store:
         path = self.cache_path(fingerprint)
         return FeatureCache(path) if path.is_file() else None
 
+    def reusable(self, fingerprint: str) -> FeatureCache | None:
+        """The finished cache with this fingerprint, for a writer about to reuse it instead of
+        writing it: an extraction folder left beside it is removed (`remove_leftover`)."""
+        cache = self.finished(fingerprint)
+        if cache is not None:
+            self.remove_leftover(fingerprint)
+        return cache
+
     def caches(self) -> list[FeatureCache]:
         """Every finished cache, oldest first (by creation, then by when its file was finished)."""
         if not self.caches_dir.is_dir():
