@@ -43,11 +43,12 @@ def candidate_members(store: Store, caches: Sequence[FeatureCache],
     """Sidecars of the fitted heads (not ensembles) of `caches`, optionally only those named."""
     records = [r for c in caches for r in list_heads(store, c) if r.get("kind") != ENSEMBLE_KIND]
     blind = [r for r in records if not trained_apart_from_validation(r)]
-    if names and blind and any(r["name"] in names for r in blind):
+    named_blind = [r for r in blind if names and r["name"] in names]
+    if named_blind:
         raise HeadstartError(
-            f"Head {member_label(next(r for r in blind if r['name'] in names))} was fitted on the "
-            f"validation rows too (--validation-fraction below {VALIDATION_FRACTION}), so it "
-            "cannot be weighed on them; refit it with the default validation split.")
+            f"Head {member_label(named_blind[0])} was fitted on the validation rows too "
+            f"(--validation-fraction below {VALIDATION_FRACTION}), so it cannot be weighed on "
+            "them; refit it with the default validation split.")
     records = [r for r in records if trained_apart_from_validation(r)]
     if names:
         known = sorted({r["name"] for r in records})

@@ -112,8 +112,8 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
 
     With `augmented`, the cached augmented views of the training images are trained on too.
     `validation_fraction` 0 trains on every training row (no validation figures, no early
-    stopping); a head with a fraction below the default cannot join an ensemble. Returns the sidecar record and its path. Validation and test
-    accuracy are recorded.
+    stopping); a head with a fraction below the default cannot join an ensemble. Returns the
+    sidecar record and its path. Validation and test accuracy are recorded.
     """
     if not 0.0 <= validation_fraction < 1.0:
         raise HeadstartError(
