@@ -109,21 +109,22 @@ def extract_cache(folder: Any, settings: dict, store: Any, dtype: str = "float16
 
 
 def storage_effect(folder: Any, settings: dict, epochs: int, seeds: int, name: str,
-                   a_runs: list[dict[str, Any]]) -> dict[str, Any]:
+                   a_runs: list[dict[str, Any]], float16_store: Any) -> dict[str, Any]:
     """What the cache's float16 storage costs the paper's head, over many seeds.
 
     The head fitted on a float32 cache of the same features must give (a)'s accuracy for each
     of (a)'s seeds (the same number of correct test images; `reproduces_a`): then float32-cached
     heads stand in for (a), and `seeds` paired fits (float16 - float32, each a second or two)
-    measure the difference that (a) could only afford a handful of seeds for.
+    measure the difference that (a) could only afford a handful of seeds for. The float16
+    cache is (b)'s, reused from `float16_store`.
     """
     from classifiers.training import fit_head
     from store.store import Store
 
+    float32_store = WORK / "stores" / f"paper-{name}-float32"
+    shutil.rmtree(float32_store, ignore_errors=True)
     accuracies: dict[str, list[float]] = {}
-    for dtype in ("float32", "float16"):
-        store_dir = WORK / "stores" / f"paper-{name}-storage-{dtype}"
-        shutil.rmtree(store_dir, ignore_errors=True)
+    for dtype, store_dir in (("float32", float32_store), ("float16", float16_store)):
         store = Store(store_dir)
         cache = extract_cache(folder, settings, store, dtype)
         accuracies[dtype] = []
@@ -178,10 +179,11 @@ def compare(name: str, settings: dict, images: int, epochs: int, repeats: int,
     reproduce (a) seed for seed, its paired float16 - float32 difference judges the accuracy,
     else the (b) - (a) differences of the `repeats` runs do."""
     folder = subset(images)
+    store_dir = WORK / "stores" / f"paper-{name}"
     runs = []
     for r in range(repeats):
         log(f"paper {name} rep {r}: (b) headstart on {images} images")
-        b = headstart(folder, settings, epochs, WORK / "stores" / f"paper-{name}", seed=r)
+        b = headstart(folder, settings, epochs, store_dir, seed=r)
         log(f"paper {name} rep {r}: (b) {b['seconds']:.1f} s, test {b['test_accuracy']:.4f}; "
             "(a) the paper's recipe")
         a = paper_recipe(folder, settings, epochs, seed=r)
@@ -198,7 +200,7 @@ def compare(name: str, settings: dict, images: int, epochs: int, repeats: int,
     b_accuracy = median([x["b"]["test_accuracy"] for x in runs])
     paired = paired_difference([x["b"]["test_accuracy"] - x["a"]["test_accuracy"] for x in runs])
     storage = (storage_effect(folder, settings, epochs, max(seeds, repeats), name,
-                              [x["a"] for x in runs]) if seeds else None)
+                              [x["a"] for x in runs], store_dir) if seeds else None)
     judged = storage["paired"] if storage and all(storage["reproduces_a"]) else paired
     return {
         "images": images, "epochs": epochs, "repeats": repeats,

@@ -32,10 +32,9 @@ def _paired(d: dict, what: str) -> str:
     """A paired accuracy difference: mean, 95 % interval, and the equality test."""
     if d.get("lower") is None:
         return f"{d['mean']:+.4f} ({what}, {d['runs']} seeds: too few to test equality)"
-    margin = d.get("margin", 0.005)
     return (f"{d['mean']:+.4f}, 95 % interval {d['lower']:+.4f} to {d['upper']:+.4f} ({what} per "
             f"seed, {d['runs']} seeds; equal or better when the interval's lower end is above "
-            f"-{margin})")
+            f"-{d['margin']})")
 
 
 def _paper_section(name: str, p: dict) -> list[str]:
