@@ -57,3 +57,16 @@ def save_png(image: Image.Image, path: Path) -> Path:
     with atomic_path(path) as temporary:
         image.save(temporary, format="PNG")
     return path
+
+
+def write_augmentation_grid(dataset: str, backbone: str, image_size: int,
+                            augmentation: Augmentation, count: int, views: int, path: Path,
+                            test_fraction: float = 0.2) -> Path:
+    """Open `dataset`, draw the grid with `backbone`'s preprocessing at `image_size`, save it."""
+    from extract.backbones import get_backbone
+    from extract.datasets import open_dataset
+
+    preprocessing = get_backbone(backbone).preprocessing(image_size)
+    grid = augmentation_grid(open_dataset(dataset, test_fraction), preprocessing, augmentation,
+                             count, views)
+    return save_png(grid, path)

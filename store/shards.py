@@ -196,6 +196,18 @@ class MergeResult:
     reused: bool = False
     removed: list[Path] = field(default_factory=list)
 
+    def lines(self) -> list[str]:
+        """What the merge made and where, as the CLI prints it."""
+        cache = self.cache
+        rows = ", ".join(f"{n} {r}" for n, r in cache.split_sizes.items())
+        verb = "Already merged:" if self.reused else f"Merged {self.shards} shards into"
+        lines = [f"{verb} cache {cache.name} ({cache.short_id}), {rows} rows x {cache.width} "
+                 f"({cache.dtype}); written to {cache.path}"]
+        if self.removed:
+            lines.append(f"Removed {len(self.removed)} shard files (use --keep-shards to keep "
+                         "them).")
+        return lines
+
 
 def merge_shards(store: Store, selector: str | None = None, keep_shards: bool = False
                  ) -> list[MergeResult]:
