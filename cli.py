@@ -50,6 +50,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _version(asked: bool) -> None:
+    if asked:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("headstart")
+        except metadata.PackageNotFoundError:
+            version = "not installed (run from a checkout)"
+        print(f"headstart {version}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print headstart's version and exit.")) -> None:
+    """Cache frozen backbone features in HDF5 once; train heads on them in seconds."""
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 220)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -538,6 +556,9 @@ def serve(
     max_batch: int = typer.Option(32, min=1, help="Most images per backbone batch."),
     max_wait_ms: float = typer.Option(5.0, min=0, help="Longest wait to fill a batch."),
     max_queue: int = typer.Option(256, min=1, help="Queued images before answering 503."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host "
+                                  "without a token."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No access log line per request."),
     weights: Optional[str] = WeightsOption,
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
@@ -556,7 +577,7 @@ def serve(
             service=ServiceSettings(max_body_bytes=int(max_body_mb * 1024 * 1024),
                                     body_timeout_s=body_timeout, token=token,
                                     batching=BatchSettings(max_batch, max_wait_ms, max_queue)),
-        ), announce=err.print)
+            insecure=insecure), announce=err.print, access_log=None if quiet else err.print)
 
 
 @app.command()
@@ -698,15 +719,20 @@ def use(
 
 
 @app.command()
-def backbones() -> None:
-    """List the registered backbones with input size and feature width."""
+def backbones(store: Optional[Path] = StoreOption) -> None:
+    """List the registered backbones: input sizes, feature width (per alpha) and preprocessing.
+
+    Every command takes --store; this one lists what any store can use.
+    """
     from extract.backbones import backbone_names, get_backbone
 
-    table = Table("backbone", "native size", "min size", "avg/max width", "alpha", "preprocess_input")
+    table = Table("backbone", "native size", "min size", "avg/max width (per alpha)",
+                  "preprocess_input")
     for name in backbone_names():
         b = get_backbone(name)
-        table.add_row(name, str(b.native_size), str(b.min_size), str(b.width),
-                      ",".join(str(a) for a in b.alphas) or "-",
+        widths = (", ".join(f"{b.feature_width(a)} (a={a})" for a in b.alphas) if b.alphas
+                  else str(b.width))
+        table.add_row(name, str(b.native_size), str(b.min_size), widths,
                       b.preprocessing(b.native_size).preprocess_input)
     out.print(table)
 

@@ -303,3 +303,33 @@ def test_an_unexpected_exception_is_one_sentence(tmp_path: Path, monkeypatch) ->
     assert_clean_error(result, "unexpected ZeroDivisionError: division by zero", "HEADSTART_DEBUG")
     monkeypatch.setenv("HEADSTART_DEBUG", "1")
     assert isinstance(run_cli("list", "--store", str(tmp_path)).exception, ZeroDivisionError)
+
+
+def test_backbones_version_and_store(tmp_path: Path) -> None:
+    listed = run_cli("backbones", "--store", str(tmp_path))
+    assert listed.exit_code == 0 and "256 (a=0.25)" in listed.output
+    assert "1024 (a=1.0)" in listed.output
+    version = run_cli("--version")
+    assert version.exit_code == 0 and version.output.startswith("headstart ")
+
+
+def _serve(store: Path, *options: str):
+    return run_cli("serve", "--head", "logreg", "--store", str(store), *options)
+
+
+def test_serve_refuses_unsafe_or_impossible_start_ups(fitted_store, monkeypatch) -> None:
+    """Each is refused in one sentence before the model loads or anything listens."""
+    store, _ = fitted_store
+    monkeypatch.delenv("HEADSTART_TOKEN", raising=False)
+    assert_clean_error(_serve(store, "--token", ""), "token is empty")
+    monkeypatch.setenv("HEADSTART_TOKEN", "  ")
+    assert_clean_error(_serve(store), "token is empty")
+    monkeypatch.delenv("HEADSTART_TOKEN")
+    assert_clean_error(_serve(store, "--host", "0.0.0.0"), "--token", "--insecure")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = _serve(store, "--port", str(port))
+    assert_clean_error(result, f"Port {port} on 127.0.0.1 is already in use")
+    assert "Serving" not in result.output
