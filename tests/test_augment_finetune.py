@@ -233,3 +233,13 @@ def test_batch_norm_statistics_do_not_change(finetuned) -> None:
         elif not same:
             changed.append(a.name)
     assert set(changed) == set(result.record["unfrozen_layers"])
+
+
+def test_show_augment_takes_its_rows_across_the_classes() -> None:
+    from extract.preview import _across_classes
+
+    labels = np.repeat(np.arange(4), 5)  # sorted by class, as folder datasets list them
+    rows = _across_classes(labels, 6)
+    assert [int(labels[r]) for r in rows] == [0, 1, 2, 3, 0, 1]
+    assert rows == [0, 5, 10, 15, 1, 6]
+    assert _across_classes(np.array([2, 2, 2]), 8) == [0, 1, 2]
