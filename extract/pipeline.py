@@ -5,13 +5,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from functools import cached_property
 from importlib import metadata
 from typing import Any, Callable, Iterator
@@ -28,6 +26,7 @@ from store import layout
 from store.cache import FeatureCache
 from store.errors import HeadstartError
 from store.fingerprint import fingerprint
+from store.format import CacheAttributes, utc_now
 from store.partial import PartialCache, Segment
 from store.store import Store
 
@@ -234,7 +233,7 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
         dataset = plan.dataset
         partial.assemble(
             store.cache_path(key),
-            attrs={**_cache_attrs(plan), **(shard.attrs() if shard else {})},
+            _cache_attributes(plan),
             class_names=dataset.class_names,
             split_ids={s: dataset.splits[s].ids for s in plan.splits},
             split_labels={s: dataset.splits[s].labels for s in plan.splits},
@@ -514,28 +513,21 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _cache_attrs(plan: ExtractionPlan) -> dict[str, Any]:
-    attrs: dict[str, Any] = {"kind": "features"}
-    if plan.augmentation is not None and plan.base is not None:
-        attrs = {"kind": "views", "parent": plan.base.fingerprint, "view": plan.view,
-                 "augmentation": json.dumps(plan.augmentation.to_dict())}
-    if plan.lineage:
-        attrs["lineage"] = json.dumps(plan.lineage)
-    return {
-        **attrs,
-        "encoding-type": layout.ENCODING_TYPE,
-        "encoding-version": layout.ENCODING_VERSION,
-        "fingerprint": plan.fingerprint,
-        "inputs": json.dumps(plan.inputs),
-        "preprocessing": json.dumps(plan.preprocessing.to_dict()),
-        "dataset": plan.dataset.name,
-        "source": json.dumps(plan.dataset.source),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "libraries": json.dumps(library_versions()),
-        # Since format 1.1: where a weights file was read, so predict/serve/export can rebuild the
-        # backbone without being told (the fingerprint still records only the file's digest).
-        "weights-path": str(plan.weights.path) if plan.weights.path else "",
-    }
+def _cache_attributes(plan: ExtractionPlan) -> CacheAttributes:
+    """The root attributes of the plan's cache file (the store owns their names)."""
+    views = plan.augmentation is not None and plan.base is not None
+    shard = plan.dataset.shard
+    return CacheAttributes(
+        fingerprint=plan.fingerprint, inputs=plan.inputs,
+        preprocessing=plan.preprocessing.to_dict(), dataset=plan.dataset.name,
+        source=plan.dataset.source, created=utc_now(), libraries=library_versions(),
+        weights_path=str(plan.weights.path) if plan.weights.path else None,
+        kind="shard" if shard else "views" if views else "features",
+        parent=plan.base.fingerprint if views and plan.base else None,
+        view=plan.view if views else None,
+        augmentation=plan.augmentation.to_dict() if views and plan.augmentation else None,
+        lineage=plan.lineage or None, shard=shard.info() if shard else None,
+    )
 
 
 def extract_views(plan: ExtractionPlan, augmentation: Augmentation, count: int, store: Store,
