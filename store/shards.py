@@ -2,10 +2,9 @@
 
 A shard `i/N` holds the samples whose id hashes to part i of N (adding files never moves the
 others). It is its own file, `STORE/caches/<fingerprint>.shard-000i-of-000N.h5` (while running:
-`.partial/` beside it), with the layout of a cache plus, per split, `rows` (each row's index in
-the full split) and `/skipped/row`; its attrs carry the FULL cache fingerprint, `kind` = "shard"
-and `shard` (JSON: index, count, full split sizes, a digest of the full split's ids in order).
-Its name is not a bare fingerprint, so the store never takes it for a cache.
+`.partial/` beside it) of kind "shard" (docs/format.md: the FULL cache's fingerprint, and each
+row's index in the full split). Its name is not a bare fingerprint, so the store never takes it
+for a cache.
 
 `merge_shards` checks a set (all N present and finished, one fingerprint, every sample exactly
 once, in the right shard) and copies it into one ordinary cache whose rows are in the order a
