@@ -67,3 +67,21 @@ def test_every_attribute_survives_a_round_trip() -> None:
     assert set(attrs) == set(ATTRIBUTE_NAMES.values()) | {"future-attribute"}
     again = CacheAttributes.from_attrs(attrs)
     assert again == record and again.extra == record.extra and again.image_size == 32
+
+
+def test_the_checker_names_what_a_file_breaks(tmp_path: Path) -> None:
+    from store.arrays import write_array_cache
+    from store.check import layout_problems
+
+    rng = np.random.default_rng(1)
+    cache = write_array_cache(Store(tmp_path), "toy", ["a", "b"], {
+        "train": ([f"t{i}" for i in range(4)], rng.integers(0, 2, 4), [rng.normal(size=(4, 3))]),
+    }, block_rows=4)
+    with h5py.File(cache.path, "r") as handle:
+        assert layout_problems(handle, cache.attributes, 2) == ([], 4)
+        as_views = cache.attributes.replace(kind="views", view=0)
+        assert layout_problems(handle, as_views, 2)[0] == [
+            "is a views file without its parent, augmentation attribute", "has no train/views"]
+    with h5py.File(cache.path, "r+") as handle:
+        del handle["skipped/reason"]
+        assert layout_problems(handle, cache.attributes, 2)[0] == ["has no complete /skipped group"]
