@@ -19,7 +19,7 @@ from classifiers.persistence import ENSEMBLE_KIND, load_fitted_head
 from classifiers.training import head_proba
 from extract.rebuild import cache_feature_model, cache_weights
 from extract.images import BadImage, is_image_file
-from extract.pipeline import forward_function
+from extract.forward import forward_function
 from extract.preprocessing import Preprocessing
 from store.cache import FeatureCache
 from store.errors import HeadstartError
