@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from store import layout
-from store.errors import HeadstartError
+from store.errors import HeadstartError, command
 from store.format import CacheAttributes
 
 
@@ -35,8 +35,8 @@ class FeatureCache:
                 self.skipped_count = int(handle["skipped"]["id"].shape[0])
         except (OSError, KeyError) as error:
             raise HeadstartError(
-                f"{self.path} is not a readable headstart cache ({error}); 'python cli.py verify "
-                "--fix' removes it.") from None
+                f"{self.path} is not a readable headstart cache ({error}); "
+                f"'{command('verify --fix')}' removes it.") from None
         #: Every root attribute, as one typed record (docs/format.md).
         self.attributes = CacheAttributes.from_attrs(attrs)
         record = self.attributes
@@ -73,8 +73,8 @@ class FeatureCache:
                 columns = [group[name].asstr()[...] for name in ("split", "id", "reason")]
         except (OSError, KeyError) as error:
             raise HeadstartError(
-                f"{self.path} is not a readable headstart cache ({error}); 'python cli.py verify "
-                "--fix' removes it.") from None
+                f"{self.path} is not a readable headstart cache ({error}); "
+                f"'{command('verify --fix')}' removes it.") from None
         return [{"split": s, "id": i, "reason": r} for s, i, r in zip(*columns)]
 
     def _check_format(self, attrs: dict[str, Any]) -> None:

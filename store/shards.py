@@ -26,9 +26,10 @@ import h5py
 import numpy as np
 
 from store.cache import FeatureCache
-from store.errors import HeadstartError
+from store.errors import HeadstartError, command
 from store.fingerprint import unit_fraction
 from store.format import utc_now
+from store.selection import matching
 from store.store import Store
 from store.writer import write_cache
 
@@ -167,12 +168,10 @@ def select_sets(store: Store, selector: str | None) -> list[ShardSet]:
     sets = shard_sets(store)
     if not sets:
         raise HeadstartError(f"Store {store.root} holds no shards; make them with "
-                             "'python cli.py extract DATASET ... --shard i/N'.")
+                             f"'{command('extract DATASET ... --shard i/N')}'.")
     if selector is None:
         return sets
-    chosen = [s for s in sets if s.name() == selector]
-    if not chosen and re.fullmatch(r"[0-9a-fA-F]{4,64}", selector):
-        chosen = [s for s in sets if s.fingerprint.startswith(selector.lower())]
+    chosen = matching(sets, selector, lambda s: s.name(), lambda s: s.fingerprint)
     if not chosen:
         known = ", ".join(f"{s.name()} ({s.short_id})" for s in sets)
         raise HeadstartError(f"No shards match {selector!r}; shards in this store are of: {known}.")

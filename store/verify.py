@@ -30,6 +30,7 @@ from store.errors import HeadstartError
 from store.fingerprint import digest_file
 from store.heads import HEAD_FORMAT
 from store.shards import SHARD_NAME
+from store.selection import matching
 from store.store import Store, expand_path
 
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")
@@ -101,19 +102,17 @@ def _select(store: Store, files: list[Path], selector: str) -> list[Path]:
     as_path = expand_path(selector)
     if as_path.suffix == ".h5" and as_path.is_file():
         return [as_path]
-    matches = [p for p in files if p.stem.startswith(selector.lower())]
-    if not matches:
-        matches = [p for p in files if _name_of(p) == selector]
+    matches = matching(files, selector, _name_of, lambda p: p.stem)
     if not matches:
         raise HeadstartError(f"No cache file in {store.caches_dir} matches {selector!r}.")
     return matches
 
 
-def _name_of(path: Path) -> str | None:
+def _name_of(path: Path) -> str:
     try:
         return FeatureCache(path).name
     except (HeadstartError, KeyError, ValueError):
-        return None
+        return ""
 
 
 # --- caches ---------------------------------------------------------------------------------

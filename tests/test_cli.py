@@ -236,7 +236,7 @@ def test_fixed_choices_are_the_librarys() -> None:
     from classifiers.combine import METHODS
     from classifiers.export import FORMATS, QUANTIZATIONS
     from extract.backbones import POOLINGS
-    from extract.pipeline import PRECISIONS
+    from extract.compute import PRECISIONS
     from extract.run import ENGINES
     from store.layout import FEATURE_DTYPES
 
