@@ -35,7 +35,7 @@ from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from extract.augment import Augmentation  # noqa: E402
-from store.errors import HeadstartError, set_program  # noqa: E402
+from store.errors import HeadstartError, Interrupted, set_program  # noqa: E402
 from store.store import STORE_ENV, Store, is_disk_full  # noqa: E402
 from classifiers.summaries import (MEMBER_COLUMNS, PER_CLASS_COLUMNS, TRIAL_COLUMNS,  # noqa: E402
                                    confusion_rows, ensemble_lines, ensemble_rows, fitted_lines,
@@ -131,8 +131,11 @@ def user_errors() -> Iterator[None]:
     except OSError as error:  # the system refused (a path too long, no permission, disk full)
         err.print(f"[red]Error:[/red] {escape(os_error_sentence(error))}")
         raise typer.Exit(1) from None
+    except Interrupted as interrupted:  # work that keeps what it finished says what it kept
+        err.print(escape(str(interrupted)))
+        raise typer.Exit(130) from None
     except KeyboardInterrupt:
-        err.print("Interrupted. Finished work is kept; run the same command again to resume.")
+        err.print("Interrupted; nothing was saved.")
         raise typer.Exit(130) from None
     except Exception as error:  # a bug: still one sentence, with the way to see the traceback
         if os.environ.get(DEBUG_ENV):

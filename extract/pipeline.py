@@ -17,7 +17,7 @@ from extract.forward import forward_function
 from extract.images import BadImage
 from extract.plan import ExtractionPlan
 from store.cache import FeatureCache
-from store.errors import HeadstartError
+from store.errors import HeadstartError, Interrupted
 from store.partial import PartialCache, Segment
 from store.store import Store
 
@@ -68,6 +68,13 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
             if partial.is_empty():
                 partial.remove()
             raise
+        except KeyboardInterrupt:
+            kept, total = _finished_rows(plan, partial)
+            raise Interrupted(
+                f"Interrupted. Kept {kept} of {total} images in finished segments of cache "
+                f"{plan.fingerprint[:12]}; run the same command again to resume from them."
+                if kept else f"Interrupted before the first segment of cache "
+                f"{plan.fingerprint[:12]} was finished; nothing was kept.") from None
         dataset = plan.dataset
         partial.assemble(
             store.cache_path(key),
@@ -84,6 +91,18 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
     cache = FeatureCache(store.cache_path(key))
     return ExtractionResult(cache, reused=False, computed=computed, seconds=seconds,
                             cpu_seconds=cpu_seconds)
+
+
+def _finished_rows(plan: ExtractionPlan, partial: PartialCache) -> tuple[int, int]:
+    """Rows of the plan's splits held by finished segments, and rows in all."""
+    kept = total = 0
+    for split in plan.splits:
+        rows = len(plan.dataset.splits[split])
+        total += rows
+        for k in range(partial.segment_count(rows)):
+            if partial.has_segment(split, k):
+                kept += len(_segment_rows(plan, partial, split, k))
+    return kept, total
 
 
 def _finished(plan: ExtractionPlan, store: Store, remove_leftovers: bool = True

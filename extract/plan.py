@@ -22,6 +22,9 @@ from store.format import CacheAttributes, utc_now
 #: Bytes of decoded images one segment may hold; segments are also the unit of resume.
 SEGMENT_BYTES = 1 << 26
 MAX_SEGMENT_SIZE = 2048
+#: The largest split is cut into at least this many segments (of whole batches), so that an
+#: interruption of a small extraction loses about 1/8 of it at most, not all of it.
+SEGMENTS_PER_SPLIT = 8
 LIBRARIES = ("headstart", "tensorflow", "keras", "h5py", "numpy", "pillow", "scikit-learn")
 
 
@@ -108,14 +111,18 @@ class ExtractionPlan:
 
     @property
     def segment_size(self) -> int:
-        """Samples per segment: about SEGMENT_BYTES of decoded images, whole batches (whole
-        augmentation chunks for views)."""
+        """Samples per segment: whole batches (whole augmentation chunks for views), at most
+        about SEGMENT_BYTES of decoded images and about 1/SEGMENTS_PER_SPLIT of the largest
+        split. Batches are the same whatever the segment size, so the cache's bytes are too."""
         per_image = self.image_size * self.image_size * 3
         if self.augmentation is not None:  # whole augmentation chunks, so views never depend on it
             chunks = max(1, SEGMENT_BYTES // (per_image * AUGMENT_CHUNK))
             return min(max(1, MAX_SEGMENT_SIZE // AUGMENT_CHUNK), chunks) * AUGMENT_CHUNK
         batches = max(1, SEGMENT_BYTES // (per_image * self.batch_size))
-        return min(MAX_SEGMENT_SIZE, batches * self.batch_size) or self.batch_size
+        largest = max((len(self.dataset.splits[s]) for s in self.splits), default=0)
+        share = -(-largest // SEGMENTS_PER_SPLIT)
+        by_rows = max(1, -(-share // self.batch_size)) * self.batch_size
+        return min(MAX_SEGMENT_SIZE, batches * self.batch_size, by_rows) or self.batch_size
 
     def cache_attributes(self) -> CacheAttributes:
         """The root attributes of this plan's cache file (the store owns their names)."""

@@ -12,6 +12,10 @@ class HeadstartError(Exception):
     """
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during work that keeps what it finished; the message says what was kept."""
+
+
 def command(arguments: str) -> str:
     """A command line as a message suggests it: the program's name, then `arguments`."""
     return f"{PROGRAM[0]} {arguments}"
