@@ -201,28 +201,47 @@ class Store:
         write_text(self.pin_path, cache.fingerprint + "\n")
         return cache
 
+    def lock_path(self, fingerprint: str) -> Path:
+        """The lock file of one cache: it exists only while a writer holds it (or a writer
+        was killed; `stale_locks` lists those)."""
+        return self.caches_dir / f"{fingerprint}.lock"
+
     def is_being_written(self, fingerprint: str) -> bool:
         """True when another process holds the write lock of this cache right now."""
-        lock_path = self.caches_dir / f"{fingerprint}.lock"
-        if not lock_path.exists():
+        try:
+            descriptor = os.open(self.lock_path(fingerprint), os.O_RDONLY)
+        except OSError:
             return False
-        with open(lock_path, "a+") as handle:
-            if not _try_lock(handle.fileno()):
+        try:
+            if not _try_lock(descriptor):
                 return True
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(descriptor)
+
+    def stale_locks(self) -> list[Path]:
+        """Lock files no process holds: left by a writer that was killed."""
+        if not self.caches_dir.is_dir():
+            return []
+        return [p for p in sorted(self.caches_dir.glob("*.lock"))
+                if not self.is_being_written(p.name.removesuffix(".lock"))]
+
+    def remove_stale_lock(self, path: Path) -> bool:
+        """Delete a lock file if no process holds it (under the lock itself); True if removed."""
+        try:
+            with self._locked(path, wait_message=None):
+                return True
+        except (HeadstartError, OSError):
             return False
 
     @contextlib.contextmanager
     def writing(self, fingerprint: str) -> Iterator[None]:
         """Hold the write lock of one cache; a second writer stops with a clear message."""
         self.caches_dir.mkdir(parents=True, exist_ok=True)
-        lock_path = self.caches_dir / f"{fingerprint}.lock"
-        with open(lock_path, "a+") as handle:
-            if not _try_lock(handle.fileno()):
-                raise HeadstartError(
-                    f"Another headstart process is writing cache {fingerprint[:12]} right "
-                    "now; wait for it to finish (its work will be reused)."
-                )
+        message = (f"Another headstart process is writing cache {fingerprint[:12]} right now; "
+                   "wait for it to finish (its work will be reused).")
+        with self._locked(self.lock_path(fingerprint), message):
             try:
                 # Only a killed writer of this cache can have left its temporary files.
                 for stale in self.caches_dir.glob(f".{fingerprint}.tmp-*"):
@@ -236,8 +255,31 @@ class Store:
                     f"{fingerprint[:12]} is kept, so free some space and run the same command "
                     "again to resume."
                 ) from None
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _locked(self, path: Path, wait_message: str | None) -> Iterator[None]:
+        """Hold an exclusive flock on `path`, and remove the file when done (while still
+        holding it). A lock taken on a file another process has just removed is retried, so
+        two writers never hold locks on different files of one name."""
+        while True:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _try_lock(descriptor):
+                os.close(descriptor)
+                raise HeadstartError(wait_message or f"{path} is held by another process.")
+            try:
+                same = os.fstat(descriptor).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(descriptor)  # removed (or replaced) by the previous holder: take the new one
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+            os.close(descriptor)
 
 
 def _try_lock(descriptor: int) -> bool:

@@ -333,3 +333,23 @@ def test_serve_refuses_unsafe_or_impossible_start_ups(fitted_store, monkeypatch)
         result = _serve(store, "--port", str(port))
     assert_clean_error(result, f"Port {port} on 127.0.0.1 is already in use")
     assert "Serving" not in result.output
+
+
+def test_a_single_class_dataset_is_refused_at_extract(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "one", {"cat": 6})
+    store = tmp_path / "store"
+    result = run_cli("extract", str(root), *MINI_ARGS[:-3], "--store", str(store))
+    assert_clean_error(result, "holds one class folder (cat)", "at least two classes")
+    assert not (store / "caches").exists() or not any((store / "caches").iterdir())
+
+
+def test_messages_name_the_path_as_typed_not_its_symlink_target(tmp_path: Path) -> None:
+    real = tmp_path / "real-folder"
+    (real / "nothing-here").mkdir(parents=True)
+    (real / "nothing-here" / "notes.txt").write_text("x")
+    link = tmp_path / "my-link"
+    link.symlink_to(real)
+    (real / "nothing-here").rename(real / "empty")
+    result = run_cli("extract", str(tmp_path / "my-link" / "empty"), "--store", str(tmp_path / "s"))
+    sentence = assert_clean_error(result, str(link / "empty"))
+    assert "real-folder" not in sentence
