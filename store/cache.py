@@ -97,9 +97,17 @@ class FeatureCache:
         """The first 12 hex digits of the fingerprint, as shown to users."""
         return self.fingerprint[:12]
 
-    @cached_property
+    #: The name the user gave the cache in its store (extract --name), if any.
+    alias: str | None = None
+
+    @property
     def name(self) -> str:
-        """A readable name: dataset, backbone, alpha, size and pooling."""
+        """How the cache is shown and named: the user's name for it, else `generated_name`."""
+        return self.alias or self.generated_name
+
+    @cached_property
+    def generated_name(self) -> str:
+        """A readable name made from dataset, backbone, alpha, weights, size and pooling."""
         inputs = self.inputs
         backbone = inputs["backbone"]
         if inputs.get("alpha") is not None:

@@ -7,12 +7,14 @@
                                          taken for a cache; `merge` makes the cache from them
     STORE/heads/<fingerprint[:16]>/      fitted heads of that cache (model file + JSON sidecar)
     STORE/default-cache                  the pinned default cache's fingerprint (optional)
+    STORE/cache-names.json               names users gave caches (extract --name), by fingerprint
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import fcntl
 import os
 import re
@@ -26,6 +28,8 @@ from store.errors import HeadstartError, command
 from store.selection import matching
 
 STORE_ENV = "HEADSTART_STORE"
+CACHE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+FINGERPRINT_PREFIX = re.compile(r"[0-9a-fA-F]{4,64}")
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -84,7 +88,51 @@ class Store:
     def finished(self, fingerprint: str) -> FeatureCache | None:
         """The finished cache with this fingerprint, if there is one."""
         path = self.cache_path(fingerprint)
-        return FeatureCache(path) if path.is_file() else None
+        return self._with_alias(FeatureCache(path)) if path.is_file() else None
+
+    # --- names the user gives caches -------------------------------------------------------------
+
+    @property
+    def names_path(self) -> Path:
+        """The JSON file mapping fingerprints to the names users gave their caches."""
+        return self.root / "cache-names.json"
+
+    def aliases(self) -> dict[str, str]:
+        """fingerprint -> the user's name for that cache."""
+        try:
+            names = json.loads(self.names_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return {k: str(v) for k, v in names.items()} if isinstance(names, dict) else {}
+
+    def check_cache_name(self, name: str, fingerprint: str | None = None) -> None:
+        """Refuse a name that is not allowed, or that another cache than `fingerprint` has."""
+        if not CACHE_NAME.fullmatch(name) or FINGERPRINT_PREFIX.fullmatch(name):
+            raise HeadstartError(
+                f"Cache name {name!r} is not allowed; use up to 64 letters, digits, '_', '.' or "
+                "'-', not only hex digits (those name fingerprints).")
+        owner = next((fp for fp, given in self.aliases().items() if given == name), None)
+        if owner is not None and owner != fingerprint and fingerprint is not None:
+            raise HeadstartError(f"The name {name!r} is taken by cache {owner[:12]}; choose "
+                                 "another.")
+
+    def name_cache(self, cache: FeatureCache, name: str) -> FeatureCache:
+        """Give `cache` a name every command accepts for it; a name another cache has is
+        refused (rename that one first)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._locked(self.root / "cache-names.lock", "Another headstart process is "
+                          "naming a cache right now; try again in a moment."):
+            self.check_cache_name(name, cache.fingerprint)
+            names = self.aliases()
+            names[cache.fingerprint] = name
+            write_text(self.names_path, json.dumps(names, indent=2, sort_keys=True))
+        cache.alias = name
+        return cache
+
+    def _with_alias(self, cache: FeatureCache, names: dict[str, str] | None = None
+                    ) -> FeatureCache:
+        cache.alias = (self.aliases() if names is None else names).get(cache.fingerprint)
+        return cache
 
     def reusable(self, fingerprint: str) -> FeatureCache | None:
         """The finished cache with this fingerprint, for a writer about to reuse it instead of
@@ -98,7 +146,8 @@ class Store:
         """Every finished cache, oldest first (by creation, then by when its file was finished)."""
         if not self.caches_dir.is_dir():
             return []
-        found = [FeatureCache(p) for p in self.caches_dir.glob("*.h5")
+        names = self.aliases()
+        found = [self._with_alias(FeatureCache(p), names) for p in self.caches_dir.glob("*.h5")
                  if re.fullmatch(r"[0-9a-f]{64}", p.stem)]
         return sorted(found, key=lambda c: (c.created, c.path.stat().st_mtime_ns, c.fingerprint))
 

@@ -105,7 +105,9 @@ def _select(store: Store, files: list[Path], selector: str) -> list[Path]:
     as_path = expand_path(selector)
     if as_path.suffix == ".h5" and as_path.is_file():
         return [as_path]
-    matches = matching(files, selector, _name_of, lambda p: p.stem)
+    names = store.aliases()
+    matches = matching(files, selector, lambda p: names.get(p.stem) or _name_of(p),
+                       lambda p: p.stem)
     if not matches:
         raise HeadstartError(f"No cache file in {store.caches_dir} matches {selector!r}.")
     return matches

@@ -353,3 +353,24 @@ def test_messages_name_the_path_as_typed_not_its_symlink_target(tmp_path: Path) 
     result = run_cli("extract", str(tmp_path / "my-link" / "empty"), "--store", str(tmp_path / "s"))
     sentence = assert_clean_error(result, str(link / "empty"))
     assert "real-folder" not in sentence
+
+
+def test_caches_take_readable_names(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    base = ["extract", str(MINI), *MINI_ARGS[:-3], "--quiet", "--store", str(store)]
+    made = run_cli(*base, "--image-size", "32", "--name", "mini32")
+    assert made.exit_code == 0, made.output
+    listing = json.loads(run_cli("list", "--json", "--store", str(store)).output)
+    assert [c["name"] for c in listing["caches"]] == ["mini32"]
+    assert run_cli("fit", "--head", "logreg", "--cache", "mini32", "--store", str(store)).exit_code == 0
+    verified = run_cli("verify", "mini32", "--store", str(store))
+    assert verified.exit_code == 0 and "Checked 1 caches" in verified.output
+    before = snapshot(store)
+    assert_clean_error(run_cli(*base, "--image-size", "40", "--name", "mini32"),
+                       "The name 'mini32' is taken by cache")
+    assert snapshot(store) == before  # refused before the backbone pass
+    assert_clean_error(run_cli(*base, "--image-size", "32", "--name", "beef01"),
+                       "not only hex digits")
+    renamed = run_cli(*base, "--image-size", "32", "--name", "mini-small")  # reused, renamed
+    assert renamed.exit_code == 0 and "Reused cache mini-small" in renamed.output
+    assert run_cli("evaluate", "--cache", "mini-small", "--store", str(store)).exit_code == 0
