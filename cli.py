@@ -380,8 +380,8 @@ def finetune(
 
     Example: python cli.py finetune --head mlp --unfreeze 2 --epochs 3
     """
-    from classifiers.finetune import FinetuneSettings, finetune as run_finetune, parse_unfreeze
-    from classifiers.finetune import print_progress_note
+    from endtoend.finetune import FinetuneSettings, finetune as run_finetune, parse_unfreeze
+    from endtoend.finetune import print_progress_note
 
     with user_errors():
         the_store = Store(store)
@@ -552,7 +552,7 @@ def predict(
 
     Example: python cli.py predict photo.jpg more_photos/ 'shots/*.png' --head mlp --top 3
     """
-    from extract.predict import collect_inputs, open_predictor, predict_files
+    from endtoend.predict import collect_inputs, open_predictor, predict_files
 
     if output not in ("table", "csv", "json"):
         raise typer.BadParameter("--format must be table, csv or json.")
@@ -645,7 +645,7 @@ def export(
 
     Example: python cli.py export --head mlp --format tflite --quantize int8
     """
-    from classifiers.export import FORMATS, QUANTIZATIONS, export_head
+    from endtoend.export import FORMATS, QUANTIZATIONS, export_head
 
     with user_errors():
         variants, folder = export_head(Store(store), cache, head, formats or list(FORMATS),
@@ -673,7 +673,7 @@ def report(
 
     Example: python cli.py report --head mlp
     """
-    from classifiers.report import write_report
+    from endtoend.report import write_report
 
     with user_errors():
         page = write_report(Store(store), cache, head, out_dir)

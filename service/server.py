@@ -29,7 +29,7 @@ def serve(options: ServerOptions, announce=print) -> None:
     """Load the model once, then serve until interrupted."""
     import uvicorn
 
-    from extract.predict import open_predictor
+    from endtoend.predict import open_predictor
 
     if not 0 <= options.port <= 65535:
         raise HeadstartError(f"--port must be between 0 and 65535; got {options.port}.")

@@ -10,7 +10,8 @@ import classifiers.memory as memory
 from classifiers.memory import parse_size, plan_memory
 from classifiers.sources import CacheSet
 from classifiers.streaming import shuffled_batches
-from classifiers.training import fit_head, validation_mask
+from classifiers.training import fit_head
+from classifiers.validation import validation_mask
 from cli import app
 from store.errors import HeadstartError
 from store.store import Store
