@@ -47,7 +47,8 @@ class Predictor:
         self.backbones: dict[str, Any] = {}
         self._forward: dict[str, Any] = {}
         for cache in head.caches:
-            self._check_decoding(cache)
+            self._check_decoding(cache)  # all of them before the first backbone is built
+        for cache in head.caches:
             own = cache_weights(cache, weights if cache.fingerprint == self.cache.fingerprint
                                 else None)  # a file the user names is the home cache's
             self.backbones[cache.fingerprint] = cache_feature_model(cache, own)
