@@ -1,4 +1,6 @@
-"""headstart's command line: a thin typer app over the extract, store and classifiers packages.
+"""headstart's command line: a thin typer app over the store, extract, classifiers, endtoend and
+service packages. Each command parses its options, makes one library call and prints what it
+returns; progress goes to stderr, results to stdout.
 
     python cli.py extract cifar10          # one backbone pass, features cached in HDF5
     python cli.py fit --head mlp           # train a head on the cached features
@@ -20,22 +22,27 @@ import contextlib
 import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import typer  # noqa: E402
+from rich import box as boxes  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from extract.augment import Augmentation  # noqa: E402
-from store.errors import HeadstartError  # noqa: E402
+from store.errors import HeadstartError, Interrupted, set_program  # noqa: E402
 from store.store import STORE_ENV, Store, is_disk_full  # noqa: E402
+from classifiers.summaries import (MEMBER_COLUMNS, PER_CLASS_COLUMNS, TRIAL_COLUMNS,  # noqa: E402
+                                   confusion_rows, ensemble_lines, ensemble_rows, fitted_lines,
+                                   per_class_rows, report_title, trial_rows)
+from store.units import format_size  # noqa: E402
 
-if TYPE_CHECKING:
-    from classifiers.sources import CacheSet
+set_program("headstart" if Path(sys.argv[0]).name == "headstart" else "python cli.py")
 
 app = typer.Typer(
     help="Cache frozen backbone features in HDF5 once; train heads on them in seconds.",
@@ -43,8 +50,42 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _version(asked: bool) -> None:
+    if asked:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("headstart")
+        except metadata.PackageNotFoundError:
+            version = "not installed (run from a checkout)"
+        print(f"headstart {version}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print headstart's version and exit.")) -> None:
+    """Cache frozen backbone features in HDF5 once; train heads on them in seconds."""
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 220)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A str Enum of fixed choices, so that --help lists them and typer refuses typos."""
+    return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
+
+
+# The library's own tuples (tests/test_cli.py checks that these match them).
+Pooling = _choices("Pooling", ("avg", "max", "flatten"))
+Dtype = _choices("Dtype", ("float16", "float32"))
+Precision = _choices("Precision", ("float32", "mixed_float16", "mixed_bfloat16"))
+Engine = _choices("Engine", ("local", "ray"))
+Method = _choices("Method", ("greedy", "vote", "stack"))
+ExportFormat = _choices("ExportFormat", ("keras", "savedmodel", "tflite"))
+Quantization = _choices("Quantization", ("none", "float16", "dynamic", "int8"))
+Output = _choices("Output", ("table", "csv", "json"))
 
 StoreOption = typer.Option(
     None, "--store", envvar=STORE_ENV, help="Store folder (default: ~/.cache/headstart).",
@@ -52,8 +93,21 @@ StoreOption = typer.Option(
 )
 CacheOption = typer.Option(
     None, "--cache", help="Cache to use: a fingerprint prefix or a name from 'list' "
-    "(default: the most recently finished).",
+    "(default: the pinned cache, else the most recently finished).",
 )
+CachesOption = typer.Option(
+    [], "--cache", help="Cache to use (a fingerprint prefix or a name from 'list'); repeat it "
+    "to train on several caches of one dataset, features side by side (default: the pinned "
+    "cache, else the newest).",
+)
+BudgetOption = typer.Option(
+    None, "--memory-budget", help="Memory for the features, e.g. 256MB or 2GB; over it, mlp "
+    "and sgd stream from HDF5 (default: in memory if the features fit half the free RAM).",
+)
+HeadOption = typer.Option("mlp", "--head", help="Name of a fitted head (see 'list').")
+WeightsOption = typer.Option(
+    None, "--weights", help="The backbone weights file the cache was extracted with (default: "
+    "the path the cache recorded).")
 _AUGMENTATION = Augmentation()  # the paper's settings, the defaults of extract and show-augment
 AugRotationOption = typer.Option(_AUGMENTATION.rotation, help="Augmented views: rotation range, "
                                  "degrees.")
@@ -64,19 +118,11 @@ AugFlipOption = typer.Option(_AUGMENTATION.flip, help="Augmented views: random h
 AugContrastOption = typer.Option(_AUGMENTATION.contrast, help="Augmented views: contrast range "
                                  "(0 = off).")
 AugSeedOption = typer.Option(_AUGMENTATION.seed, help="Augmented views: seed.")
-CachesOption = typer.Option(
-    [], "--cache", help="Cache to use (a fingerprint prefix or a name from 'list'); repeat it "
-    "to train on several caches of one dataset, features side by side (default: the newest).",
-)
-BudgetOption = typer.Option(
-    None, "--memory-budget", help="Memory for the features, e.g. 256MB or 2GB; over it, mlp "
-    "and sgd stream from HDF5 (default: in memory if the features fit half the free RAM).",
-)
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn HeadstartError into one sentence on stderr and exit 1; Ctrl-C into exit 130."""
+    """HeadstartError and OS errors become one sentence on stderr and exit 1; Ctrl-C exits 130."""
     try:
         yield
     except HeadstartError as error:
@@ -85,9 +131,34 @@ def user_errors() -> Iterator[None]:
     except OSError as error:  # the system refused (a path too long, no permission, disk full)
         err.print(f"[red]Error:[/red] {escape(os_error_sentence(error))}")
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        err.print("Interrupted. Finished work is kept; run the same command again to resume.")
+    except Interrupted as interrupted:  # work that keeps what it finished says what it kept
+        err.print(escape(str(interrupted)))
         raise typer.Exit(130) from None
+    except KeyboardInterrupt:
+        err.print("Interrupted; nothing was saved.")
+        raise typer.Exit(130) from None
+    except Exception as error:  # a bug: still one sentence, with the way to see the traceback
+        if os.environ.get(DEBUG_ENV):
+            raise
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        err.print(f"[red]Error:[/red] unexpected {type(error).__name__}"
+                  f"{': ' + escape(first) if first else ''} (a bug in headstart: please report "
+                  f"it; set {DEBUG_ENV}=1 to see the traceback).")
+        raise typer.Exit(1) from None
+
+
+#: Set to 1 to let unexpected exceptions through with their traceback.
+DEBUG_ENV = "HEADSTART_DEBUG"
+WHY = {"--cache": "named by --cache", "pinned": "pinned with 'use'",
+       "newest": "the newest; pin another with 'use'"}
+
+
+def _chosen(the_store: Store, selector: Optional[str], say: bool = True):
+    """The cache a command works on; says on stderr which it is and why."""
+    cache, reason = the_store.resolve_cache(selector)
+    if say:
+        err.print(f"Cache {cache.name} ({cache.short_id}): {WHY[reason]}.")
+    return cache
 
 
 def os_error_sentence(error: OSError) -> str:
@@ -112,6 +183,10 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
     return options
 
 
+def _value(choice: Optional[Enum]) -> Optional[str]:
+    return None if choice is None else str(choice.value)
+
+
 @app.command()
 def extract(
     dataset: str = typer.Argument(..., help="A Keras dataset (cifar10, cifar100, mnist, "
@@ -121,14 +196,15 @@ def extract(
     alpha: Optional[float] = typer.Option(None, help="Width multiplier (MobileNet family)."),
     image_size: Optional[int] = typer.Option(None, help="Input size (default: the backbone's "
                                              "native size; 32 reproduces the paper)."),
-    pooling: str = typer.Option("avg", help="avg, max or flatten (the paper's Flatten)."),
-    dtype: str = typer.Option("float16", help="Stored feature type: float16 or float32."),
+    pooling: Pooling = typer.Option("avg", help="flatten is the paper's Flatten."),
+    dtype: Dtype = typer.Option("float16", help="Stored feature type."),
     batch_size: int = typer.Option(64, help="Images per backbone batch."),
     test_fraction: float = typer.Option(0.2, help="Test share for DIR/<class>/* folders "
                                         "(split by a hash of each file's path)."),
     workers: int = typer.Option(4, min=1, max=64, help="Image decoding threads."),
-    precision: str = typer.Option("float32", help="GPU: mixed_float16 or mixed_bfloat16 computes "
-                                  "in half precision (a new cache; features stay float)."),
+    precision: Precision = typer.Option("float32", help="GPU: mixed_float16 or mixed_bfloat16 "
+                                        "computes in half precision (a new cache; features "
+                                        "stay float)."),
     xla: bool = typer.Option(False, "--xla", help="GPU: compile the forward pass with XLA."),
     augment: int = typer.Option(0, min=0, max=64, help="Also cache K augmented views of every "
                                 "training image (test images are never augmented)."),
@@ -140,8 +216,8 @@ def extract(
     aug_seed: int = AugSeedOption,
     shard: Optional[str] = typer.Option(None, help="Extract only shard i/N (0 <= i < N), chosen "
                                         "by a hash of each sample id; 'merge' joins the N shards."),
-    engine: str = typer.Option("local", help="local (this process), or ray: one task per shard "
-                               "on a Ray cluster, then merge (pip install -e '.[ray]')."),
+    engine: Engine = typer.Option("local", help="local (this process), or ray: one task per "
+                                  "shard on a Ray cluster, then merge (pip install -e '.[ray]')."),
     address: Optional[str] = typer.Option(None, help="Ray cluster to use: 'auto' (the running "
                                           "one) or ray://HOST:10001 (default: a local instance)."),
     shards: Optional[int] = typer.Option(None, min=1, help="Ray: number of shards (default: "
@@ -163,90 +239,27 @@ def extract(
     Example: python cli.py extract ../shared/data/cifar10-mini --backbone mobilenet --alpha 0.25
     --weights ../shared/weights/mobilenet_2_5_224_tf_no_top.h5 --image-size 128
     """
-    from extract.pipeline import extract_features, extract_views
+    from extract.ray_engine import RayOptions
+    from extract.run import ExtractRequest, run_extract
     from extract.settings import ExtractSettings
-    from store.shards import ShardSpec
 
     with user_errors():
+        settings = ExtractSettings(dataset, backbone, weights, alpha, image_size, _value(pooling),
+                                   _value(dtype), batch_size, test_fraction, workers, distribute,
+                                   _value(precision), xla)
         augmentation = Augmentation(aug_rotation, aug_shift, aug_zoom, aug_flip, aug_contrast,
                                     aug_seed) if augment else None
+        request = ExtractRequest(settings, _value(engine), shard, augmentation, augment,
+                                 RayOptions(address, shards, cpus_per_shard, gpus_per_shard,
+                                            retries, keep_shards))
         the_store = Store(store)
-        settings = ExtractSettings(dataset, backbone, weights, alpha, image_size, pooling, dtype,
-                                   batch_size, test_fraction, workers, distribute, precision, xla)
-        if engine not in ("local", "ray"):
-            raise HeadstartError(f"--engine must be local or ray; got {engine!r}.")
-        if engine == "ray":
-            if shard or augmentation:
-                raise HeadstartError("--engine ray makes every shard itself and does not make "
-                                     "augmented views; drop --shard and --augment.")
-            _extract_on_ray(settings, the_store, address, shards, cpus_per_shard,
-                            gpus_per_shard, retries, keep_shards, quiet)
-            return
-        shard_spec = ShardSpec.parse(shard) if shard else None
-        if shard_spec and augmentation:
-            raise HeadstartError("Augmented views are not extracted by shard; merge the shards, "
-                                 "then run extract --augment K without --shard.")
-        plan = settings.plan(shard_spec)
-        sizes = ", ".join(f"{len(s)} {n}" for n, s in plan.dataset.splits.items())
-        part = f" (shard {shard_spec} of it)" if shard_spec else ""
-        err.print(f"Dataset {plan.dataset.name}{part}: {len(plan.dataset.class_names)} classes, "
-                  f"{sizes} images.")
-        result = extract_features(plan, the_store, progress=not quiet)
-        skipped = result.skipped
-        views = (extract_views(plan, augmentation, augment, the_store, progress=not quiet)
-                 if augmentation else [])
-    cache = result.cache
-    if result.reused:
-        out.print(f"Reused cache {cache.name} ({cache.short_id}): no backbone pass needed.")
-    else:
-        out.print(f"Extracted {result.computed} images in {result.seconds:.1f} s "
-                  f"({result.images_per_second:.0f} images/s).")
-    rows = ", ".join(f"{n} {r}" for n, r in cache.split_sizes.items())
-    out.print(f"Features: {rows} rows x {cache.width} ({cache.dtype}).")
-    if skipped:
-        out.print(f"Skipped {len(skipped)} unusable files:")
-        for item in skipped[:20]:
-            out.print(f"  {item['id']} ({item['split']}): {item['reason']}")
-        if len(skipped) > 20:
-            out.print(f"  ... and {len(skipped) - 20} more (all listed in the cache).")
-    if cache.kind == "shard":
-        out.print(f"Shard {shard_spec} written to {cache.path}; when all {shard_spec.count} "
-                  f"shards are done: python cli.py merge --store {the_store.root}")
-    else:
-        out.print(f"Cache written to {cache.path}")
-    if views:
-        made = sum(not v.reused for v in views)
-        out.print(f"Augmented views: {len(views)} of every training image ({made} computed now, "
-                  f"{len(views) - made} reused), settings {augmentation.key}; written to "
-                  f"{the_store.caches_dir} (one file per view).")
+        outcome = run_extract(request, the_store, progress=not quiet, announce=err.print)
+    _print(outcome.lines(the_store))
 
 
-def _extract_on_ray(settings, the_store: Store, address: Optional[str], shards: Optional[int],
-                    cpus_per_shard: float, gpus_per_shard: Optional[float], retries: int,
-                    keep_shards: bool, quiet: bool) -> None:
-    from extract.ray_engine import RayOptions, extract_on_ray
-
-    options = RayOptions(address, shards, cpus_per_shard, gpus_per_shard, retries, keep_shards)
-    run = extract_on_ray(settings, the_store, options, progress=not quiet)
-    if run.merge is None:
-        cache = the_store.finished(settings.plan().fingerprint)
-        out.print(f"Reused cache {cache.name} ({cache.short_id}): no backbone pass needed.")
-        return
-    computed = sum(s.get("computed", 0) for s in run.shards)
-    hosts = sorted({s.get("host", "?") for s in run.shards})
-    out.print(f"Extracted {computed} images in {run.count} shards on Ray ({len(hosts)} host(s)) "
-              f"in {run.seconds:.1f} s; merged in {run.merge.seconds:.1f} s.")
-    _print_merged(run.merge)
-
-
-def _print_merged(result) -> None:
-    cache = result.cache
-    rows = ", ".join(f"{n} {r}" for n, r in cache.split_sizes.items())
-    verb = "Already merged:" if result.reused else f"Merged {result.shards} shards into"
-    out.print(f"{verb} cache {cache.name} ({cache.short_id}), {rows} rows x {cache.width} "
-              f"({cache.dtype}); written to {cache.path}")
-    if result.removed:
-        out.print(f"Removed {len(result.removed)} shard files (use --keep-shards to keep them).")
+def _print(lines: list[str]) -> None:
+    for line in lines:
+        out.print(escape(line))
 
 
 @app.command()
@@ -265,7 +278,7 @@ def merge(
     with user_errors():
         results = merge_shards(Store(store), cache, keep_shards)
     for result in results:
-        _print_merged(result)
+        _print(result.lines())
 
 
 @app.command("show-augment")
@@ -288,17 +301,13 @@ def show_augment(
 
     Example: python cli.py show-augment ../shared/data/cifar10-mini --image-size 64 --out aug.png
     """
-    from extract.backbones import get_backbone
-    from extract.datasets import open_dataset
-    from extract.preview import augmentation_grid, save_png
+    from extract.preview import write_augmentation_grid
 
     with user_errors():
         augmentation = Augmentation(aug_rotation, aug_shift, aug_zoom, aug_flip, aug_contrast,
                                     aug_seed)
-        preprocessing = get_backbone(backbone).preprocessing(image_size)
-        grid = augmentation_grid(open_dataset(dataset, test_fraction), preprocessing,
-                                 augmentation, count, views)
-        path = save_png(grid, output)
+        path = write_augmentation_grid(dataset, backbone, image_size, augmentation, count, views,
+                                       output, test_fraction)
     out.print(f"Augmentation grid ({count} images x {views} views) written to {path.resolve()}")
 
 
@@ -323,39 +332,19 @@ def fit(
 
     Example: python cli.py fit --head mlp -p epochs=10 -p dropout=0.5 --memory-budget 256MB
     """
-    from classifiers.registry import get_head_kind
+    from classifiers.sources import CacheSet
     from classifiers.training import fit_head
-    from store.heads import check_head_name
 
     with user_errors():
         the_store = Store(store)
-        source = _cache_set(the_store, cache)
-        options = parse_options(param)
-        check_head_name(head if name is None else name)
-        get_head_kind(head).create(options)  # unknown kinds and bad values stop here, before work
+        source = CacheSet([the_store.find_cache(c) for c in cache] or [_chosen(the_store, None)])
         err.print(f"Fitting {head} on cache {source.label}, {source.rows('train')} training rows x "
                   f"{source.width}.")
         verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
-        record, sidecar = fit_head(the_store, source, head, options, name, verbose=verbose,
-                                   memory_budget=memory_budget, augmented=augmented,
-                                   validation_fraction=validation_fraction)
-    _print_fitted(head, record, sidecar)
-
-
-def _cache_set(the_store: Store, selectors: List[str]) -> "CacheSet":
-    from classifiers.sources import CacheSet
-
-    return CacheSet([the_store.find_cache(s) for s in selectors] or [the_store.find_cache(None)])
-
-
-def _print_fitted(head: str, record: dict, sidecar: Path) -> None:
-    metrics = record["metrics"]
-    mode = "streamed" if record.get("memory", {}).get("mode") == "stream" else "in memory"
-    validation = metrics.get("validation", {}).get("accuracy")
-    shown = "n/a (no validation rows)" if validation is None else f"{validation:.4f}"
-    out.print(f"Fitted {head} ({mode}) in {record['fit_seconds']:.1f} s: validation accuracy "
-              f"{shown}, test accuracy {metrics['test']['accuracy']:.4f}.")
-    out.print(f"Head saved to {sidecar}")
+        record, sidecar = fit_head(the_store, source, head, parse_options(param), name,
+                                   verbose=verbose, memory_budget=memory_budget,
+                                   augmented=augmented, validation_fraction=validation_fraction)
+    _print(fitted_lines(head, record, sidecar))
 
 
 @app.command()
@@ -385,7 +374,7 @@ def finetune(
 
     with user_errors():
         the_store = Store(store)
-        chosen = the_store.find_cache(cache)
+        chosen = _chosen(the_store, cache)
         settings = FinetuneSettings(parse_unfreeze(unfreeze), epochs, learning_rate, batch_size,
                                     patience, augment, train_head=train_head)
         err.print(f"Fine-tuning {head} of cache {chosen.name} ({chosen.short_id}).")
@@ -421,6 +410,7 @@ def tune(
     Resumable: finished trials are kept beside the heads and not rerun.
     Example: python cli.py tune --head mlp --trials 20 -p epochs=15
     """
+    from classifiers.sources import CacheSet
     from classifiers.tune import tune_head
 
     def show(trial: dict) -> None:
@@ -431,34 +421,29 @@ def tune(
 
     with user_errors():
         the_store = Store(store)
-        source = _cache_set(the_store, cache)
+        source = CacheSet([the_store.find_cache(c) for c in cache] or [_chosen(the_store, None)])
         err.print(f"Tuning {head} on {source.name}: {trials} trials, seed {seed}.")
         results, record, sidecar = tune_head(the_store, source, head, trials, seed,
                                              parse_options(param), name, memory_budget, show)
-    table = Table("trial", "val acc", "seconds", "options", title="Trials (validation split)",
-                  title_justify="left", box=None)
-    best = record["tune"]["best_trial"]
-    for trial in results:
-        mark = " *" if trial["trial"] == best else ""
-        table.add_row(f"{trial['trial']}{mark}", f"{trial['validation_accuracy']:.4f}",
-                      f"{trial['seconds']:.1f}",
-                      ", ".join(f"{k}={v}" for k, v in trial["params"].items()))
-    out.print(table)
-    out.print(f"Best: trial {best}. Trials kept in {sidecar.parent / record['tune']['trials_file']}")
-    _print_fitted(head, record, sidecar)
+    _table(TRIAL_COLUMNS, trial_rows(results, record["tune"]["best_trial"]),
+           "Trials (validation split)")
+    out.print(f"Best: trial {record['tune']['best_trial']}. Trials kept in "
+              f"{sidecar.parent / record['tune']['trials_file']}")
+    _print(fitted_lines(head, record, sidecar))
 
 
 @app.command()
 def ensemble(
-    method: str = typer.Option("greedy", help="greedy (Caruana selection), vote (weighted soft "
-                               "voting) or stack (logistic-regression meta-learner)."),
+    method: Method = typer.Option("greedy", help="greedy (Caruana selection), vote (weighted "
+                                  "soft voting) or stack (logistic-regression meta-learner)."),
     heads: Optional[str] = typer.Option(None, "--heads", help="Comma-separated head names "
                                         "(default: every fitted head of the caches)."),
     name: Optional[str] = typer.Option(None, help="Save under this name (default: ensemble, "
                                        "or ensemble-METHOD)."),
     rounds: int = typer.Option(50, help="Greedy selection rounds."),
     cache: List[str] = typer.Option([], "--cache", help="Cache whose heads may join (repeat "
-                                    "it) (default: the newest and every cache of its dataset)."),
+                                    "it) (default: the default cache and every cache of its "
+                                    "dataset)."),
     store: Optional[Path] = StoreOption,
 ) -> None:
     """Combine fitted heads (also across caches of one dataset) on the validation split.
@@ -469,23 +454,11 @@ def ensemble(
 
     with user_errors():
         the_store = Store(store)
-        caches = ensemble_caches(the_store, cache)
         names = [n.strip() for n in heads.split(",") if n.strip()] if heads else None
-        record, sidecar = fit_ensemble(the_store, caches, method, names, name, rounds)
-    table = Table("member", "kind", "weight", "val acc", "test acc", box=None)
-    weights = record["weights"] if method != "stack" else [None] * len(record["members"])
-    for member, weight in zip(record["members"], weights):
-        table.add_row(f"{member['name']}@{member['cache_name']}", str(member["kind"]),
-                      "-" if weight is None else f"{weight:.3f}",
-                      f"{member['validation']['accuracy']:.4f}", f"{member['test']['accuracy']:.4f}")
-    metrics = record["metrics"]
-    table.add_row(f"[bold]{sidecar.stem}[/bold]", f"ensemble ({method})", "",
-                  f"{metrics['validation']['accuracy']:.4f}", f"{metrics['test']['accuracy']:.4f}")
-    out.print(table)
-    best = max(m["test"]["accuracy"] for m in record["members"])
-    out.print(f"Ensemble test accuracy {metrics['test']['accuracy']:.4f} vs best member "
-              f"{best:.4f} ({100 * (metrics['test']['accuracy'] - best):+.2f} points).")
-    out.print(f"Ensemble saved to {sidecar}")
+        record, sidecar = fit_ensemble(the_store, ensemble_caches(the_store, cache),
+                                       _value(method), names, name, rounds)
+    _table(MEMBER_COLUMNS, ensemble_rows(record, sidecar.stem))
+    _print(ensemble_lines(record, sidecar))
 
 
 @app.command()
@@ -503,11 +476,8 @@ def evaluate(
 
     with user_errors():
         the_store = Store(store)
-        chosen = the_store.find_cache(cache)
+        chosen = _chosen(the_store, cache, say=not as_json)  # JSON output stays parseable
         reports = evaluate_heads(the_store, chosen, head or None)
-        if not reports:
-            raise HeadstartError(
-                f"No heads are fitted on cache {chosen.name}; run 'python cli.py fit --head mlp'.")
     if as_json:
         print(json.dumps(reports, indent=2))
         return
@@ -517,24 +487,9 @@ def evaluate(
 
 
 def _print_report(report: dict, class_names: list[str]) -> None:
-    top5 = f", top-5 {report['top5_accuracy']:.4f}" if "top5_accuracy" in report else ""
-    out.print(f"\n[bold]{report['head']}[/bold] ({report['kind']}): accuracy "
-              f"{report['accuracy']:.4f}{top5} on {report['rows']} rows")
-    table = Table("class", "precision", "recall", "f1", "support", box=None)
-    for name, row in report["per_class"].items():
-        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}",
-                      f"{row['f1']:.3f}", str(row["support"]))
-    out.print(table)
-    matrix = Table("true \\ predicted", *[n[:6] for n in class_names], box=None)
-    for name, row in zip(class_names, report["confusion_matrix"]):
-        matrix.add_row(name, *[str(v) for v in row])
-    out.print(matrix)
-
-
-HeadOption = typer.Option("mlp", "--head", help="Name of a fitted head (see 'list').")
-WeightsOption = typer.Option(
-    None, "--weights", help="The backbone weights file the cache was extracted with (default: "
-    "the path the cache recorded).")
+    out.print(f"\n[bold]{escape(report_title(report))}[/bold]")
+    _table(PER_CLASS_COLUMNS, per_class_rows(report))
+    _table(("true \\ predicted", *class_names), confusion_rows(report, class_names))
 
 
 @app.command()
@@ -542,7 +497,7 @@ def predict(
     inputs: List[str] = typer.Argument(..., help="Image files, folders or globs."),
     head: str = HeadOption,
     top: int = typer.Option(3, min=1, help="Classes to show per image."),
-    output: str = typer.Option("table", "--format", help="table, csv or json."),
+    output: Output = typer.Option("table", "--format", help="How results are printed."),
     batch_size: int = typer.Option(64, help="Images per backbone batch."),
     weights: Optional[str] = WeightsOption,
     cache: Optional[str] = CacheOption,
@@ -554,16 +509,14 @@ def predict(
     """
     from endtoend.predict import collect_inputs, open_predictor, predict_files
 
-    if output not in ("table", "csv", "json"):
-        raise typer.BadParameter("--format must be table, csv or json.")
     with user_errors():
         the_store = Store(store)
         paths = collect_inputs(inputs)
-        predictor = open_predictor(the_store, the_store.find_cache(cache), head, weights)
+        predictor = open_predictor(the_store, _chosen(the_store, cache), head, weights)
         err.print(f"Classifying {len(paths)} files with head {head} of cache "
                   f"{predictor.cache.name}.")
         answers = list(predict_files(predictor, paths, top, batch_size))
-    _print_predictions(answers, output, top)
+    _print_predictions(answers, _value(output), top)
     failed = sum(1 for a in answers if a.error)
     err.print(f"{len(answers) - failed} classified, {failed} could not be read; results went "
               "to stdout.")
@@ -606,6 +559,9 @@ def serve(
     max_batch: int = typer.Option(32, min=1, help="Most images per backbone batch."),
     max_wait_ms: float = typer.Option(5.0, min=0, help="Longest wait to fill a batch."),
     max_queue: int = typer.Option(256, min=1, help="Queued images before answering 503."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host "
+                                  "without a token."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No access log line per request."),
     weights: Optional[str] = WeightsOption,
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
@@ -620,20 +576,21 @@ def serve(
 
     with user_errors():
         run_server(ServerOptions(
-            head=head, cache=cache, store=store, weights=weights, host=host, port=port,
+            head=head, cache=_chosen(Store(store), cache).fingerprint, store=store, weights=weights, host=host, port=port,
             service=ServiceSettings(max_body_bytes=int(max_body_mb * 1024 * 1024),
                                     body_timeout_s=body_timeout, token=token,
                                     batching=BatchSettings(max_batch, max_wait_ms, max_queue)),
-        ), announce=err.print)
+            insecure=insecure), announce=err.print, access_log=None if quiet else err.print)
 
 
 @app.command()
 def export(
     head: str = HeadOption,
-    formats: List[str] = typer.Option([], "--format", help="keras, savedmodel or tflite "
-                                      "(repeatable) (default: all)."),
-    quantize: List[str] = typer.Option([], "--quantize", help="TFLite variant: none (float32), "
-                                       "float16, dynamic or int8 (repeatable) (default: all)."),
+    formats: List[ExportFormat] = typer.Option([], "--format", help="Format (repeatable) "
+                                               "(default: all)."),
+    quantize: List[Quantization] = typer.Option([], "--quantize", help="TFLite variant: none "
+                                                "(float32), float16, dynamic or int8 "
+                                                "(repeatable) (default: all)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: "
                                            "STORE/exports/<cache>/<head>)."),
     evaluate: bool = typer.Option(True, help="Score every variant on the test split."),
@@ -645,18 +602,21 @@ def export(
 
     Example: python cli.py export --head mlp --format tflite --quantize int8
     """
-    from endtoend.export import FORMATS, QUANTIZATIONS, export_head
+    from endtoend.export import export_head
 
     with user_errors():
-        variants, folder = export_head(Store(store), cache, head, formats or list(FORMATS),
-                                       quantize or list(QUANTIZATIONS), out_dir, weights, evaluate)
+        the_store = Store(store)
+        variants, folder = export_head(
+            the_store, _chosen(the_store, cache).fingerprint, head, [_value(f) for f in formats or list(ExportFormat)],
+            [_value(q) for q in quantize or list(Quantization)], out_dir, weights, evaluate)
     table = Table("variant", "size", "test acc", "agreement", "max |dp|", "ms/image", "file",
                   box=None)
     number = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for v in variants:
         ms = None if v.seconds_per_image is None else 1000 * v.seconds_per_image
-        table.add_row(v.name, _size(v.bytes), number(v.accuracy, ".4f"), number(v.agreement, ".3f"),
-                      number(v.max_abs_diff, ".2g"), number(ms, ".2f"), Path(v.path).name)
+        table.add_row(v.name, format_size(v.bytes), number(v.accuracy, ".4f"),
+                      number(v.agreement, ".3f"), number(v.max_abs_diff, ".2g"),
+                      number(ms, ".2f"), Path(v.path).name)
     out.print(table)
     out.print(f"Exported to {folder} (summary in export.json)")
 
@@ -676,7 +636,8 @@ def report(
     from endtoend.report import write_report
 
     with user_errors():
-        page = write_report(Store(store), cache, head, out_dir)
+        the_store = Store(store)
+        page = write_report(the_store, _chosen(the_store, cache).fingerprint, head, out_dir)
     out.print(f"Report written to {page} (figures beside it)")
 
 
@@ -713,87 +674,68 @@ def list_command(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """List caches (dataset, backbone, size, rows, dtype, disk size) and fitted heads."""
-    from store.heads import list_heads
+    from store.inventory import inventory
 
     with user_errors():
-        the_store = Store(store)
-        everything = the_store.caches()
-        heads = list_heads(the_store)
-        unfinished = [p for p in the_store.unfinished() if ".shard-" not in p.name]
-        leftovers = the_store.leftovers()
-        from store.shards import shard_sets
-
-        shard_info = [s.summary() for s in shard_sets(the_store)]
-    caches = [c for c in everything if c.kind == "features"]
-    views: dict[str, int] = {}
-    for c in everything:
-        if c.parent:
-            views[c.parent] = views.get(c.parent, 0) + 1
+        found = inventory(Store(store))
     if as_json:
-        print(json.dumps({"store": str(the_store.root), "caches": [c.summary() for c in everything],
-                          "heads": heads, "unfinished": [str(p) for p in unfinished],
-                          "leftovers": [str(p) for p in leftovers],
-                          "shards": shard_info}, indent=2))
+        print(json.dumps(found.to_json(), indent=2))
         return
-    out.print(f"Store {the_store.root}")
-    table = Table("cache", "id", "backbone", "size", "pooling", "rows (train/test)", "width",
-                  "dtype", "disk", "skipped", "views", "from", title="Caches", title_justify="left")
-    for c in caches:
-        s = c.summary()
-        parent = (c.lineage or {}).get("parent")
-        table.add_row(c.name, c.short_id, s["backbone"], str(s["image_size"]), s["pooling"],
-                      "/".join(str(v) for v in s["rows"].values()), str(s["width"]), s["dtype"],
-                      _size(s["disk_bytes"]), str(s["skipped"]), str(views.get(c.fingerprint, 0)),
-                      f"finetuned {parent[:12]}" if parent else "")
-    out.print(table if caches else "No merged caches yet: run 'python cli.py merge'."
-              if shard_info else "No caches yet: run 'python cli.py extract DATASET'.")
-    if unfinished:
-        out.print(f"{len(unfinished)} unfinished extraction(s); rerun their extract command to resume.")
-    if leftovers:
-        out.print(f"{len(leftovers)} extraction folder(s) left beside finished caches by an "
-                  "interrupted writer; 'verify --fix' removes them.")
-    if shard_info:
-        _print_shards(shard_info)
-    heads_table = Table("head", "kind", "cache", "val acc", "test acc", "fit s", title="Heads",
-                        title_justify="left")
-    for h in heads:
-        m = h.get("metrics", {})
-        heads_table.add_row(h["name"], h.get("kind", "?"), f"{h['cache_name']} ({h['cache'][:12]})",
-                            f"{m.get('validation', {}).get('accuracy', float('nan')):.4f}",
-                            f"{m.get('test', {}).get('accuracy', float('nan')):.4f}",
-                            f"{h.get('fit_seconds', 0):.1f}")
-    out.print(heads_table if heads else "No heads yet: run 'python cli.py fit --head mlp'.")
+    out.print(f"Store {found.root}")
+    _table(found.CACHE_COLUMNS, found.cache_rows(), "Caches (* the default)")
+    _table(found.SHARD_COLUMNS, found.shard_rows(),
+           "Shards (not caches: 'merge' joins a complete set)")
+    _table(found.HEAD_COLUMNS, found.head_rows(), "Heads")
+    _print(found.notes())
 
 
-def _print_shards(shard_info: list[dict]) -> None:
-    table = Table("cache (not merged)", "id", "shards", "finished", "running", "missing",
-                  title="Shards (not caches: 'merge' joins a complete set)", title_justify="left")
-    compact = lambda v: ",".join(map(str, v[:12])) + (",..." if len(v) > 12 else "") or "-"  # noqa: E731
-    for s in shard_info:
-        odd = f" (+ shards of {','.join(map(str, s['other_counts']))})" if s["other_counts"] else ""
-        table.add_row(s["name"], s["fingerprint"][:12], f"{len(s['finished'])}/{s['count']}{odd}",
-                      compact(s["finished"]), compact(s["unfinished"]), compact(s["missing"]))
+def _table(columns: tuple[str, ...], rows: list[tuple[str, ...]], title: str | None = None) -> None:
+    """Print rows under their column names (nothing when there are no rows)."""
+    if not rows:
+        return
+    table = Table(*columns, title=title, title_justify="left",
+                  box=boxes.HEAVY_HEAD if title else None)
+    for row in rows:
+        table.add_row(*map(escape, row))
     out.print(table)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+@app.command()
+def use(
+    cache: Optional[str] = typer.Argument(None, help="The cache every command uses by default "
+                                          "(a name or fingerprint prefix from 'list')."),
+    newest: bool = typer.Option(False, "--newest", help="Unpin: the newest cache is the "
+                                "default again."),
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Pin the store's default cache, so that new extractions do not move it.
+
+    Example: python cli.py use cifar10-mini_mobilenet-a0.25-3f0c1e_64_avg
+    """
+    with user_errors():
+        if (cache is None) == (not newest):
+            raise HeadstartError("Name the cache to pin, or give --newest to unpin.")
+        the_store = Store(store)
+        pinned = the_store.pin(cache)
+    out.print(f"Default cache: {pinned.name} ({pinned.short_id}), pinned in "
+              f"{the_store.pin_path}." if pinned else "Default cache: the newest (nothing pinned).")
 
 
 @app.command()
-def backbones() -> None:
-    """List the registered backbones with input size and feature width."""
+def backbones(store: Optional[Path] = StoreOption) -> None:
+    """List the registered backbones: input sizes, feature width (per alpha) and preprocessing.
+
+    Every command takes --store; this one lists what any store can use.
+    """
     from extract.backbones import backbone_names, get_backbone
 
-    table = Table("backbone", "native size", "min size", "avg/max width", "alpha", "preprocess_input")
+    table = Table("backbone", "native size", "min size", "avg/max width (per alpha)",
+                  "preprocess_input")
     for name in backbone_names():
         b = get_backbone(name)
-        table.add_row(name, str(b.native_size), str(b.min_size), str(b.width),
-                      ",".join(str(a) for a in b.alphas) or "-",
+        widths = (", ".join(f"{b.feature_width(a)} (a={a})" for a in b.alphas) if b.alphas
+                  else str(b.width))
+        table.add_row(name, str(b.native_size), str(b.min_size), widths,
                       b.preprocessing(b.native_size).preprocess_input)
     out.print(table)
 

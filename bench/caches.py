@@ -18,7 +18,8 @@ def make_cache(folder: Path, store_dir: Path, pooling: str = "avg", settings: di
     """Extract a cache of `folder`; returns (store, cache, timings)."""
     from extract.backbones import Weights, get_backbone
     from extract.datasets import open_dataset
-    from extract.pipeline import ExtractionPlan, extract_features
+    from extract.pipeline import extract_features
+    from extract.plan import ExtractionPlan
     from store.store import Store
 
     settings = settings or MOBILENET

@@ -6,7 +6,7 @@
 The command line is exactly cli.py's. Two optional environment variables:
 
 - HEADSTART_SEGMENT_BYTES: smaller extraction segments (more resume points on a small dataset);
-  it sets extract.pipeline.SEGMENT_BYTES, nothing else.
+  it sets extract.plan.SEGMENT_BYTES, nothing else.
 - HEADSTART_CRASH_AT=EVENT[:N]: kill -9 this process at the N-th (default 1st) EVENT, one of
   before-final-rename   the finished cache is written under its temporary name, not renamed
   after-final-rename    renamed, but the partial folder not yet removed
@@ -99,9 +99,9 @@ def install(event: str, nth: int) -> None:
 def main() -> None:
     os.chdir(ROOT)
     if os.environ.get("HEADSTART_SEGMENT_BYTES"):
-        import extract.pipeline as pipeline
+        import extract.plan
 
-        pipeline.SEGMENT_BYTES = int(os.environ["HEADSTART_SEGMENT_BYTES"])
+        extract.plan.SEGMENT_BYTES = int(os.environ["HEADSTART_SEGMENT_BYTES"])
     crash_at = os.environ.get("HEADSTART_CRASH_AT")
     if crash_at:
         event, _, nth = crash_at.partition(":")

@@ -54,7 +54,8 @@ def ceiling(model: Any, pool: np.ndarray, images: int, batch: int) -> dict[str, 
 def pipeline(folder: Any, batch: int, workers: int, store_dir: Any, settings: dict) -> dict[str, float]:
     from extract.backbones import Weights, get_backbone
     from extract.datasets import open_dataset
-    from extract.pipeline import ExtractionPlan, extract_features
+    from extract.pipeline import extract_features
+    from extract.plan import ExtractionPlan
     from store.store import Store
 
     shutil.rmtree(store_dir, ignore_errors=True)

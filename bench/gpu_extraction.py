@@ -22,7 +22,9 @@ from report import _machine, _table
 def measure(settings: dict, images: int, batch: int, compute: Any, workers: int) -> dict[str, Any]:
     from extract.backbones import Weights, build_feature_model, get_backbone
     from extract.datasets import open_dataset
-    from extract.pipeline import ExtractionPlan, extract_features, forward_function
+    from extract.forward import forward_function
+    from extract.pipeline import extract_features
+    from extract.plan import ExtractionPlan
     from store.store import Store
 
     folder = subset(images)
@@ -56,7 +58,7 @@ def measure(settings: dict, images: int, batch: int, compute: Any, workers: int)
 
 
 def main() -> None:
-    from extract.pipeline import ComputeOptions
+    from extract.compute import ComputeOptions
     from extract.runtime import load_keras
 
     parser = argparse.ArgumentParser(description=__doc__)

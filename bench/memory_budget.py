@@ -101,7 +101,7 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from classifiers.memory import format_size, parse_size
+    from store.units import format_size, parse_size
 
     budget = parse_size(args.budget)
     train_rows = -(-int(args.factor * budget) // (WIDTH * 4 * BLOCK_ROWS)) * BLOCK_ROWS

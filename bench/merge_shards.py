@@ -12,7 +12,6 @@ reading through it. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -25,12 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from store import layout  # noqa: E402
 from store.cache import FeatureCache  # noqa: E402
-from store.partial import create_features, write_skipped  # noqa: E402
+from store.format import CacheAttributes  # noqa: E402
 from store.shards import ShardSelection, ShardSpec, write_merged  # noqa: E402
-
-TEXT = h5py.string_dtype("utf-8")
+from store.writer import write_cache  # noqa: E402
 
 
 def make_shards(folder: Path, rows: int, width: int, count: int) -> list[FeatureCache]:
@@ -42,20 +39,15 @@ def make_shards(folder: Path, rows: int, width: int, count: int) -> list[Feature
         selection = ShardSelection.select(ShardSpec(k, count), {"train": ids})
         mine = selection.rows["train"]
         path = folder / f"{'0' * 64}.{ShardSpec(k, count).suffix}.h5"
-        with h5py.File(path, "w") as handle:
-            handle.attrs.update({
-                "encoding-type": layout.ENCODING_TYPE, "encoding-version": layout.ENCODING_VERSION,
-                "fingerprint": "0" * 64, "inputs": json.dumps({"backbone": "x", "weights": "random:",
-                                                               "image_size": 1, "pooling": "avg"}),
-                "preprocessing": "{}", "libraries": "{}", "created": "", "dataset": "bench",
-                **selection.attrs()})
-            handle.create_dataset("classes", data=[str(c) for c in range(10)], dtype=TEXT)
-            group = handle.create_group("train")
-            create_features(group, len(mine), width, "float16", None)[...] = features[mine]
-            group.create_dataset("labels", data=labels[mine])
-            group.create_dataset("ids", data=[ids[i] for i in mine], dtype=TEXT)
-            group.create_dataset("rows", data=mine)
-            write_skipped(handle, []).create_dataset("row", data=np.zeros(0, np.int64))
+        attributes = CacheAttributes(
+            fingerprint="0" * 64, inputs={"backbone": "x", "weights": "random:", "image_size": 1,
+                                          "pooling": "avg"},
+            preprocessing={}, dataset="bench", created="", libraries={}, kind="shard",
+            shard=selection.info())
+        with write_cache(path, attributes, [str(c) for c in range(10)]) as out:
+            out.split("train", [features[mine]], rows=len(mine), width=width, dtype="float16",
+                      labels=labels[mine], ids=[ids[i] for i in mine], source_rows=mine)
+            out.skipped([], source_rows=[])
         shards.append(FeatureCache(path))
     return shards
 

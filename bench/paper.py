@@ -100,7 +100,8 @@ def extract_cache(folder: Any, settings: dict, store: Any, dtype: str = "float16
     """The cache of `settings` over `folder` in `store` (extracted, or reused)."""
     from extract.backbones import Weights, get_backbone
     from extract.datasets import open_dataset
-    from extract.pipeline import ExtractionPlan, extract_features
+    from extract.pipeline import extract_features
+    from extract.plan import ExtractionPlan
 
     plan = ExtractionPlan(open_dataset(str(folder)), get_backbone(settings["backbone"]),
                           Weights.parse(settings["weights"]), settings["image_size"],

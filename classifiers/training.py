@@ -22,7 +22,7 @@ from classifiers.streaming import (buffer_rows_for, count_ordered_batches, order
                                    shuffled_batches)
 from classifiers.validation import VALIDATION_FRACTION, validation_mask
 from store.cache import FeatureCache
-from store.errors import HeadstartError
+from store.errors import HeadstartError, command
 from store.heads import check_head_name, list_heads
 from store.store import Store
 
@@ -215,6 +215,9 @@ def evaluate_heads(store: Store, cache: FeatureCache, names: list[str] | None = 
     """Test-split reports for the named heads (and ensembles), or for every one of the cache."""
     if names is None:
         names = [r["name"] for r in list_heads(store, cache)]
+        if not names:
+            raise HeadstartError(f"No heads are fitted on cache {cache.name}; run "
+                                 f"'{command('fit --head mlp')}'.")
     y_test = cache.labels("test")
     reports = []
     for name in names:

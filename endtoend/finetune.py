@@ -31,7 +31,8 @@ from classifiers.validation import validation_mask
 from extract.augment import Augmentation
 from extract.blocks import is_batch_norm, unfreeze_top
 from extract.datasets import Dataset
-from extract.pipeline import ComputeOptions, extract_features
+from extract.compute import ComputeOptions
+from extract.pipeline import extract_features
 from extract.preprocessing import Preprocessing
 from extract.rebuild import (cache_dataset, cache_feature_model, cache_plan, cache_preprocessing,
                              cache_weights)

@@ -18,7 +18,7 @@ import numpy as np
 
 from classifiers.saved import SavedHead, load_saved_head
 from extract.images import BadImage, is_image_file
-from extract.pipeline import forward_function
+from extract.forward import forward_function
 from extract.preprocessing import Preprocessing
 from extract.rebuild import cache_feature_model, cache_weights
 from store.cache import FeatureCache

@@ -21,7 +21,7 @@ import numpy as np
 from extract.images import is_image_file
 from extract.preprocessing import Preprocessing
 from extract.runtime import load_keras
-from store.errors import HeadstartError
+from store.errors import HeadstartError, command
 from store.fingerprint import digest_file, unit_fraction
 from store.shards import ShardSelection, ShardSpec
 from store.store import expand_path
@@ -264,7 +264,7 @@ def keras_dataset(name: str) -> Dataset:
     except Exception as error:  # keras raises plain Exception on a failed download
         raise HeadstartError(
             f"Could not download the {name} dataset ({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
-            "offline, extract an image folder instead (python cli.py extract DIR) and use "
+            f"offline, extract an image folder instead ({command('extract DIR')}) and use "
             "--weights PATH for local backbone weights."
         ) from None
     arrays = {"train": (x_train, y_train), "test": (x_test, y_test)}

@@ -1,188 +1,25 @@
-"""One backbone pass over a dataset, streamed into a resumable feature cache."""
+"""The pass: one backbone run over a plan's images, streamed into a resumable feature cache."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
-import json
 import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from functools import cached_property
-from importlib import metadata
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from extract.augment import AUGMENT_CHUNK, Augmentation
-from extract.backbones import Backbone, Weights, build_feature_model, check_options
-from extract.datasets import SPLITS, Dataset
+from extract.augment import Augmentation
+from extract.backbones import build_feature_model
+from extract.forward import forward_function
 from extract.images import BadImage
-from extract.preprocessing import Preprocessing
-from extract.runtime import load_keras
-from store import layout
+from extract.plan import ExtractionPlan
 from store.cache import FeatureCache
-from store.errors import HeadstartError
-from store.fingerprint import fingerprint
+from store.errors import HeadstartError, Interrupted
 from store.partial import PartialCache, Segment
 from store.store import Store
-
-#: Image sizes the forward function is traced for; batches of further sizes are resized first.
-MAX_TRACED_SHAPES = 4
-#: Bytes of decoded images one segment may hold; segments are also the unit of resume.
-SEGMENT_BYTES = 1 << 26
-MAX_SEGMENT_SIZE = 2048
-LIBRARIES = ("headstart", "tensorflow", "keras", "h5py", "numpy", "pillow", "scikit-learn")
-
-
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-
-
-@dataclass(frozen=True)
-class ComputeOptions:
-    """How the backbone runs (the GPU path). The defaults are what the CPU tests and CI use.
-
-    `precision` mixed_* computes in float16/bfloat16 (features come out as float32, then are
-    stored in the cache's dtype); it changes the numbers, so it enters the fingerprint when it
-    is not float32. `xla` compiles the forward pass with XLA; `multi_gpu` splits every batch
-    across the visible GPUs with `tf.distribute.MirroredStrategy`. Neither changes which cache
-    is meant (like running on another device, they change the last bits only).
-    """
-
-    precision: str = "float32"
-    xla: bool = False
-    multi_gpu: bool = False
-    devices: tuple[str, ...] | None = None  # default: every visible GPU
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise HeadstartError(
-                f"Unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
-
-    def strategy(self) -> Any:
-        """The MirroredStrategy over `devices` (every visible GPU), or None for fewer than two."""
-        if not self.multi_gpu:
-            return None
-        return _mirrored_strategy(self.devices)
-
-    @contextlib.contextmanager
-    def building(self) -> Iterator[None]:
-        """Build the model under this precision policy and strategy scope."""
-        keras = load_keras()
-        previous = keras.mixed_precision.global_policy().name
-        strategy = self.strategy()
-        try:
-            keras.mixed_precision.set_global_policy(self.precision)
-            with strategy.scope() if strategy is not None else contextlib.nullcontext():
-                yield
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
-
-
-@functools.lru_cache(maxsize=4)
-def _mirrored_strategy(devices: tuple[str, ...] | None) -> Any:
-    load_keras()
-    import tensorflow as tf
-
-    names = list(devices) if devices else [d.name for d in tf.config.list_logical_devices("GPU")]
-    return tf.distribute.MirroredStrategy(names) if len(names) >= 2 else None
-
-
-@dataclass(frozen=True)
-class ExtractionPlan:
-    """Everything that decides the features of one cache."""
-
-    dataset: Dataset
-    backbone: Backbone
-    weights: Weights
-    image_size: int
-    pooling: str = "avg"
-    alpha: float | None = None
-    dtype: str = "float16"
-    interpolation: str = "bilinear"
-    resizer: str = "tensorflow"  # "pillow" rebuilds the plan of a cache of format 1.2 or older
-    batch_size: int = 64
-    workers: int = 4
-    compression: str | None = None
-    augmentation: Augmentation | None = None  # set for a cache of augmented training views
-    view: int = 0
-    base: "ExtractionPlan | None" = None  # the plan of the cache these views belong to
-    lineage: dict[str, Any] | None = None  # e.g. the parent cache of a fine-tuned backbone
-    compute: ComputeOptions = ComputeOptions()
-
-    def __post_init__(self) -> None:
-        check_options(self.backbone, self.alpha, self.image_size, self.pooling)
-        if self.dtype not in layout.FEATURE_DTYPES:
-            raise HeadstartError(
-                f"Unknown --dtype {self.dtype!r}; choose one of {', '.join(layout.FEATURE_DTYPES)}."
-            )
-        if not 1 <= self.batch_size <= 4096:
-            raise HeadstartError(f"--batch-size must be between 1 and 4096; got {self.batch_size}.")
-        if self.augmentation is not None and self.dataset.shard is not None:
-            raise HeadstartError(
-                "Augmented views are not extracted by shard (a view augments fixed chunks of the "
-                "full split); merge the shards, then run extract --augment K without --shard.")
-
-    @cached_property
-    def preprocessing(self) -> Preprocessing:
-        return self.backbone.preprocessing(self.image_size, self.interpolation, self.resizer)
-
-    @property
-    def splits(self) -> tuple[str, ...]:
-        """Views are made of training images only; test images are never augmented."""
-        return ("train",) if self.augmentation else SPLITS
-
-    def view_plans(self, augmentation: Augmentation, count: int) -> list["ExtractionPlan"]:
-        """Plans for views 0..count-1 of this plan's training images."""
-        return [dataclasses.replace(self, augmentation=augmentation, view=v, base=self)
-                for v in range(count)]
-
-    @cached_property
-    def inputs(self) -> dict[str, Any]:
-        """The fingerprint inputs (reading every file once for the dataset digest)."""
-        if self.base is not None and self.augmentation is not None:
-            return {**self.base.inputs, "augmentation": self.augmentation.to_dict(),
-                    "view": self.view, "splits": list(self.splits)}
-        source = {k: v for k, v in self.dataset.source.items() if k != "path"}
-        return {
-            "dataset": {"digest": self.dataset.content_digest(), "source": source,
-                        "classes": self.dataset.class_names},
-            "backbone": self.backbone.name,
-            "alpha": self.alpha,
-            "weights": self.weights.identity(self.backbone, self.alpha),
-            "image_size": self.image_size,
-            "pooling": self.pooling,
-            "preprocessing": self.preprocessing.to_dict(),
-            "dtype": self.dtype,
-            # only when not float32, so that existing caches keep their fingerprints
-            **({"precision": self.compute.precision}
-               if self.compute.precision != "float32" else {}),
-        }
-
-    @cached_property
-    def fingerprint(self) -> str:
-        return fingerprint(self.inputs)
-
-    @property
-    def storage_key(self) -> str:
-        """The stem of this plan's files in the store: the fingerprint (plus the shard for one)."""
-        shard = self.dataset.shard
-        return self.fingerprint if shard is None else f"{self.fingerprint}.{shard.spec.suffix}"
-
-    @property
-    def segment_size(self) -> int:
-        """Samples per segment: about SEGMENT_BYTES of decoded images, whole batches (whole
-        augmentation chunks for views)."""
-        per_image = self.image_size * self.image_size * 3
-        if self.augmentation is not None:  # whole augmentation chunks, so views never depend on it
-            chunks = max(1, SEGMENT_BYTES // (per_image * AUGMENT_CHUNK))
-            return min(max(1, MAX_SEGMENT_SIZE // AUGMENT_CHUNK), chunks) * AUGMENT_CHUNK
-        batches = max(1, SEGMENT_BYTES // (per_image * self.batch_size))
-        return min(MAX_SEGMENT_SIZE, batches * self.batch_size) or self.batch_size
 
 
 @dataclass
@@ -231,10 +68,17 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
             if partial.is_empty():
                 partial.remove()
             raise
+        except KeyboardInterrupt:
+            kept, total = _finished_rows(plan, partial)
+            raise Interrupted(
+                f"Interrupted. Kept {kept} of {total} images in finished segments of cache "
+                f"{plan.fingerprint[:12]}; run the same command again to resume from them."
+                if kept else f"Interrupted before the first segment of cache "
+                f"{plan.fingerprint[:12]} was finished; nothing was kept.") from None
         dataset = plan.dataset
         partial.assemble(
             store.cache_path(key),
-            attrs={**_cache_attrs(plan), **(shard.attrs() if shard else {})},
+            plan.cache_attributes(),
             class_names=dataset.class_names,
             split_ids={s: dataset.splits[s].ids for s in plan.splits},
             split_labels={s: dataset.splits[s].labels for s in plan.splits},
@@ -247,6 +91,18 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
     cache = FeatureCache(store.cache_path(key))
     return ExtractionResult(cache, reused=False, computed=computed, seconds=seconds,
                             cpu_seconds=cpu_seconds)
+
+
+def _finished_rows(plan: ExtractionPlan, partial: PartialCache) -> tuple[int, int]:
+    """Rows of the plan's splits held by finished segments, and rows in all."""
+    kept = total = 0
+    for split in plan.splits:
+        rows = len(plan.dataset.splits[split])
+        total += rows
+        for k in range(partial.segment_count(rows)):
+            if partial.has_segment(split, k):
+                kept += len(_segment_rows(plan, partial, split, k))
+    return kept, total
 
 
 def _finished(plan: ExtractionPlan, store: Store, remove_leftovers: bool = True
@@ -314,59 +170,6 @@ def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
     finally:
         bar.close()
     return computed, width, time.perf_counter() - started, time.process_time() - cpu_started
-
-
-def forward_function(model: Any, preprocessing: Preprocessing,
-                     compute: "ComputeOptions | None" = None) -> Callable[[np.ndarray], np.ndarray]:
-    """Resize, preprocess and the model's inference pass as one compiled function: a batch of
-    decoded images (uint8 N×H×W×3, any one size; see `Preprocessing.stack`) in, float32
-    features out.
-
-    One traced `tf.function` per image size and dtype (XLA-compiled with `compute.xla`) costs
-    less per batch than `model.predict_on_batch`, and resizing in the graph runs vectorized on
-    every core. Under a multi-GPU strategy each batch is split across the replicas in order.
-    """
-    keras = load_keras()
-    if keras.backend.backend() != "tensorflow":
-        return lambda batch: np.asarray(model.predict_on_batch(
-            preprocessing.apply(preprocessing.resize_batch(batch))))
-    import tensorflow as tf
-
-    compute = compute or ComputeOptions()
-    # XLA compiles the backbone only: resizing stays the op that one-image paths run eagerly.
-    backbone = tf.function(lambda x: model(x, training=False), jit_compile=True) \
-        if compute.xla else (lambda x: model(x, training=False))
-
-    def infer(batch: Any) -> Any:
-        return tf.cast(backbone(preprocessing.graph_inputs(batch)), tf.float32)
-
-    traced: dict[tuple[str, tuple[int, ...]], Any] = {}
-
-    def call(batch: np.ndarray) -> np.ndarray:
-        key = (batch.dtype.str, batch.shape[1:])  # one trace per image size, any batch size
-        if key not in traced and len(traced) >= MAX_TRACED_SHAPES:  # images of many sizes:
-            batch = preprocessing.resize_batch(batch)  # the same numbers, one more trace at most
-            key = (batch.dtype.str, batch.shape[1:])
-        if key not in traced:
-            spec = tf.TensorSpec([None, *batch.shape[1:]], tf.as_dtype(batch.dtype))
-            traced[key] = tf.function(infer, input_signature=[spec])
-        return np.asarray(traced[key](tf.constant(batch)))
-
-    strategy = compute.strategy()
-    if strategy is None or strategy.num_replicas_in_sync == 1:
-        return call
-
-    # strategy.run hands a traced function PerReplica values, which an input signature refuses.
-    step = tf.function(infer)
-
-    def distributed(batch: np.ndarray) -> np.ndarray:
-        parts = np.array_split(batch, strategy.num_replicas_in_sync)
-        values = strategy.experimental_distribute_values_from_function(
-            lambda context: tf.constant(parts[context.replica_id_in_sync_group]))
-        outputs = strategy.experimental_local_results(strategy.run(step, args=(values,)))
-        return np.concatenate([np.asarray(o) for o in outputs])
-
-    return distributed
 
 
 def _warm_up_batch(plan: ExtractionPlan, split: str) -> np.ndarray:
@@ -501,41 +304,6 @@ def _width_of_finished(plan_partial: PartialCache, plan: ExtractionPlan) -> int:
             if segment is not None and segment.features.ndim == 2 and len(segment.rows):
                 return int(segment.features.shape[1])
     return 0
-
-
-def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries that shape a cache."""
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def _cache_attrs(plan: ExtractionPlan) -> dict[str, Any]:
-    attrs: dict[str, Any] = {"kind": "features"}
-    if plan.augmentation is not None and plan.base is not None:
-        attrs = {"kind": "views", "parent": plan.base.fingerprint, "view": plan.view,
-                 "augmentation": json.dumps(plan.augmentation.to_dict())}
-    if plan.lineage:
-        attrs["lineage"] = json.dumps(plan.lineage)
-    return {
-        **attrs,
-        "encoding-type": layout.ENCODING_TYPE,
-        "encoding-version": layout.ENCODING_VERSION,
-        "fingerprint": plan.fingerprint,
-        "inputs": json.dumps(plan.inputs),
-        "preprocessing": json.dumps(plan.preprocessing.to_dict()),
-        "dataset": plan.dataset.name,
-        "source": json.dumps(plan.dataset.source),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "libraries": json.dumps(library_versions()),
-        # Since format 1.1: where a weights file was read, so predict/serve/export can rebuild the
-        # backbone without being told (the fingerprint still records only the file's digest).
-        "weights-path": str(plan.weights.path) if plan.weights.path else "",
-    }
 
 
 def extract_views(plan: ExtractionPlan, augmentation: Augmentation, count: int, store: Store,

@@ -24,6 +24,7 @@ from PIL import Image
 
 from extract.images import RESAMPLING, pixels_of_bytes, read_pixels, to_rgb
 from extract.images import resize as pillow_resize
+from extract.runtime import load_keras, load_tensorflow
 
 RESIZERS = ("tensorflow", "pillow")
 #: tf.image.resize's name for each interpolation.
@@ -135,8 +136,7 @@ class Preprocessing:
         if self.resizer == "pillow":
             return np.stack([pillow_resize(Image.fromarray(image), size, self.interpolation)
                              for image in batch])
-        import tensorflow as tf
-
+        tf = load_tensorflow()
         return np.asarray(self.resize_tensor(tf.cast(batch, tf.float32))).astype(np.uint8)
 
     def resize_tensor(self, images: Any) -> Any:
@@ -145,8 +145,7 @@ class Preprocessing:
         Antialiased when shrinking (as Pillow and Keras's Resizing(antialias=True) are); when
         enlarging, antialiasing changes nothing and the plain kernel is several times faster.
         """
-        import tensorflow as tf
-
+        tf = load_tensorflow()
         size = self.image_size
         height, width = images.shape[1], images.shape[2]
         if (height, width) == (size, size):
@@ -163,14 +162,14 @@ class Preprocessing:
 
     def function(self) -> Callable[[Any], Any]:
         """The backbone's own `preprocess_input` (imports Keras)."""
+        load_keras()  # quietly, before the keras.applications module
         module_name, _, attribute = self.preprocess_input.rpartition(".")
         return getattr(importlib.import_module(module_name), attribute)
 
     def graph_inputs(self, images: Any) -> Any:
         """Inside a traced function: a uint8 or float32 batch (N×H×W×3, H and W known) →
         resized, preprocessed float32 backbone inputs."""
-        import tensorflow as tf
-
+        tf = load_tensorflow()
         resized = self.resize_tensor(tf.cast(images, tf.float32))
         return self.function()(resized)
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from extract.pipeline import extract_features
 from extract.settings import ExtractSettings
+from store.cache import FeatureCache
 from store.errors import HeadstartError
 from store.shards import MergeResult, ShardSpec, merge_shards, shard_of, shard_sets
 from store.store import Store
@@ -49,6 +50,7 @@ class RayRun:
     """What `extract_on_ray` did."""
 
     merge: MergeResult | None  # None when the finished cache was reused without Ray
+    reused: FeatureCache | None = None  # that cache
     shards: list[dict[str, Any]] = field(default_factory=list)  # one summary per shard task
     seconds: float = 0.0
     count: int = 0
@@ -106,8 +108,9 @@ def extract_on_ray(settings: ExtractSettings, store: Store, options: RayOptions,
     started = time.perf_counter()
     dataset = settings.open_dataset()
     plan = settings.plan(dataset=dataset)
-    if store.reusable(plan.fingerprint) is not None:
-        return RayRun(None)
+    reused = store.reusable(plan.fingerprint)
+    if reused is not None:
+        return RayRun(None, reused=reused)
     ray = _import_ray()
     store_root = str(store.root.expanduser().resolve())
     own_instance = not ray.is_initialized()

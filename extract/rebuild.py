@@ -7,7 +7,7 @@ from typing import Any
 
 from extract.backbones import Weights, build_feature_model, get_backbone
 from extract.datasets import Dataset, open_dataset
-from extract.pipeline import ExtractionPlan
+from extract.plan import ExtractionPlan
 from extract.preprocessing import Preprocessing
 from store.cache import FeatureCache
 from store.errors import HeadstartError
@@ -48,7 +48,7 @@ def cache_feature_model(cache: FeatureCache, weights: Weights) -> Any:
     """The frozen Keras feature model of a cache (same backbone, alpha, size and pooling)."""
     inputs = cache.inputs
     return build_feature_model(get_backbone(inputs["backbone"]), inputs.get("alpha"), weights,
-                               int(inputs["image_size"]), inputs["pooling"])
+                               cache.image_size, inputs["pooling"])
 
 
 def cache_preprocessing(cache: FeatureCache) -> Preprocessing:
@@ -86,7 +86,7 @@ def cache_plan(cache: FeatureCache, dataset: Dataset, weights: Weights, **change
     inputs = cache.inputs
     settings: dict[str, Any] = {
         "dataset": dataset, "backbone": get_backbone(inputs["backbone"]), "weights": weights,
-        "image_size": int(inputs["image_size"]), "pooling": inputs["pooling"],
+        "image_size": cache.image_size, "pooling": inputs["pooling"],
         "alpha": inputs.get("alpha"), "dtype": inputs["dtype"],
         "interpolation": cache.preprocessing.get("interpolation", "bilinear"),
         "resizer": cache.preprocessing.get("resizer", "pillow"),

@@ -36,4 +36,13 @@ def load_keras() -> ModuleType:
 
         tf.config.list_physical_devices()
         tf.get_logger().setLevel("ERROR")  # retracing notices on varying predict sizes
+        tf.constant(0.0) + 1.0  # the first op initialises the devices (cuInit's complaint)
     return keras
+
+
+def load_tensorflow() -> ModuleType:
+    """The tensorflow module, imported quietly (through `load_keras`)."""
+    load_keras()
+    import tensorflow as tf
+
+    return tf

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from extract.backbones import Weights, get_backbone
 from extract.datasets import Dataset, open_dataset
-from extract.pipeline import ComputeOptions, ExtractionPlan
+from extract.compute import ComputeOptions
+from extract.plan import ExtractionPlan
 from store.shards import ShardSpec
 
 

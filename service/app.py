@@ -12,7 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from extract.images import BadImage, UnsupportedImage
 from endtoend.predict import top_k
 from service.batching import BatchSettings, DynamicBatcher, QueueFull
+from store.errors import HeadstartError
 
 PAGE = Path(__file__).with_name("page.html")
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -50,6 +51,47 @@ class ServiceSettings:
     body_timeout_s: float = 30.0  # the whole body must arrive within this (slow-drip guard)
     token: str | None = None
     batching: BatchSettings = BatchSettings()
+
+    def __post_init__(self) -> None:
+        if self.token is not None and not self.token.strip():
+            raise HeadstartError("The token is empty; give a non-blank --token (or "
+                                 "HEADSTART_TOKEN), or none to serve without one.")
+
+
+def token_matches(given: str, expected: str) -> bool:
+    """Constant-time comparison of a bearer token as sent (HTTP headers arrive as latin-1
+    text, each character one byte) with the expected token's UTF-8 bytes."""
+    try:
+        sent = given.encode("latin-1")
+    except UnicodeEncodeError:
+        sent = given.encode("utf-8")
+    return secrets.compare_digest(sent, expected.encode("utf-8"))
+
+
+class AccessLog:
+    """ASGI middleware: one line per request (method, path, status, milliseconds) to `say`."""
+
+    def __init__(self, app: ASGIApp, say: Callable[[str], None]) -> None:
+        self.app = app
+        self.say = say
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        status = [500]
+
+        async def noted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noted)
+        finally:
+            self.say(f"{scope['method']} {scope['path']} {status[0]} "
+                     f"{1000 * (time.perf_counter() - began):.1f} ms")
 
 
 class ApiError(Exception):
@@ -132,8 +174,10 @@ PREDICT_BODY = {
 }
 
 
-def create_app(model: Model, settings: ServiceSettings = ServiceSettings()) -> FastAPI:
-    """The FastAPI application serving `model` (already loaded) with `settings`."""
+def create_app(model: Model, settings: ServiceSettings = ServiceSettings(),
+               access_log: Callable[[str], None] | None = None) -> FastAPI:
+    """The FastAPI application serving `model` (already loaded) with `settings`; `access_log`
+    hears one line per request."""
     batcher = DynamicBatcher(model.proba, settings.batching)
     info = model.describe()
     started = time.time()
@@ -150,13 +194,15 @@ def create_app(model: Model, settings: ServiceSettings = ServiceSettings()) -> F
                   description="Classify images with a frozen backbone and a fitted head.")
     app.state.batcher = batcher
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout=settings.body_timeout_s)
+    if access_log is not None:
+        app.add_middleware(AccessLog, say=access_log)
     bearer = HTTPBearer(auto_error=False)
 
     def check_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if settings.token is None:
             return
         given = credentials.credentials if credentials else ""
-        if not secrets.compare_digest(given.encode(), settings.token.encode()):
+        if not token_matches(given, settings.token):
             raise ApiError(401, "A valid 'Authorization: Bearer <token>' header is required.")
 
     @app.exception_handler(ApiError)

@@ -7,15 +7,13 @@ so a cache larger than memory can be made.
 
 from __future__ import annotations
 
-import json
-from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from store import layout
 from store.cache import FeatureCache
 from store.fingerprint import fingerprint
+from store.format import CacheAttributes, utc_now
 from store.partial import PartialCache, Segment
 from store.store import Store
 
@@ -45,14 +43,10 @@ def write_array_cache(store: Store, dataset: str, class_names: Sequence[str],
             rows = np.arange(start, start + len(block))
             partial.write_segment(split, index, Segment(block.astype(dtype), rows))
             start += len(block)
-    attrs = {
-        "encoding-type": layout.ENCODING_TYPE, "encoding-version": layout.ENCODING_VERSION,
-        "fingerprint": key, "inputs": json.dumps(inputs), "preprocessing": json.dumps({}),
-        "dataset": dataset, "source": json.dumps({"kind": "arrays"}),
-        "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-        "libraries": json.dumps({}),
-    }
-    partial.assemble(store.cache_path(key), attrs, class_names,
+    attributes = CacheAttributes(fingerprint=key, inputs=inputs, preprocessing={},
+                                 dataset=dataset, source={"kind": "arrays"},
+                                 created=utc_now("microseconds"), libraries={})
+    partial.assemble(store.cache_path(key), attributes, class_names,
                      {s: list(ids) for s, (ids, _, _) in splits.items()},
                      {s: np.asarray(labels) for s, (_, labels, _) in splits.items()},
                      width, dtype)

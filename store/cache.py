@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
@@ -11,7 +10,8 @@ import h5py
 import numpy as np
 
 from store import layout
-from store.errors import HeadstartError
+from store.errors import HeadstartError, command
+from store.format import CacheAttributes
 
 
 class FeatureCache:
@@ -35,28 +35,34 @@ class FeatureCache:
                 self.skipped_count = int(handle["skipped"]["id"].shape[0])
         except (OSError, KeyError) as error:
             raise HeadstartError(
-                f"{self.path} is not a readable headstart cache ({error}); 'python cli.py verify "
-                "--fix' removes it.") from None
-        self.fingerprint = str(attrs["fingerprint"])
-        self.inputs: dict[str, Any] = json.loads(attrs["inputs"])
-        self.preprocessing: dict[str, Any] = json.loads(attrs["preprocessing"])
-        self.libraries: dict[str, str] = json.loads(attrs["libraries"])
-        self.created = str(attrs["created"])
-        self.dataset = str(attrs["dataset"])
-        self.version = str(attrs["encoding-version"])
+                f"{self.path} is not a readable headstart cache ({error}); "
+                f"'{command('verify --fix')}' removes it.") from None
+        #: Every root attribute, as one typed record (docs/format.md).
+        self.attributes = CacheAttributes.from_attrs(attrs)
+        record = self.attributes
+        self.fingerprint = record.fingerprint
+        self.inputs: dict[str, Any] = record.inputs
+        self.preprocessing: dict[str, Any] = record.preprocessing
+        self.libraries: dict[str, str] = record.libraries
+        self.created = record.created
+        self.dataset = record.dataset
+        self.version = record.encoding_version
         #: How the dataset was specified (kind, and its path or Keras name).
-        self.source: dict[str, Any] = json.loads(attrs.get("source", "{}"))
+        self.source: dict[str, Any] = record.source
         #: The backbone weights file read at extraction (format 1.1+), or None.
-        self.weights_path: str | None = str(attrs.get("weights-path", "")) or None
-        self.kind = str(attrs.get("kind", "features"))  # "features", "views" or "shard"
-        self.parent = str(attrs["parent"]) if "parent" in attrs else None
-        self.view = int(attrs["view"]) if "view" in attrs else None
-        self.augmentation: dict[str, Any] | None = (
-            json.loads(attrs["augmentation"]) if "augmentation" in attrs else None)
-        self.lineage: dict[str, Any] | None = (
-            json.loads(attrs["lineage"]) if "lineage" in attrs else None)
+        self.weights_path: str | None = record.weights_path
+        self.kind = record.kind  # "features", "views" or "shard"
+        self.parent = record.parent
+        self.view = record.view
+        self.augmentation: dict[str, Any] | None = record.augmentation
+        self.lineage: dict[str, Any] | None = record.lineage
         #: For a shard file (kind "shard"): index, count, full split sizes and ids digest.
-        self.shard: dict[str, Any] | None = json.loads(attrs["shard"]) if "shard" in attrs else None
+        self.shard: dict[str, Any] | None = record.shard
+
+    @property
+    def image_size(self) -> int:
+        """The input image size of the backbone (read it here, not from either JSON copy)."""
+        return self.attributes.image_size
 
     @cached_property
     def skipped(self) -> list[dict[str, str]]:
@@ -67,8 +73,8 @@ class FeatureCache:
                 columns = [group[name].asstr()[...] for name in ("split", "id", "reason")]
         except (OSError, KeyError) as error:
             raise HeadstartError(
-                f"{self.path} is not a readable headstart cache ({error}); 'python cli.py verify "
-                "--fix' removes it.") from None
+                f"{self.path} is not a readable headstart cache ({error}); "
+                f"'{command('verify --fix')}' removes it.") from None
         return [{"split": s, "id": i, "reason": r} for s, i, r in zip(*columns)]
 
     def _check_format(self, attrs: dict[str, Any]) -> None:
@@ -101,7 +107,7 @@ class FeatureCache:
         weights = str(inputs["weights"])
         suffix = "" if weights.startswith("keras-imagenet") else (
             "-random" if weights.startswith("random") else "-" + weights.split(":")[-1][:6])
-        name = f"{self.dataset}_{backbone}{suffix}_{inputs['image_size']}_{inputs['pooling']}"
+        name = f"{self.dataset}_{backbone}{suffix}_{self.image_size}_{inputs['pooling']}"
         return name if self.view is None else f"{name}_view{self.view}"
 
     def features(self, split: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
@@ -156,7 +162,7 @@ class FeatureCache:
             "backbone": self.inputs["backbone"],
             "alpha": self.inputs.get("alpha"),
             "weights": self.inputs["weights"],
-            "image_size": self.inputs["image_size"],
+            "image_size": self.image_size,
             "pooling": self.inputs["pooling"],
             "width": self.width,
             "dtype": self.dtype,

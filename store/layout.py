@@ -1,24 +1,7 @@
-"""The on-disk layout of one feature cache (an HDF5 file). See README "HDF5 layout".
+"""Constants and numeric helpers of the cache layout; the format itself is docs/format.md.
 
-Format `headstart.feature-cache`, version 1.3:
-
-    /                       attrs: encoding-type, encoding-version, fingerprint, inputs (JSON),
-                                   preprocessing (JSON), dataset, created, libraries (JSON),
-                                   weights-path (1.1+: the weights file read, or "")
-    /classes                (C,)   UTF-8 strings, the class names; labels index into it
-    /<split>/features       (N, D) float16 or float32, chunked by rows, fletcher32 checksums
-    /<split>/labels         (N,)   int32
-    /<split>/ids            (N,)   UTF-8 strings, unique sample ids
-    /skipped/{split,id,reason}     UTF-8 strings, files that could not be used and why
-
-Version 1.1 only adds the optional `weights-path` attribute; 1.0 caches stay readable (prediction
-then needs the weights file named explicitly). Version 1.2 adds shard files (see store/shards.py:
-attrs `kind` = "shard" and `shard`, datasets `/<split>/rows` and `/skipped/row`) and the optional
-`merged` attribute of a cache made from shards; caches are otherwise unchanged. Version 1.3 adds
-`resizer` to the preprocessing JSON: "tensorflow" (images resized in the backbone's graph by
-tf.image.resize, rounded to uint8); a definition without it (1.2 and older) means "pillow".
-
-Readers MUST refuse a different major version and MAY read any minor version of their own.
+Format `headstart.feature-cache`, version 1.3. Readers MUST refuse a different major version
+and MAY read any minor version of their own.
 """
 
 from __future__ import annotations

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import h5py
 import numpy as np
 
-from store import layout
 from store.atomic import atomic_path, write_text
+from store.format import CacheAttributes
+from store.writer import write_cache
 
 MANIFEST = "manifest.json"
 
@@ -115,7 +115,7 @@ class PartialCache:
     def assemble(
         self,
         target: Path,
-        attrs: dict[str, Any],
+        attributes: CacheAttributes,
         class_names: Sequence[str],
         split_ids: dict[str, Sequence[str]],
         split_labels: dict[str, np.ndarray],
@@ -129,65 +129,33 @@ class PartialCache:
         `source_rows` (a shard's) maps each split's sample index to its row in the full split;
         it is stored as `/<split>/rows` and `/skipped/row`, which merging needs.
         """
-        text = h5py.string_dtype("utf-8")
         skipped: list[tuple[str, str, str]] = []
         skipped_source: list[int] = []
-        with atomic_path(target) as temporary:
-            with h5py.File(temporary, "w") as handle:
-                handle.attrs.update(attrs)
-                handle.create_dataset("classes", data=list(class_names), dtype=text)
-                for split in split_ids:
-                    segments = [self.read_segment(split, k)
-                                for k in range(self.segment_count(len(split_ids[split])))]
-                    if any(s is None for s in segments):
-                        raise RuntimeError(f"Segment missing in {self.directory}; run again.")
-                    rows = np.concatenate([np.zeros(0, np.int64)]  # a shard's split may be empty
-                                          + [s.rows for s in segments if s is not None])
-                    group = handle.create_group(split)
-                    features = create_features(group, len(rows), width, dtype, compression)
-                    start = 0
-                    for segment in segments:
-                        assert segment is not None
-                        features[start:start + len(segment.rows)] = segment.features
-                        start += len(segment.rows)
-                        skipped.extend(
-                            (split, split_ids[split][row], reason)
-                            for row, reason in zip(segment.skipped_rows.tolist(),
-                                                   segment.skipped_reasons)
-                        )
-                        if source_rows is not None:
-                            skipped_source.extend(source_rows[split][segment.skipped_rows].tolist())
-                    ids = np.asarray(split_ids[split], dtype=object)[rows]
-                    group.create_dataset("labels", data=split_labels[split][rows].astype(np.int32))
-                    group.create_dataset("ids", data=ids.tolist(), dtype=text)
-                    if attrs.get("kind") == "views":
-                        group.create_dataset("views", data=np.full(len(rows), attrs["view"], np.int32))
+        with write_cache(target, attributes, class_names) as cache:
+            for split in split_ids:
+                segments = self._segments(split, len(split_ids[split]))
+                rows = np.concatenate([np.zeros(0, np.int64)]  # a shard's split may be empty
+                                      + [s.rows for s in segments])
+                for segment in segments:
+                    skipped.extend((split, split_ids[split][row], reason) for row, reason
+                                   in zip(segment.skipped_rows.tolist(), segment.skipped_reasons))
                     if source_rows is not None:
-                        group.create_dataset("rows", data=source_rows[split][rows])
-                group = write_skipped(handle, skipped)
-                if source_rows is not None:
-                    group.create_dataset("row", data=np.asarray(skipped_source, np.int64))
+                        skipped_source.extend(source_rows[split][segment.skipped_rows].tolist())
+                cache.split(split, (s.features for s in segments), rows=len(rows), width=width,
+                            dtype=dtype, labels=split_labels[split][rows],
+                            ids=np.asarray(split_ids[split], dtype=object)[rows].tolist(),
+                            compression=compression,
+                            source_rows=None if source_rows is None else source_rows[split][rows])
+            cache.skipped(skipped, None if source_rows is None else skipped_source)
+
+    def _segments(self, split: str, rows: int) -> list[Segment]:
+        """Every segment of a split, in order; a missing one is an error."""
+        segments = [self.read_segment(split, k) for k in range(self.segment_count(rows))]
+        if any(s is None for s in segments):
+            raise RuntimeError(f"Segment missing in {self.directory}; run again.")
+        return [s for s in segments if s is not None]
 
     def remove(self) -> None:
         """Delete the partial cache (after its finished file is in place)."""
         shutil.rmtree(self.directory, ignore_errors=True)
 
-
-def create_features(group: h5py.Group, rows: int, width: int, dtype: str,
-                    compression: str | None) -> h5py.Dataset:
-    """An empty `features` dataset of the cache layout: row chunks of about 1 MiB, checksummed."""
-    return group.create_dataset(
-        "features", shape=(rows, width), dtype=dtype,
-        chunks=(layout.rows_per_chunk(width, np.dtype(dtype).itemsize, max(1, rows)), width)
-        if rows else None,
-        fletcher32=bool(rows), compression=compression,
-    )
-
-
-def write_skipped(handle: h5py.File, skipped: Sequence[tuple[str, str, str]]) -> h5py.Group:
-    """The `/skipped` group: split, id and reason of every file that could not be used."""
-    group = handle.create_group("skipped")
-    for position, column in enumerate(("split", "id", "reason")):
-        group.create_dataset(column, data=[row[position] for row in skipped],
-                             dtype=h5py.string_dtype("utf-8"), shape=(len(skipped),))
-    return group

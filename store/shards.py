@@ -2,10 +2,9 @@
 
 A shard `i/N` holds the samples whose id hashes to part i of N (adding files never moves the
 others). It is its own file, `STORE/caches/<fingerprint>.shard-000i-of-000N.h5` (while running:
-`.partial/` beside it), with the layout of a cache plus, per split, `rows` (each row's index in
-the full split) and `/skipped/row`; its attrs carry the FULL cache fingerprint, `kind` = "shard"
-and `shard` (JSON: index, count, full split sizes, a digest of the full split's ids in order).
-Its name is not a bare fingerprint, so the store never takes it for a cache.
+`.partial/` beside it) of kind "shard" (docs/format.md: the FULL cache's fingerprint, and each
+row's index in the full split). Its name is not a bare fingerprint, so the store never takes it
+for a cache.
 
 `merge_shards` checks a set (all N present and finished, one fingerprint, every sample exactly
 once, in the right shard) and copies it into one ordinary cache whose rows are in the order a
@@ -16,24 +15,23 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import h5py
 import numpy as np
 
-from store.atomic import atomic_path
 from store.cache import FeatureCache
-from store.errors import HeadstartError
+from store.errors import HeadstartError, command
 from store.fingerprint import unit_fraction
-from store.partial import create_features, write_skipped
+from store.format import utc_now
+from store.selection import matching
 from store.store import Store
+from store.writer import write_cache
 
 SHARD_SALT = "headstart-shard:"
 MAX_SHARDS = 100_000
@@ -104,11 +102,10 @@ class ShardSelection:
         return cls(spec, rows, {s: len(ids) for s, ids in split_ids.items()},
                    {s: ids_digest(ids) for s, ids in split_ids.items()})
 
-    def attrs(self) -> dict[str, Any]:
-        """The attributes that make a cache file a shard."""
-        return {"kind": "shard", "shard": json.dumps({
-            "index": self.spec.index, "count": self.spec.count, "totals": self.totals,
-            "ids": self.ids})}
+    def info(self) -> dict[str, Any]:
+        """The `shard` attribute that makes a cache file a shard (its `kind` is "shard")."""
+        return {"index": self.spec.index, "count": self.spec.count, "totals": self.totals,
+                "ids": self.ids}
 
 
 # --- finding shards in a store ---------------------------------------------------------------
@@ -171,12 +168,10 @@ def select_sets(store: Store, selector: str | None) -> list[ShardSet]:
     sets = shard_sets(store)
     if not sets:
         raise HeadstartError(f"Store {store.root} holds no shards; make them with "
-                             "'python cli.py extract DATASET ... --shard i/N'.")
+                             f"'{command('extract DATASET ... --shard i/N')}'.")
     if selector is None:
         return sets
-    chosen = [s for s in sets if s.name() == selector]
-    if not chosen and re.fullmatch(r"[0-9a-fA-F]{4,64}", selector):
-        chosen = [s for s in sets if s.fingerprint.startswith(selector.lower())]
+    chosen = matching(sets, selector, lambda s: s.name(), lambda s: s.fingerprint)
     if not chosen:
         known = ", ".join(f"{s.name()} ({s.short_id})" for s in sets)
         raise HeadstartError(f"No shards match {selector!r}; shards in this store are of: {known}.")
@@ -195,6 +190,18 @@ class MergeResult:
     seconds: float
     reused: bool = False
     removed: list[Path] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """What the merge made and where, as the CLI prints it."""
+        cache = self.cache
+        rows = ", ".join(f"{n} {r}" for n, r in cache.split_sizes.items())
+        verb = "Already merged:" if self.reused else f"Merged {self.shards} shards into"
+        lines = [f"{verb} cache {cache.name} ({cache.short_id}), {rows} rows x {cache.width} "
+                 f"({cache.dtype}); written to {cache.path}"]
+        if self.removed:
+            lines.append(f"Removed {len(self.removed)} shard files (use --keep-shards to keep "
+                         "them).")
+        return lines
 
 
 def merge_shards(store: Store, selector: str | None = None, keep_shards: bool = False
@@ -364,40 +371,32 @@ def write_merged(target: Path, shards: list[FeatureCache]) -> None:
     totals: dict[str, int] = info["totals"]
     width, dtype = next(((s.width, s.dtype) for s in shards if sum(s.split_sizes.values())),
                         (shards[0].width, shards[0].dtype))
+    attributes = shards[0].attributes.replace(kind="features", shard=None, created=utc_now(),
+                                              merged={"shards": len(shards)})
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(h5py.File(s.path, "r")) for s in shards]
         plans = {split: _plan_split(split, shards, handles, totals[split], info["ids"][split])
                  for split in totals}
-        attrs = {k: v for k, v in handles[0].attrs.items() if k != "shard"}
-        attrs.update(kind="features", created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     merged=json.dumps({"shards": len(shards)}))
         compression = next((h[s]["features"].compression for h in handles for s in totals
                             if s in h and h[s]["features"].shape[0]), None)
         skipped: list[tuple[str, str, str]] = []
-        with atomic_path(target) as temporary, h5py.File(temporary, "w") as out:
-            out.attrs.update(attrs)
-            out.create_dataset("classes", data=handles[0]["classes"][...],
-                               dtype=h5py.string_dtype("utf-8"))
+        with write_cache(target, attributes, shards[0].class_names) as out:
             for split, plan in plans.items():
-                group = out.create_group(split)
-                features = create_features(group, len(plan.owner), width, dtype, compression)
-                _copy_rows(features, plan, [h[split]["features"] if split in h else None
-                                            for h in handles], width, dtype)
                 labels = np.concatenate([h[split]["labels"][...] if split in h else
                                          np.zeros(0, np.int32) for h in handles])
                 offsets = np.cumsum([0] + [len(h[split]["labels"]) if split in h else 0
                                            for h in handles])
-                position = offsets[plan.owner] + plan.local
-                group.create_dataset("labels", data=labels[position].astype(np.int32))
-                group.create_dataset("ids", data=plan.ids.tolist(),
-                                     dtype=h5py.string_dtype("utf-8"))
+                sources = [h[split]["features"] if split in h else None for h in handles]
+                out.split(split, _copy_rows(plan, sources, width, dtype), rows=len(plan.owner),
+                          width=width, dtype=dtype, labels=labels[offsets[plan.owner] + plan.local],
+                          ids=plan.ids.tolist(), compression=compression)
                 skipped.extend((split, sample_id, reason) for _, sample_id, reason in plan.skipped)
-            write_skipped(out, skipped)
+            out.skipped(skipped)
 
 
-def _copy_rows(target: h5py.Dataset, plan: _SplitPlan, sources: list[h5py.Dataset | None],
-               width: int, dtype: str) -> None:
-    """Fill `target` block by block; in one block each shard's rows are one contiguous slice."""
+def _copy_rows(plan: _SplitPlan, sources: list[h5py.Dataset | None], width: int, dtype: str
+               ) -> Iterator[np.ndarray]:
+    """The merged rows block by block; in one block each shard's rows are one contiguous slice."""
     block = max(1, _MERGE_BLOCK_BYTES // max(1, width * np.dtype(dtype).itemsize))
     for start in range(0, len(plan.owner), block):
         owner = plan.owner[start:start + block]
@@ -409,4 +408,4 @@ def _copy_rows(target: h5py.Dataset, plan: _SplitPlan, sources: list[h5py.Datase
             source = sources[int(k)]
             assert source is not None and last - first == int(mine.sum())
             values[mine] = source[first:last]
-        target[start:start + len(owner)] = values
+        yield values

@@ -6,6 +6,7 @@
     STORE/caches/<fingerprint>.shard-000i-of-000N.h5   shard i of N (see store/shards.py); never
                                          taken for a cache; `merge` makes the cache from them
     STORE/heads/<fingerprint[:16]>/      fitted heads of that cache (model file + JSON sidecar)
+    STORE/default-cache                  the pinned default cache's fingerprint (optional)
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from store.atomic import write_text
 from store.cache import FeatureCache
-from store.errors import HeadstartError
+from store.errors import HeadstartError, command
+from store.selection import matching
 
 STORE_ENV = "HEADSTART_STORE"
 
@@ -140,20 +143,31 @@ class Store:
 
     def find_cache(self, selector: str | None = None) -> FeatureCache:
         """The cache named by a fingerprint prefix or a readable name; by default the newest."""
+        return self.resolve_cache(selector)[0]
+
+    def resolve_cache(self, selector: str | None = None) -> tuple[FeatureCache, str]:
+        """The cache a command uses, and why: "--cache" (named by `selector`), "pinned" (the
+        store's default, see `pin`) or "newest" (the most recently finished)."""
         caches = self.feature_caches()
         if not caches:
             if any(self.caches_dir.glob("*.shard-*.h5")):
                 raise HeadstartError(
-                    f"Store {self.root} holds only shards, not a cache; run 'python cli.py merge "
-                    f"--store {self.root}' once every shard has finished.")
+                    f"Store {self.root} holds only shards, not a cache; run "
+                    f"'{command(f'merge --store {self.root}')}' once every shard has finished.")
             raise HeadstartError(
-                f"No finished cache in store {self.root}; run 'python cli.py extract DATASET' first."
-            )
-        if selector is None:
-            return caches[-1]
-        matches = [c for c in caches if c.name == selector]
-        if not matches and re.fullmatch(r"[0-9a-fA-F]{4,64}", selector):
-            matches = [c for c in caches if c.fingerprint.startswith(selector.lower())]
+                f"No finished cache in store {self.root}; run '{command('extract DATASET')}' "
+                "first.")
+        if selector is not None:
+            return self._named(caches, selector), "--cache"
+        pinned = self.pinned()
+        if pinned is not None:
+            found = [c for c in caches if c.fingerprint == pinned]
+            if found:
+                return found[0], "pinned"
+        return caches[-1], "newest"
+
+    def _named(self, caches: list[FeatureCache], selector: str) -> FeatureCache:
+        matches = matching(caches, selector, lambda c: c.name, lambda c: c.fingerprint)
         if len(matches) == 1:
             return matches[0]
         if not matches:
@@ -163,6 +177,29 @@ class Store:
         raise HeadstartError(
             f"{selector!r} matches several caches ({names}); give a longer fingerprint prefix."
         )
+
+    @property
+    def pin_path(self) -> Path:
+        """The file naming the store's pinned default cache (its fingerprint)."""
+        return self.root / "default-cache"
+
+    def pinned(self) -> str | None:
+        """The fingerprint of the pinned default cache, if one is pinned."""
+        try:
+            text = self.pin_path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return text if re.fullmatch(r"[0-9a-f]{64}", text) else None
+
+    def pin(self, selector: str | None) -> FeatureCache | None:
+        """Make the named cache the default of every command (None: unpin, newest again)."""
+        if selector is None:
+            self.pin_path.unlink(missing_ok=True)
+            return None
+        cache = self.find_cache(selector)
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_text(self.pin_path, cache.fingerprint + "\n")
+        return cache
 
     def is_being_written(self, fingerprint: str) -> bool:
         """True when another process holds the write lock of this cache right now."""

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Callable
 
 import h5py
-import numpy as np
 
 from store.cache import FeatureCache
+from store.check import layout_problems
 from store.errors import HeadstartError
 from store.fingerprint import digest_file
 from store.heads import HEAD_FORMAT
 from store.shards import SHARD_NAME
+from store.selection import matching
 from store.store import Store, expand_path
 
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")
@@ -101,19 +102,17 @@ def _select(store: Store, files: list[Path], selector: str) -> list[Path]:
     as_path = expand_path(selector)
     if as_path.suffix == ".h5" and as_path.is_file():
         return [as_path]
-    matches = [p for p in files if p.stem.startswith(selector.lower())]
-    if not matches:
-        matches = [p for p in files if _name_of(p) == selector]
+    matches = matching(files, selector, _name_of, lambda p: p.stem)
     if not matches:
         raise HeadstartError(f"No cache file in {store.caches_dir} matches {selector!r}.")
     return matches
 
 
-def _name_of(path: Path) -> str | None:
+def _name_of(path: Path) -> str:
     try:
         return FeatureCache(path).name
     except (HeadstartError, KeyError, ValueError):
-        return None
+        return ""
 
 
 # --- caches ---------------------------------------------------------------------------------
@@ -140,48 +139,12 @@ def check_cache_file(path: Path) -> tuple[list[Problem], int]:
         return [corrupt(f"lacks required metadata ({_short(str(error))})")], 0
     if cache.fingerprint != expected:
         return [corrupt(f"records fingerprint {cache.fingerprint[:12]}, not its file name")], 0
-    problems: list[Problem] = []
-    rows = 0
     try:
         with h5py.File(path, "r") as handle:
-            for split in cache.split_sizes:
-                group = handle[split]
-                why, count = _check_split(group, split, len(cache.class_names))
-                rows += count
-                if why:
-                    problems.append(corrupt(why))
-            if not cache.split_sizes:
-                problems.append(corrupt("holds no split"))
+            found, rows = layout_problems(handle, cache.attributes, len(cache.class_names))
     except (OSError, KeyError, ValueError) as error:
-        problems.append(corrupt(f"cannot be read completely ({_short(str(error))})"))
-    return problems[:1], rows
-
-
-def _check_split(group: h5py.Group, split: str, classes: int) -> tuple[str, int]:
-    """The first thing wrong with one split (empty when healthy), and its row count."""
-    for key in ("features", "labels", "ids"):
-        if key not in group:
-            return f"has no {split}/{key}", 0
-    features, labels, ids = group["features"], group["labels"], group["ids"]
-    count = int(labels.shape[0])
-    if features.ndim != 2 or features.shape[0] != count or ids.shape[0] != count:
-        return (f"has {features.shape[0]} {split} feature rows, {count} labels and "
-                f"{ids.shape[0]} ids; they must agree"), count
-    if count and not features.fletcher32:
-        return f"stores {split}/features without Fletcher-32 checksums", count
-    step = features.chunks[0] if features.chunks else 4096
-    for start in range(0, count, step):  # reading every chunk checks every checksum
-        block = np.asarray(features[start:start + step], dtype=np.float32)
-        if not np.isfinite(block).all():
-            bad = start + int(np.argwhere(~np.isfinite(block))[0][0])
-            return f"has a NaN or infinite feature in {split} row {bad}", count
-    values = np.asarray(labels[...])
-    if count and (values.min() < 0 or values.max() >= classes):
-        return f"has {split} labels outside 0..{classes - 1}", count
-    names = ids.asstr()[...]
-    if len(set(names.tolist())) != count:
-        return f"has duplicate {split} sample ids", count
-    return "", count
+        return [corrupt(f"cannot be read completely ({_short(str(error))})")], 0
+    return [corrupt(why) for why in found[:1]], rows
 
 
 def _short(text: str) -> str:

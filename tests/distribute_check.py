@@ -16,7 +16,8 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras  # noqa: E402
 
 from extract.backbones import Weights, build_feature_model, get_backbone  # noqa: E402
-from extract.pipeline import ComputeOptions, forward_function  # noqa: E402
+from extract.compute import ComputeOptions  # noqa: E402
+from extract.forward import forward_function  # noqa: E402
 
 
 def build():  # random weights from a fixed seed: the same model each time

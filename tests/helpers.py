@@ -77,7 +77,7 @@ def make_plan(dataset: str | Path, **overrides: Any) -> Any:
     """An ExtractionPlan with the suite's settings (mobilenet 0.25, real weights, 32 px)."""
     from extract.backbones import Weights, get_backbone
     from extract.datasets import open_dataset
-    from extract.pipeline import ExtractionPlan
+    from extract.plan import ExtractionPlan
 
     options: dict[str, Any] = {
         "backbone": get_backbone("mobilenet"), "alpha": 0.25, "weights": Weights.parse(str(WEIGHTS)),

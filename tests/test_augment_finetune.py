@@ -14,12 +14,13 @@ from classifiers.training import as_cache_set, augmented_views, fit_head, traini
 from classifiers.validation import validation_mask
 from cli import app
 from endtoend.finetune import FinetuneSettings, application_model, finetune
-from extract import pipeline
+from extract import pipeline, plan as plan_module
 from extract.augment import Augmentation
 from extract.backbones import Weights, get_backbone
 from extract.blocks import is_batch_norm
 from extract.datasets import folder_dataset
-from extract.pipeline import ExtractionPlan, extract_features, extract_views
+from extract.pipeline import extract_features, extract_views
+from extract.plan import ExtractionPlan
 from extract.rebuild import cache_feature_model, cache_preprocessing
 from store.store import Store
 from tests.conftest import MINI, WEIGHTS
@@ -98,7 +99,7 @@ def test_views_are_reproducible_and_extend_instead_of_recomputing(views_store, t
 
 
 def test_interrupted_view_extraction_resumes_to_the_same_cache(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(pipeline, "SEGMENT_BYTES", 1)  # views: one chunk of 256 rows a segment
+    monkeypatch.setattr(plan_module, "SEGMENT_BYTES", 1)  # views: one chunk of 256 rows a segment
     plan = plan_for(MINI)  # 400 training images: two view segments
     uninterrupted = Store(tmp_path / "whole")
     extract_features(plan, uninterrupted, progress=False)
@@ -233,3 +234,13 @@ def test_batch_norm_statistics_do_not_change(finetuned) -> None:
         elif not same:
             changed.append(a.name)
     assert set(changed) == set(result.record["unfrozen_layers"])
+
+
+def test_show_augment_takes_its_rows_across_the_classes() -> None:
+    from extract.preview import _across_classes
+
+    labels = np.repeat(np.arange(4), 5)  # sorted by class, as folder datasets list them
+    rows = _across_classes(labels, 6)
+    assert [int(labels[r]) for r in rows] == [0, 1, 2, 3, 0, 1]
+    assert rows == [0, 5, 10, 15, 1, 6]
+    assert _across_classes(np.array([2, 2, 2]), 8) == [0, 1, 2]

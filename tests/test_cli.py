@@ -34,7 +34,8 @@ def test_extract_says_what_it_did_and_where(tmp_path: Path) -> None:
     assert cache_path.parent == store / "caches" and cache_path.suffix == ".h5"
     again = run_cli(*args)
     assert again.exit_code == 0 and "Reused cache" in again.output
-    assert _printed_path(again.output, "Cache written to ") == cache_path
+    assert _printed_path(again.output, "Cache reused from ") == cache_path
+    assert "Cache written to" not in again.output
 
 
 def test_store_from_the_environment(tmp_path: Path, mini_store: Path,
@@ -153,9 +154,6 @@ ERRORS = {
                       ["takes no --alpha"]),
     "image too small": (["extract", str(MINI), "--backbone", "inception_v3", "--image-size", "32"],
                         ["at least 75"]),
-    "unknown pooling": (["extract", str(MINI), *MOBILENET, "--pooling", "median"],
-                        ["Unknown pooling 'median'"]),
-    "unknown dtype": (["extract", str(MINI), *MOBILENET, "--dtype", "int8"], ["--dtype"]),
     "unknown head": (["fit", "--head", "forest"], ["Unknown head 'forest'", "mlp", "logreg"]),
     "unknown option": (["fit", "--head", "mlp", "-p", "depth=3"],
                        ["no option 'depth'", "epochs"]),
@@ -230,3 +228,108 @@ def test_a_second_writer_is_turned_away(tmp_path: Path) -> None:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         with pytest.raises(HeadstartError, match="Another headstart process is writing"):
             extract_features(plan, the_store, progress=False)
+
+
+def test_fixed_choices_are_the_librarys() -> None:
+    """The CLI's enums (what --help lists and typer checks) are the library's own tuples."""
+    import cli
+    from classifiers.combine import METHODS
+    from endtoend.export import FORMATS, QUANTIZATIONS
+    from extract.backbones import POOLINGS
+    from extract.compute import PRECISIONS
+    from extract.run import ENGINES
+    from store.layout import FEATURE_DTYPES
+
+    for enum, values in ((cli.Pooling, POOLINGS), (cli.Dtype, FEATURE_DTYPES),
+                         (cli.Precision, PRECISIONS), (cli.Engine, ENGINES),
+                         (cli.Method, METHODS), (cli.ExportFormat, FORMATS),
+                         (cli.Quantization, QUANTIZATIONS)):
+        assert tuple(e.value for e in enum) == tuple(values), enum
+
+
+#: Fixed choices are enums: typer refuses a typo (exit 2) naming the value and the choices.
+CHOICE_ERRORS = {
+    "unknown pooling": (["extract", str(MINI), *MOBILENET, "--pooling", "median"], "median"),
+    "unknown dtype": (["extract", str(MINI), *MOBILENET, "--dtype", "int8"], "int8"),
+    "unknown engine": (["extract", str(MINI), "--engine", "spark"], "spark"),
+    "unknown method": (["ensemble", "--method", "bagging"], "bagging"),
+    "unknown format": (["predict", str(MINI), "--format", "xml"], "xml"),
+    "unknown export format": (["export", "--format", "onnx2"], "onnx2"),
+}
+
+
+@pytest.mark.parametrize("case", CHOICE_ERRORS)
+def test_a_mistyped_choice_is_refused_before_any_work(store: Path, case: str) -> None:
+    args, bad = CHOICE_ERRORS[case]
+    before = snapshot(store)
+    result = run_cli(*args, "--store", str(store))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and repr(bad) in result.output
+    assert "is not one of" in result.output
+    assert snapshot(store) == before
+
+
+def test_use_pins_the_default_cache_and_every_command_says_why(tmp_path: Path) -> None:
+    """A newer cache does not move a pinned default; commands name the cache and the reason."""
+    store = tmp_path / "store"
+    base = ["extract", str(MINI), *MINI_ARGS[:-3], "--quiet", "--store", str(store)]
+    assert run_cli(*base, "--image-size", "32").exit_code == 0
+    first = Store(store).find_cache(None)
+    assert run_cli("fit", "--head", "logreg", "--store", str(store)).exit_code == 0
+    pinned = run_cli("use", first.short_id, "--store", str(store))
+    assert pinned.exit_code == 0 and first.name in pinned.output
+    assert run_cli(*base, "--image-size", "40").exit_code == 0  # a newer cache
+    evaluated = run_cli("evaluate", "--store", str(store))
+    assert evaluated.exit_code == 0, evaluated.output
+    assert f"Cache {first.name} ({first.short_id}): pinned with 'use'." in evaluated.output
+    listing = run_cli("list", "--store", str(store)).output
+    assert f"{first.name} * (pinned)" in listing
+    unpinned = run_cli("use", "--newest", "--store", str(store))
+    assert unpinned.exit_code == 0 and "the newest" in unpinned.output
+    newest = run_cli("evaluate", "--store", str(store))  # the new cache has no head yet
+    assert_clean_error(newest, "No heads are fitted on cache")
+    assert "the newest; pin another with 'use'" in newest.output
+    assert_clean_error(run_cli("use", "--store", str(store)), "Name the cache to pin")
+
+
+def test_an_unexpected_exception_is_one_sentence(tmp_path: Path, monkeypatch) -> None:
+    import store.inventory
+
+    def broken(_store):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(store.inventory, "inventory", broken)
+    result = run_cli("list", "--store", str(tmp_path))
+    assert_clean_error(result, "unexpected ZeroDivisionError: division by zero", "HEADSTART_DEBUG")
+    monkeypatch.setenv("HEADSTART_DEBUG", "1")
+    assert isinstance(run_cli("list", "--store", str(tmp_path)).exception, ZeroDivisionError)
+
+
+def test_backbones_version_and_store(tmp_path: Path) -> None:
+    listed = run_cli("backbones", "--store", str(tmp_path))
+    assert listed.exit_code == 0 and "256 (a=0.25)" in listed.output
+    assert "1024 (a=1.0)" in listed.output
+    version = run_cli("--version")
+    assert version.exit_code == 0 and version.output.startswith("headstart ")
+
+
+def _serve(store: Path, *options: str):
+    return run_cli("serve", "--head", "logreg", "--store", str(store), *options)
+
+
+def test_serve_refuses_unsafe_or_impossible_start_ups(fitted_store, monkeypatch) -> None:
+    """Each is refused in one sentence before the model loads or anything listens."""
+    store, _ = fitted_store
+    monkeypatch.delenv("HEADSTART_TOKEN", raising=False)
+    assert_clean_error(_serve(store, "--token", ""), "token is empty")
+    monkeypatch.setenv("HEADSTART_TOKEN", "  ")
+    assert_clean_error(_serve(store), "token is empty")
+    monkeypatch.delenv("HEADSTART_TOKEN")
+    assert_clean_error(_serve(store, "--host", "0.0.0.0"), "--token", "--insecure")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = _serve(store, "--port", str(port))
+    assert_clean_error(result, f"Port {port} on 127.0.0.1 is already in use")
+    assert "Serving" not in result.output

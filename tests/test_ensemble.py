@@ -97,7 +97,6 @@ def test_ensemble_command_across_caches(toy_store) -> None:  # noqa: F811
 @pytest.mark.parametrize("extra, message", [
     (["--heads", "logreg,nope"], "No fitted head named 'nope'"),
     (["--heads", "logreg"], "at least two fitted heads"),
-    (["--method", "bagging"], "Unknown ensemble method"),
     (["--cache", "OTHER"], "different datasets"),
 ])
 def test_ensemble_errors_are_one_sentence_and_write_nothing(toy_store, extra, message) -> None:  # noqa: F811
@@ -112,3 +111,15 @@ def test_ensemble_errors_are_one_sentence_and_write_nothing(toy_store, extra, me
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in (root / "heads").rglob("*")) == before
+
+
+def test_an_unknown_method_is_refused_by_the_library_too(toy_store) -> None:  # noqa: F811
+    """The CLI's enum refuses it first (tests/test_cli.py); a library caller gets a sentence."""
+    from classifiers.ensembles import fit_ensemble
+    from store.errors import HeadstartError
+    from store.store import Store
+
+    root, caches = toy_store
+    store = Store(root)
+    with pytest.raises(HeadstartError, match="Unknown ensemble method 'bagging'"):
+        fit_ensemble(store, [store.find_cache(caches["a"][:12])], "bagging")

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import extract.pipeline as pipeline
+import extract.plan as plan_module
 from tests.conftest import MINI, MINI_ARGS, ROOT
 from tests.helpers import assert_clean_error, make_folder, make_plan, mini_files, run_cli
 from store.cache import FeatureCache
@@ -85,7 +86,8 @@ def test_ctrl_c_then_resume_recomputes_only_unfinished_segments(
         tmp_path: Path, mini_cache: FeatureCache, counting: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
     # 128-row segments of two 64-image batches: train 128+128+128+16, test 128+72
-    monkeypatch.setattr(pipeline, "MAX_SEGMENT_SIZE", 128)
+    monkeypatch.setattr(plan_module, "MAX_SEGMENT_SIZE", 128)
+    monkeypatch.setattr(plan_module, "SEGMENTS_PER_SPLIT", 1)
     store = tmp_path / "store"
     built = counting(interrupt_after=3)  # the 4th batch is interrupted: 1 segment is finished
     result = run_cli("extract", str(MINI), *MINI_ARGS, "--store", str(store))
@@ -119,7 +121,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
     script = (
         "import sys, time\n"
         "import extract.pipeline as p\n"
-        "p.MAX_SEGMENT_SIZE = 64\n"
+        "import extract.plan\n"
+        "extract.plan.MAX_SEGMENT_SIZE = 64\n"
         "real = p.forward_function\n"
         "def slow(*a, **k):\n"
         "    f = real(*a, **k)\n"
@@ -166,13 +169,13 @@ def test_resume_with_another_batch_size_redoes_only_missing_or_damaged_segments(
     reference = pipeline.extract_features(make_plan(root), Store(tmp_path / "ref"),
                                           progress=False).cache
     store = Store(tmp_path / "store")
-    monkeypatch.setattr(pipeline, "MAX_SEGMENT_SIZE", 4)
+    monkeypatch.setattr(plan_module, "MAX_SEGMENT_SIZE", 4)
     counting(interrupt_after=2)
     with pytest.raises(KeyboardInterrupt):
         pipeline.extract_features(make_plan(root, batch_size=4), store, progress=False)
     first, second = segment_files(tmp_path / "store")
     second.write_bytes(second.read_bytes()[:200])  # e.g. a disk error
-    monkeypatch.setattr(pipeline, "MAX_SEGMENT_SIZE", 2048)
+    monkeypatch.setattr(plan_module, "MAX_SEGMENT_SIZE", 2048)
     built = counting()
     resumed = pipeline.extract_features(make_plan(root, batch_size=3), store, progress=False)
     assert resumed.computed == built[-1].images == 24 - 4
@@ -301,3 +304,23 @@ def test_a_keras_builtin_dataset_is_extracted_from_its_arrays(
     assert cache.ids("test").tolist() == [f"test/{i:06d}" for i in range(5)]
     assert cache.labels("train").tolist() == (np.arange(12) % 10).tolist()
     assert cache.inputs["dataset"]["source"] == {"kind": "keras", "name": "mnist"}
+
+
+def test_ctrl_c_on_a_small_dataset_keeps_finished_segments_and_says_so(
+        tmp_path: Path, counting: Any) -> None:
+    """With default segment sizes the mini set is cut into 64-row segments (1/8 of its
+    400 training rows, in whole batches), so an interruption keeps what was finished."""
+    plan = make_plan(MINI, image_size=128)
+    assert plan.segment_size == 64
+    store = tmp_path / "store"
+    counting(interrupt_after=3)
+    result = run_cli("extract", str(MINI), *MINI_ARGS[:-3], "--image-size", "128", "--quiet",
+                     "--store", str(store))
+    assert result.exit_code == 130, result.output
+    assert f"Kept 192 of 600 images in finished segments of cache {plan.fingerprint[:12]}" \
+        in result.output
+    assert len(segment_files(store)) == 3
+    counting(interrupt_after=0)
+    first = run_cli("extract", str(MINI), *MINI_ARGS[:-3], "--image-size", "40", "--quiet",
+                    "--store", str(store))
+    assert first.exit_code == 130 and "nothing was kept" in first.output

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from extract.backbones import Weights, build_feature_model, get_backbone
-from extract.pipeline import extract_features, forward_function
+from extract.forward import forward_function
+from extract.pipeline import extract_features
 from extract.preprocessing import MAX_BATCHED_PIXELS, Preprocessing
 from store.store import Store
 from tests.conftest import WEIGHTS
@@ -127,7 +128,7 @@ def test_very_large_images_are_box_reduced_before_the_resize() -> None:
 
 
 def test_many_image_sizes_share_a_few_traced_functions(model: object) -> None:
-    from extract import pipeline
+    from extract.forward import MAX_TRACED_SHAPES
 
     preprocessing = get_backbone("mobilenet").preprocessing(64)
     forward = forward_function(model, preprocessing)
@@ -136,4 +137,4 @@ def test_many_image_sizes_share_a_few_traced_functions(model: object) -> None:
     for batch in batches:  # sizes past the limit are resized first: the same features
         np.testing.assert_allclose(forward(batch), forward(preprocessing.resize_batch(batch)),
                                    rtol=1e-6, atol=1e-6)
-    assert pipeline.MAX_TRACED_SHAPES < len(batches)
+    assert MAX_TRACED_SHAPES < len(batches)

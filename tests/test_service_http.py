@@ -144,3 +144,32 @@ def test_concurrent_requests_are_batched(client: TestClient) -> None:
     assert len({a.json()["predictions"][0]["label"] for a in answers}) == 1
     assert batcher.images - before_images == 16
     assert batcher.batches - before_batches <= 16
+
+
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_a_blank_token_is_refused_at_start_up(blank: str) -> None:
+    from store.errors import HeadstartError
+
+    with pytest.raises(HeadstartError, match="token is empty"):
+        ServiceSettings(token=blank)
+
+
+def test_a_non_ascii_token_authenticates_as_utf8_bytes() -> None:
+    token = "schlüssel-密钥"
+    with TestClient(create_app(predictor("mlp"), ServiceSettings(token=token))) as c:
+        raw = {"content-type": "image/png",
+               "Authorization": ("Bearer " + token).encode("utf-8")}  # as a client sends it
+        assert c.post("/predict", content=png_bytes(), headers=raw).status_code == 200
+        near = {**raw, "Authorization": "Bearer schlussel-"}
+        assert c.post("/predict", content=png_bytes(), headers=near).status_code == 401
+
+
+def test_one_access_line_per_request() -> None:
+    lines: list[str] = []
+    with TestClient(create_app(predictor("mlp"), ServiceSettings(), access_log=lines.append)) as c:
+        c.get("/health")
+        c.post("/predict", content=b"", headers={"content-type": "image/png"})
+    assert len(lines) == 2, lines
+    method, path, status, ms, unit = lines[0].split()
+    assert (method, path, status, unit) == ("GET", "/health", "200", "ms") and float(ms) >= 0
+    assert lines[1].startswith("POST /predict 422 ")

@@ -203,7 +203,7 @@ def test_interrupted_shard_resumes(mini_store, shared_paths, tmp_path, monkeypat
 
 
 def test_distribute_is_a_no_op_with_one_device() -> None:
-    from extract.pipeline import ComputeOptions
+    from extract.compute import ComputeOptions
 
     assert ComputeOptions(multi_gpu=True).strategy() is None  # no GPU here: plain forward pass
 

@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 import classifiers.memory as memory
-from classifiers.memory import parse_size, plan_memory
+from classifiers.memory import plan_memory
+from store.units import parse_size
 from classifiers.sources import CacheSet
 from classifiers.streaming import shuffled_batches
 from classifiers.training import fit_head

@@ -21,7 +21,7 @@ ARGS = [str(MINI), *MINI_ARGS[:-3], "--image-size", "40", "--quiet"]
 def plan_fingerprint() -> str:
     from extract.backbones import Weights, get_backbone
     from extract.datasets import open_dataset
-    from extract.pipeline import ExtractionPlan
+    from extract.plan import ExtractionPlan
 
     plan = ExtractionPlan(open_dataset(str(MINI)), get_backbone("mobilenet"),
                           Weights.parse(str(WEIGHTS)), 40, alpha=0.25)
@@ -47,10 +47,10 @@ def test_second_writer_of_the_same_cache_stops_with_a_clear_message(store: Path)
 
 
 def test_disk_full_keeps_the_finished_part_and_other_caches(store: Path, monkeypatch) -> None:
-    import extract.pipeline as pipeline
+    import extract.plan as plan_module
     from store.partial import PartialCache
 
-    monkeypatch.setattr(pipeline, "SEGMENT_BYTES", 40 * 40 * 3 * 64)  # 64-image segments
+    monkeypatch.setattr(plan_module, "SEGMENT_BYTES", 40 * 40 * 3 * 64)  # 64-image segments
     real_write = PartialCache.write_segment
     calls = []
 
