@@ -20,7 +20,7 @@ from classifiers.saved import load_member, member_matrix
 from classifiers.sources import check_same_dataset, dataset_key
 from classifiers.validation import VALIDATION_FRACTION, validation_mask
 from store.cache import FeatureCache
-from store.errors import HeadstartError
+from store.errors import HeadstartError, command
 from store.heads import check_head_name, list_heads
 from store.store import Store
 
@@ -60,7 +60,7 @@ def candidate_members(store: Store, caches: Sequence[FeatureCache],
         raise HeadstartError(
             f"An ensemble needs at least two fitted heads of the same dataset; found "
             f"{len(records)} ({', '.join(member_label(r) for r in records) or 'none'}). Fit more "
-            "with 'python cli.py fit --head NAME'.")
+            f"with '{command('fit --head NAME')}'.")
     first = tuple(records[0].get("classes", []))
     for record in records[1:]:
         if tuple(record.get("classes", [])) != first:
