@@ -231,6 +231,8 @@ def extract(
     distribute: bool = typer.Option(False, "--distribute", help="Run the backbone on every GPU "
                                     "of this machine (tf.distribute.MirroredStrategy; a no-op "
                                     "with one device)."),
+    name: Optional[str] = typer.Option(None, help="A name for the cache, accepted wherever a "
+                                       "cache is named (--cache, use, verify)."),
     store: Optional[Path] = StoreOption,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -251,7 +253,7 @@ def extract(
                                     aug_seed) if augment else None
         request = ExtractRequest(settings, _value(engine), shard, augmentation, augment,
                                  RayOptions(address, shards, cpus_per_shard, gpus_per_shard,
-                                            retries, keep_shards))
+                                            retries, keep_shards), name)
         the_store = Store(store)
         outcome = run_extract(request, the_store, progress=not quiet, announce=err.print)
     _print(outcome.lines(the_store))

@@ -170,14 +170,15 @@ def _list_split(root: Path, split_dir: Path, class_names: list[str]
 
 def folder_dataset(root: Path, test_fraction: float = 0.2) -> Dataset:
     """`root/train/<class>/*` with `root/test|val/<class>/*`, or `root/<class>/*` split by hash."""
-    root = root.resolve()
+    given, root = root, root.resolve()  # messages name the folder as the user typed it
     train_dir = root / "train" if (root / "train").is_dir() else root
     test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
     if train_dir == root:
         test_dir = None
     class_dirs = _class_dirs(train_dir)
     if not class_dirs:
-        raise HeadstartError(f"Dataset folder {root} holds no class folders (expected DIR/<class>/*).")
+        raise HeadstartError(f"Dataset folder {given} holds no class folders (expected "
+                             "DIR/<class>/*).")
     class_names = [d.name for d in class_dirs]
     train = _list_split(root, train_dir, class_names)
     if test_dir is not None:
@@ -192,7 +193,10 @@ def folder_dataset(root: Path, test_fraction: float = 0.2) -> Dataset:
         source = {"kind": "folder", "layout": "hash-split", "test_fraction": test_fraction}
     for split, (files, _, _) in split_files.items():
         if not files:
-            raise HeadstartError(f"The {split} split of {root} is empty.")
+            raise HeadstartError(f"The {split} split of {given} is empty.")
+    if len(class_names) < 2:
+        raise HeadstartError(f"Dataset folder {given} holds one class folder "
+                             f"({class_names[0]}); a classifier needs at least two classes.")
     paths = {split: files for split, (files, _, _) in split_files.items()}
     splits = {
         split: SplitSamples(ids, np.asarray(labels, dtype=np.int32))

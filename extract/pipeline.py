@@ -88,7 +88,8 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
             source_rows=shard.rows if shard else None,
         )
         partial.remove()
-    cache = FeatureCache(store.cache_path(key))
+    cache = store.finished(key)
+    assert cache is not None
     return ExtractionResult(cache, reused=False, computed=computed, seconds=seconds,
                             cpu_seconds=cpu_seconds)
 

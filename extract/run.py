@@ -26,6 +26,7 @@ class ExtractRequest:
     augmentation: Augmentation | None = None
     views: int = 0  # augmented views of every training image
     ray: Any = None  # extract.ray_engine.RayOptions for engine "ray"
+    name: str | None = None  # a name for the cache (see Store.name_cache)
 
 
 @dataclass
@@ -85,7 +86,20 @@ class ExtractOutcome:
 
 def run_extract(request: ExtractRequest, store: Store, progress: bool = True,
                 announce: Callable[[str], None] = lambda line: None) -> ExtractOutcome:
-    """Make (or reuse) what `request` asks for; `announce` hears the dataset's summary first."""
+    """Make (or reuse) what `request` asks for, and name it if asked; `announce` hears the
+    dataset's summary first."""
+    if request.name is not None:
+        if request.shard:
+            raise HeadstartError("A shard is not a cache; name the merged cache instead.")
+        store.check_cache_name(request.name)  # before any work
+    outcome = _make(request, store, progress, announce)
+    if request.name is not None:
+        store.name_cache(outcome.cache, request.name)
+    return outcome
+
+
+def _make(request: ExtractRequest, store: Store, progress: bool,
+          announce: Callable[[str], None]) -> ExtractOutcome:
     if request.engine not in ENGINES:
         raise HeadstartError(f"Unknown engine {request.engine!r}; choose one of {', '.join(ENGINES)}.")
     if request.engine == "ray":
@@ -101,6 +115,8 @@ def run_extract(request: ExtractRequest, store: Store, progress: bool = True,
     part = f" (shard {spec} of it)" if spec else ""
     announce(f"Dataset {plan.dataset.name}{part}: {len(plan.dataset.class_names)} classes, "
              f"{sizes} images.")
+    if request.name is not None:
+        store.check_cache_name(request.name, plan.fingerprint)
     result = extract_features(plan, store, progress)
     views = (extract_views(plan, request.augmentation, request.views, store, progress)
              if view_plans else [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
@@ -97,9 +98,17 @@ class FeatureCache:
         """The first 12 hex digits of the fingerprint, as shown to users."""
         return self.fingerprint[:12]
 
-    @cached_property
+    #: The name the user gave the cache in its store (extract --name), if any.
+    alias: str | None = None
+
+    @property
     def name(self) -> str:
-        """A readable name: dataset, backbone, alpha, size and pooling."""
+        """How the cache is shown and named: the user's name for it, else `generated_name`."""
+        return self.alias or self.generated_name
+
+    @cached_property
+    def generated_name(self) -> str:
+        """A readable name made from dataset, backbone, alpha, weights, size and pooling."""
         inputs = self.inputs
         backbone = inputs["backbone"]
         if inputs.get("alpha") is not None:
@@ -112,36 +121,49 @@ class FeatureCache:
 
     def features(self, split: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """Features of a split (or of some of its rows) as float32."""
-        with h5py.File(self.path, "r") as handle:
+        with self._reading() as handle:
             data = self._split(handle, split)["features"]
             values = data[...] if rows is None else data[rows]
         return layout.as_float32(values)
 
     def labels(self, split: str) -> np.ndarray:
         """Integer labels of a split, indexing `class_names`."""
-        with h5py.File(self.path, "r") as handle:
+        with self._reading() as handle:
             return np.asarray(self._split(handle, split)["labels"][...], dtype=np.int64)
 
     def ids(self, split: str) -> np.ndarray:
         """Sample ids of a split, as an array of str."""
-        with h5py.File(self.path, "r") as handle:
+        with self._reading() as handle:
             return self._split(handle, split)["ids"].asstr()[...].astype(str)
 
     def chunk_rows(self, split: str) -> int:
         """Rows per HDF5 chunk of a split's features (reads aligned to it touch each chunk once)."""
-        with h5py.File(self.path, "r") as handle:
+        with self._reading() as handle:
             data = self._split(handle, split)["features"]
             return int(data.chunks[0]) if data.chunks else 4096
 
     def iter_feature_blocks(self, split: str) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, float32 block) over a split, in blocks of whole chunks (about 1 MiB)."""
-        with h5py.File(self.path, "r") as handle:
+        with self._reading() as handle:
             data = self._split(handle, split)["features"]
             chunk = data.chunks[0] if data.chunks else 4096
             row_bytes = max(1, data.shape[1] * data.dtype.itemsize)
             step = chunk * max(1, layout.BLOCK_BYTES // (chunk * row_bytes))
             for start in range(0, data.shape[0], step):
                 yield start, layout.as_float32(data[start:start + step])
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[h5py.File]:
+        """The open file; a read that fails (a checksum mismatch, a truncated or vanished
+        file) is one sentence naming this cache and the way to remove it."""
+        try:
+            with h5py.File(self.path, "r") as handle:
+                yield handle
+        except (OSError, KeyError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise HeadstartError(
+                f"Cache {self.name} ({self.short_id}) is damaged and cannot be read ({reason}); "
+                f"'{command('verify --fix')}' removes it, then extract it again.") from None
 
     def _split(self, handle: h5py.File, split: str) -> h5py.Group:
         if split not in handle:

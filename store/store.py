@@ -7,12 +7,14 @@
                                          taken for a cache; `merge` makes the cache from them
     STORE/heads/<fingerprint[:16]>/      fitted heads of that cache (model file + JSON sidecar)
     STORE/default-cache                  the pinned default cache's fingerprint (optional)
+    STORE/cache-names.json               names users gave caches (extract --name), by fingerprint
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import fcntl
 import os
 import re
@@ -26,6 +28,8 @@ from store.errors import HeadstartError, command
 from store.selection import matching
 
 STORE_ENV = "HEADSTART_STORE"
+CACHE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+FINGERPRINT_PREFIX = re.compile(r"[0-9a-fA-F]{4,64}")
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -84,7 +88,51 @@ class Store:
     def finished(self, fingerprint: str) -> FeatureCache | None:
         """The finished cache with this fingerprint, if there is one."""
         path = self.cache_path(fingerprint)
-        return FeatureCache(path) if path.is_file() else None
+        return self._with_alias(FeatureCache(path)) if path.is_file() else None
+
+    # --- names the user gives caches -------------------------------------------------------------
+
+    @property
+    def names_path(self) -> Path:
+        """The JSON file mapping fingerprints to the names users gave their caches."""
+        return self.root / "cache-names.json"
+
+    def aliases(self) -> dict[str, str]:
+        """fingerprint -> the user's name for that cache."""
+        try:
+            names = json.loads(self.names_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return {k: str(v) for k, v in names.items()} if isinstance(names, dict) else {}
+
+    def check_cache_name(self, name: str, fingerprint: str | None = None) -> None:
+        """Refuse a name that is not allowed, or that another cache than `fingerprint` has."""
+        if not CACHE_NAME.fullmatch(name) or FINGERPRINT_PREFIX.fullmatch(name):
+            raise HeadstartError(
+                f"Cache name {name!r} is not allowed; use up to 64 letters, digits, '_', '.' or "
+                "'-', not only hex digits (those name fingerprints).")
+        owner = next((fp for fp, given in self.aliases().items() if given == name), None)
+        if owner is not None and owner != fingerprint and fingerprint is not None:
+            raise HeadstartError(f"The name {name!r} is taken by cache {owner[:12]}; choose "
+                                 "another.")
+
+    def name_cache(self, cache: FeatureCache, name: str) -> FeatureCache:
+        """Give `cache` a name every command accepts for it; a name another cache has is
+        refused (rename that one first)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._locked(self.root / "cache-names.lock", "Another headstart process is "
+                          "naming a cache right now; try again in a moment."):
+            self.check_cache_name(name, cache.fingerprint)
+            names = self.aliases()
+            names[cache.fingerprint] = name
+            write_text(self.names_path, json.dumps(names, indent=2, sort_keys=True))
+        cache.alias = name
+        return cache
+
+    def _with_alias(self, cache: FeatureCache, names: dict[str, str] | None = None
+                    ) -> FeatureCache:
+        cache.alias = (self.aliases() if names is None else names).get(cache.fingerprint)
+        return cache
 
     def reusable(self, fingerprint: str) -> FeatureCache | None:
         """The finished cache with this fingerprint, for a writer about to reuse it instead of
@@ -98,7 +146,8 @@ class Store:
         """Every finished cache, oldest first (by creation, then by when its file was finished)."""
         if not self.caches_dir.is_dir():
             return []
-        found = [FeatureCache(p) for p in self.caches_dir.glob("*.h5")
+        names = self.aliases()
+        found = [self._with_alias(FeatureCache(p), names) for p in self.caches_dir.glob("*.h5")
                  if re.fullmatch(r"[0-9a-f]{64}", p.stem)]
         return sorted(found, key=lambda c: (c.created, c.path.stat().st_mtime_ns, c.fingerprint))
 
@@ -201,28 +250,47 @@ class Store:
         write_text(self.pin_path, cache.fingerprint + "\n")
         return cache
 
+    def lock_path(self, fingerprint: str) -> Path:
+        """The lock file of one cache: it exists only while a writer holds it (or a writer
+        was killed; `stale_locks` lists those)."""
+        return self.caches_dir / f"{fingerprint}.lock"
+
     def is_being_written(self, fingerprint: str) -> bool:
         """True when another process holds the write lock of this cache right now."""
-        lock_path = self.caches_dir / f"{fingerprint}.lock"
-        if not lock_path.exists():
+        try:
+            descriptor = os.open(self.lock_path(fingerprint), os.O_RDONLY)
+        except OSError:
             return False
-        with open(lock_path, "a+") as handle:
-            if not _try_lock(handle.fileno()):
+        try:
+            if not _try_lock(descriptor):
                 return True
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(descriptor)
+
+    def stale_locks(self) -> list[Path]:
+        """Lock files no process holds: left by a writer that was killed."""
+        if not self.caches_dir.is_dir():
+            return []
+        return [p for p in sorted(self.caches_dir.glob("*.lock"))
+                if not self.is_being_written(p.name.removesuffix(".lock"))]
+
+    def remove_stale_lock(self, path: Path) -> bool:
+        """Delete a lock file if no process holds it (under the lock itself); True if removed."""
+        try:
+            with self._locked(path, wait_message=None):
+                return True
+        except (HeadstartError, OSError):
             return False
 
     @contextlib.contextmanager
     def writing(self, fingerprint: str) -> Iterator[None]:
         """Hold the write lock of one cache; a second writer stops with a clear message."""
         self.caches_dir.mkdir(parents=True, exist_ok=True)
-        lock_path = self.caches_dir / f"{fingerprint}.lock"
-        with open(lock_path, "a+") as handle:
-            if not _try_lock(handle.fileno()):
-                raise HeadstartError(
-                    f"Another headstart process is writing cache {fingerprint[:12]} right "
-                    "now; wait for it to finish (its work will be reused)."
-                )
+        message = (f"Another headstart process is writing cache {fingerprint[:12]} right now; "
+                   "wait for it to finish (its work will be reused).")
+        with self._locked(self.lock_path(fingerprint), message):
             try:
                 # Only a killed writer of this cache can have left its temporary files.
                 for stale in self.caches_dir.glob(f".{fingerprint}.tmp-*"):
@@ -236,8 +304,31 @@ class Store:
                     f"{fingerprint[:12]} is kept, so free some space and run the same command "
                     "again to resume."
                 ) from None
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _locked(self, path: Path, wait_message: str | None) -> Iterator[None]:
+        """Hold an exclusive flock on `path`, and remove the file when done (while still
+        holding it). A lock taken on a file another process has just removed is retried, so
+        two writers never hold locks on different files of one name."""
+        while True:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _try_lock(descriptor):
+                os.close(descriptor)
+                raise HeadstartError(wait_message or f"{path} is held by another process.")
+            try:
+                same = os.fstat(descriptor).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(descriptor)  # removed (or replaced) by the previous holder: take the new one
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+            os.close(descriptor)
 
 
 def _try_lock(descriptor: int) -> bool:

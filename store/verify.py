@@ -4,8 +4,8 @@ For each finished cache: format and version, the fingerprint matches the file na
 per split (features, labels, ids), ids are unique, labels index the class names, features are
 finite, and every features chunk is read so that HDF5's Fletcher-32 checksums are checked. For
 each head: a readable sidecar, its model file present and matching the recorded SHA-256. Also
-reported: unfinished extractions, temporary files left by a crash, and model files no sidecar
-names.
+reported: unfinished extractions, temporary files left by a crash, lock files no process holds,
+and model files no sidecar names.
 
 With `fix`, only what cannot be trusted is removed (a corrupt cache, an unfinished extraction
 nobody is writing, crash leftovers, orphan or corrupt model files), each after saying so. A
@@ -78,6 +78,9 @@ def verify_store(store: Store, selector: str | None = None, fix: bool = False,
     if selector is None:
         report.problems.extend(_unfinished(store))
         report.problems.extend(_leftovers(caches_dir))
+        report.problems.extend(
+            Problem(f"{lock.name}: a lock file no process holds (a writer was killed); --fix "
+                    "removes it.", [lock]) for lock in store.stale_locks())
     report.heads, head_problems = _check_heads(store, {p.stem for p in files}, healthy,
                                                only=[p.stem for p in files] if selector else None)
     report.problems.extend(head_problems)
@@ -102,7 +105,9 @@ def _select(store: Store, files: list[Path], selector: str) -> list[Path]:
     as_path = expand_path(selector)
     if as_path.suffix == ".h5" and as_path.is_file():
         return [as_path]
-    matches = matching(files, selector, _name_of, lambda p: p.stem)
+    names = store.aliases()
+    matches = matching(files, selector, lambda p: names.get(p.stem) or _name_of(p),
+                       lambda p: p.stem)
     if not matches:
         raise HeadstartError(f"No cache file in {store.caches_dir} matches {selector!r}.")
     return matches

@@ -333,3 +333,44 @@ def test_serve_refuses_unsafe_or_impossible_start_ups(fitted_store, monkeypatch)
         result = _serve(store, "--port", str(port))
     assert_clean_error(result, f"Port {port} on 127.0.0.1 is already in use")
     assert "Serving" not in result.output
+
+
+def test_a_single_class_dataset_is_refused_at_extract(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "one", {"cat": 6})
+    store = tmp_path / "store"
+    result = run_cli("extract", str(root), *MINI_ARGS[:-3], "--store", str(store))
+    assert_clean_error(result, "holds one class folder (cat)", "at least two classes")
+    assert not (store / "caches").exists() or not any((store / "caches").iterdir())
+
+
+def test_messages_name_the_path_as_typed_not_its_symlink_target(tmp_path: Path) -> None:
+    real = tmp_path / "real-folder"
+    (real / "nothing-here").mkdir(parents=True)
+    (real / "nothing-here" / "notes.txt").write_text("x")
+    link = tmp_path / "my-link"
+    link.symlink_to(real)
+    (real / "nothing-here").rename(real / "empty")
+    result = run_cli("extract", str(tmp_path / "my-link" / "empty"), "--store", str(tmp_path / "s"))
+    sentence = assert_clean_error(result, str(link / "empty"))
+    assert "real-folder" not in sentence
+
+
+def test_caches_take_readable_names(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    base = ["extract", str(MINI), *MINI_ARGS[:-3], "--quiet", "--store", str(store)]
+    made = run_cli(*base, "--image-size", "32", "--name", "mini32")
+    assert made.exit_code == 0, made.output
+    listing = json.loads(run_cli("list", "--json", "--store", str(store)).output)
+    assert [c["name"] for c in listing["caches"]] == ["mini32"]
+    assert run_cli("fit", "--head", "logreg", "--cache", "mini32", "--store", str(store)).exit_code == 0
+    verified = run_cli("verify", "mini32", "--store", str(store))
+    assert verified.exit_code == 0 and "Checked 1 caches" in verified.output
+    before = snapshot(store)
+    assert_clean_error(run_cli(*base, "--image-size", "40", "--name", "mini32"),
+                       "The name 'mini32' is taken by cache")
+    assert snapshot(store) == before  # refused before the backbone pass
+    assert_clean_error(run_cli(*base, "--image-size", "32", "--name", "beef01"),
+                       "not only hex digits")
+    renamed = run_cli(*base, "--image-size", "32", "--name", "mini-small")  # reused, renamed
+    assert renamed.exit_code == 0 and "Reused cache mini-small" in renamed.output
+    assert run_cli("evaluate", "--cache", "mini-small", "--store", str(store)).exit_code == 0

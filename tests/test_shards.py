@@ -171,6 +171,9 @@ def test_interrupted_shard_resumes(mini_store, shared_paths, tmp_path, monkeypat
     from extract.settings import ExtractSettings
     from store.partial import PartialCache
 
+    from extract import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "SEGMENTS_PER_SPLIT", 1)  # one segment per split
     settings = ExtractSettings(str(shared_paths["mini"]), "mobilenet", str(shared_paths["weights"]),
                                0.25, 64)
     plan = settings.plan(ShardSpec(2, 3))

@@ -201,3 +201,41 @@ def test_the_newest_cache_is_the_default_even_within_one_second(
     assert [c.fingerprint[0] for c in store.caches()] == ["f", "0", mini_cache.fingerprint[0]]
     os.utime(original, (500, 500))
     assert store.find_cache().fingerprint == "0" * 64
+
+
+def test_lock_files_exist_only_while_held_and_verify_reports_stale_ones(tmp_path) -> None:
+    """A writer removes its lock file when done (also when it fails); one left by a killed
+    writer is listed as stale, reported by verify and removed by --fix; a held lock is not."""
+    import fcntl
+
+    from store.errors import HeadstartError
+    from store.store import Store
+    from store.verify import verify_store
+
+    store = Store(tmp_path)
+    key = "ab" * 32
+    with store.writing(key):
+        assert store.lock_path(key).is_file() and store.is_being_written(key)
+        assert store.stale_locks() == []
+    assert not store.lock_path(key).exists()
+    with pytest.raises(RuntimeError):
+        with store.writing(key):
+            raise RuntimeError("a failing extraction")
+    assert not store.lock_path(key).exists()
+
+    store.lock_path(key).write_text("")  # what a killed writer leaves
+    assert store.stale_locks() == [store.lock_path(key)]
+    said: list[str] = []
+    report = verify_store(store, say=said.append)
+    assert any("lock file no process holds" in line for line in said)
+    assert len(report.unfixed) == 1
+    verify_store(store, fix=True, say=said.append)
+    assert not store.lock_path(key).exists()
+
+    with open(store.lock_path(key), "a+") as held:  # another process's lock
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert store.stale_locks() == [] and store.is_being_written(key)
+        with pytest.raises(HeadstartError, match="Another headstart process"):
+            with store.writing(key):
+                pass
+        assert store.lock_path(key).exists()

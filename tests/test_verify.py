@@ -164,3 +164,21 @@ def test_extraction_in_progress_is_left_alone(store: Path) -> None:
         result = verify(store, "--fix")
     assert "being extracted by another process right now (left alone)" in result.output
     assert partial.exists() and result.exit_code == 0
+
+
+@pytest.mark.parametrize("head", ["logreg", "mlp"])
+def test_a_damaged_chunk_read_by_fit_is_one_sentence_naming_the_cache(store: Path,
+                                                                      head: str) -> None:
+    """fit reads every training row: a flipped byte fails HDF5's checksum, and the user is told
+    which cache is damaged and how to remove it, not h5py's raw message."""
+    from tests.helpers import assert_clean_error
+
+    flip_feature_byte(store / "caches" / f"{CLONE}.h5")
+    heads_before = tree_digest(store / "heads")
+    options = ["-p", "epochs=1"] if head == "mlp" else []
+    result = runner.invoke(app, ["fit", "--head", head, *options, "--name", f"{head}-x",
+                                 "--cache", CLONE[:12], "--store", str(store)])
+    sentence = assert_clean_error(result, f"({CLONE[:12]}) is damaged", "verify --fix")
+    assert "Can't synchronously read data" in sentence or "checksum" in sentence.lower() or \
+        "filter" in sentence.lower()
+    assert tree_digest(store / "heads") == heads_before
