@@ -39,7 +39,7 @@ from store.errors import HeadstartError, Interrupted, set_program  # noqa: E402
 from store.store import STORE_ENV, Store, is_disk_full  # noqa: E402
 from classifiers.summaries import (MEMBER_COLUMNS, PER_CLASS_COLUMNS, TRIAL_COLUMNS,  # noqa: E402
                                    confusion_rows, ensemble_lines, ensemble_rows, fitted_lines,
-                                   per_class_rows, report_title, trial_rows)
+                                   per_class_rows, report_title, trial_line, trial_rows)
 from store.units import format_size  # noqa: E402
 
 set_program("headstart" if Path(sys.argv[0]).name == "headstart" else "python cli.py")
@@ -325,6 +325,7 @@ def fit(
         0.1, help="Training rows held out (by a hash of their ids) for validation and early "
         "stopping; 0 trains on every row, without early stopping (below 0.1, the head cannot "
         "join an ensemble)."),
+    replace: bool = typer.Option(False, "--replace", help="Replace a head of that name."),
     cache: List[str] = CachesOption,
     memory_budget: Optional[str] = BudgetOption,
     store: Optional[Path] = StoreOption,
@@ -340,12 +341,12 @@ def fit(
     with user_errors():
         the_store = Store(store)
         source = CacheSet([the_store.find_cache(c) for c in cache] or [_chosen(the_store, None)])
-        err.print(f"Fitting {head} on cache {source.label}, {source.rows('train')} training rows x "
-                  f"{source.width}.")
+        err.print(f"Fitting {head} on cache {source.label} ({source.width} features).")
         verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
         record, sidecar = fit_head(the_store, source, head, parse_options(param), name,
                                    verbose=verbose, memory_budget=memory_budget,
-                                   augmented=augmented, validation_fraction=validation_fraction)
+                                   augmented=augmented, validation_fraction=validation_fraction,
+                                   replace=replace)
     _print(fitted_lines(head, record, sidecar))
 
 
@@ -402,7 +403,8 @@ def tune(
     param: List[str] = typer.Option([], "--param", "-p", help="Fixed head option KEY=VALUE "
                                     "(repeatable), e.g. -p epochs=20."),
     name: Optional[str] = typer.Option(None, help="Save the best head under this name "
-                                       "(default: the kind)."),
+                                       "(default: KIND-tuned)."),
+    replace: bool = typer.Option(False, "--replace", help="Replace a head of that name."),
     cache: List[str] = CachesOption,
     memory_budget: Optional[str] = BudgetOption,
     store: Optional[Path] = StoreOption,
@@ -416,17 +418,15 @@ def tune(
     from classifiers.tune import tune_head
 
     def show(trial: dict) -> None:
-        note = " (done before)" if trial["resumed"] else ""
-        params = ", ".join(f"{k}={v}" for k, v in trial["params"].items())
-        err.print(f"trial {trial['trial']:>3}: val acc {trial['validation_accuracy']:.4f} "
-                  f"{trial['seconds']:>7.1f} s  {params}{note}")
+        err.print(escape(trial_line(trial)))
 
     with user_errors():
         the_store = Store(store)
         source = CacheSet([the_store.find_cache(c) for c in cache] or [_chosen(the_store, None)])
         err.print(f"Tuning {head} on {source.name}: {trials} trials, seed {seed}.")
         results, record, sidecar = tune_head(the_store, source, head, trials, seed,
-                                             parse_options(param), name, memory_budget, show)
+                                             parse_options(param), name, memory_budget, show,
+                                             replace)
     _table(TRIAL_COLUMNS, trial_rows(results, record["tune"]["best_trial"]),
            "Trials (validation split)")
     out.print(f"Best: trial {record['tune']['best_trial']}. Trials kept in "
@@ -443,6 +443,7 @@ def ensemble(
     name: Optional[str] = typer.Option(None, help="Save under this name (default: ensemble, "
                                        "or ensemble-METHOD)."),
     rounds: int = typer.Option(50, help="Greedy selection rounds."),
+    replace: bool = typer.Option(False, "--replace", help="Replace an ensemble of that name."),
     cache: List[str] = typer.Option([], "--cache", help="Cache whose heads may join (repeat "
                                     "it) (default: the default cache and every cache of its "
                                     "dataset)."),
@@ -458,7 +459,7 @@ def ensemble(
         the_store = Store(store)
         names = [n.strip() for n in heads.split(",") if n.strip()] if heads else None
         record, sidecar = fit_ensemble(the_store, ensemble_caches(the_store, cache),
-                                       _value(method), names, name, rounds)
+                                       _value(method), names, name, rounds, replace)
     _table(MEMBER_COLUMNS, ensemble_rows(record, sidecar.stem))
     _print(ensemble_lines(record, sidecar))
 

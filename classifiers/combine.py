@@ -15,6 +15,7 @@ validation split). Three methods:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -79,7 +80,12 @@ class EnsembleHead(ClassifierMixin, BaseEstimator):
             self.weights_ = np.full(m, 1.0 / m)
             features = np.log(np.clip(X, EPS, 1.0))
             folds = KFold(int(self.folds), shuffle=True, random_state=int(self.random_state))
-            oof = cross_val_predict(self._meta(), features, y, cv=folds, method="predict_proba")
+            with warnings.catch_warnings():  # a fold may lack a class: cross_val_predict gives
+                # that class probability 0 in the fold's rows and says so; that is intended here
+                warnings.filterwarnings("ignore", "Number of classes in training fold",
+                                        RuntimeWarning)
+                oof = cross_val_predict(self._meta(), features, y, cv=folds,
+                                        method="predict_proba")
             self.oof_proba_ = self._spread(oof, np.unique(y), n_classes)
             self.meta_ = self._meta().fit(features, y)
         return self

@@ -21,7 +21,7 @@ from classifiers.sources import check_same_dataset, dataset_key
 from classifiers.validation import VALIDATION_FRACTION, validation_mask
 from store.cache import FeatureCache
 from store.errors import HeadstartError, command
-from store.heads import check_head_name, list_heads
+from store.heads import claiming_head, check_head_name, list_heads
 from store.store import Store
 
 
@@ -83,16 +83,26 @@ def member_label(record: dict[str, Any]) -> str:
 
 def fit_ensemble(store: Store, caches: Sequence[FeatureCache], method: str = "greedy",
                  names: Sequence[str] | None = None, name: str | None = None,
-                 rounds: int = 50) -> tuple[dict[str, Any], Path]:
-    """Fit an ensemble of the heads of `caches` on validation rows, report it on test, save it."""
+                 rounds: int = 50, replace: bool = False) -> tuple[dict[str, Any], Path]:
+    """Fit an ensemble of the heads of `caches` on validation rows, report it on test, save it
+    (a name already fitted is refused unless `replace`)."""
     if method not in METHODS:
         raise HeadstartError(f"Unknown ensemble method {method!r}; choose one of {', '.join(METHODS)}.")
     if rounds < 1:
         raise HeadstartError(f"--rounds must be at least 1; got {rounds}.")
-    name = check_head_name(name or ("ensemble" if method == "greedy" else f"ensemble-{method}"))
+    name = check_head_name(("ensemble" if method == "greedy" else f"ensemble-{method}")
+                           if name is None else name)
     members = candidate_members(store, caches, names)
     heads = [load_member(store, record, name) for record in members]
     home = heads[0].home
+    with claiming_head(store, home, name, replace):
+        record, estimator = _fit(heads, members, home, method, rounds)
+        return record, save_skops_head(store, home, name, estimator, record)
+
+
+def _fit(heads: list[Any], members: list[dict[str, Any]], home: FeatureCache, method: str,
+         rounds: int) -> tuple[dict[str, Any], EnsembleHead]:
+    """The combination fitted on validation rows, and its record (members' figures, weights)."""
     held_out = validation_mask(home.ids("train"))
     y_val, y_test = home.labels("train")[held_out], home.labels("test")
     started = time.perf_counter()
@@ -122,4 +132,4 @@ def fit_ensemble(store: Store, caches: Sequence[FeatureCache], method: str = "gr
                     "test": accuracy_figures(y_test, estimator.predict_proba(X_test))},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    return record, save_skops_head(store, home, name, estimator, record)
+    return record, estimator

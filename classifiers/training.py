@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from sklearn.ensemble import HistGradientBoostingClassifier
 
+from classifiers.boosting import fit_boosting
 from classifiers.evaluation import accuracy_figures, classification_report
 from classifiers.memory import MemoryPlan, format_size, plan_memory
 from classifiers.mlp import MLPHead
@@ -23,7 +25,7 @@ from classifiers.streaming import (buffer_rows_for, count_ordered_batches, order
 from classifiers.validation import VALIDATION_FRACTION, validation_mask
 from store.cache import FeatureCache
 from store.errors import HeadstartError, command
-from store.heads import check_head_name, list_heads
+from store.heads import claiming_head, check_head_name, list_heads
 from store.store import Store
 
 
@@ -84,20 +86,22 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
              kind_name: str, options: dict[str, Any] | None = None, name: str | None = None,
              verbose: int = 0, memory_budget: str | int | None = None,
              extra: dict[str, Any] | None = None, augmented: bool = False,
-             validation_fraction: float = VALIDATION_FRACTION) -> tuple[dict[str, Any], Path]:
+             validation_fraction: float = VALIDATION_FRACTION, replace: bool = False
+             ) -> tuple[dict[str, Any], Path]:
     """Fit one head on the training rows (minus the validation rows) of one or more caches of
     the same dataset, and save it beside the first cache.
 
     With `augmented`, the cached augmented views of the training images are trained on too.
     `validation_fraction` 0 trains on every training row (no validation figures, no early
-    stopping); a head with a fraction below the default cannot join an ensemble. Returns the
-    sidecar record and its path. Validation and test accuracy are recorded.
+    stopping); a head with a fraction below the default cannot join an ensemble. A name already
+    fitted on the cache is refused unless `replace`; the name is held (locked) for the whole fit.
+    Returns the sidecar record and its path. Validation and test accuracy are recorded.
     """
     if not 0.0 <= validation_fraction < 1.0:
         raise HeadstartError(
             f"--validation-fraction must be at least 0 and below 1; got {validation_fraction}.")
     kind = get_head_kind(kind_name)
-    name = check_head_name(name or kind_name)
+    name = check_head_name(kind_name if name is None else name)
     source = as_cache_set(caches)
     estimator = kind.create(options)
     if validation_fraction == 0 and isinstance(estimator, MLPHead):
@@ -119,10 +123,19 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
             f"{format_size(plan.budget or 0)}; use --head {streaming}, which train within it.")
     if kind.file_format == "keras" and verbose:
         estimator.set_params(verbose=verbose)
+    with claiming_head(store, source.primary, name, replace):
+        return _fit_and_save(store, source, kind, estimator, name, options, plan, views,
+                             validation_fraction, verbose, extra)
+
+
+def _fit_and_save(store: Store, source: CacheSet, kind: Any, estimator: Any, name: str,
+                  options: dict[str, Any] | None, plan: MemoryPlan, views: Sequence[FeatureCache],
+                  validation_fraction: float, verbose: int, extra: dict[str, Any] | None
+                  ) -> tuple[dict[str, Any], Path]:
     started = time.perf_counter()
     try:
         rows, held_out, X_val = train_estimator(estimator, source, plan, views,
-                                                validation_fraction)
+                                                validation_fraction, progress=verbose > 0)
     except ValueError as error:  # an option value the estimator refuses (parsing passed)
         if not options:
             raise
@@ -148,25 +161,45 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
 
 
 def train_estimator(estimator: Any, source: CacheSet, plan: MemoryPlan,
-                    views: Sequence[FeatureCache] = (), fraction: float = VALIDATION_FRACTION
+                    views: Sequence[FeatureCache] = (), fraction: float = VALIDATION_FRACTION,
+                    progress: bool = False
                     ) -> tuple[dict[str, int], np.ndarray, np.ndarray | None]:
     """Fit on the training rows outside the validation split (plus views), in memory or streamed.
 
     Returns the row counts, the validation mask of the train split, and the validation rows'
-    features when they were read into memory (None when streamed).
+    features when they were read into memory (None when streamed). Training rows the head
+    cannot learn from (one class; fewer rows than a knn head's neighbours) are refused first.
     """
     if plan.stream:
         y = source.labels("train")
         held_out = validation_mask(source.ids("train"), fraction)
+        check_trainable(estimator, y[~held_out], source.class_names)
         fit_streaming(estimator, source, y, ~held_out, plan.buffer_bytes)
         return {"train": int((~held_out).sum()), "validation": int(held_out.sum())}, held_out, None
     rows = training_rows(source, views, fraction)
+    check_trainable(estimator, rows.y_fit, source.class_names)
     if isinstance(estimator, MLPHead):
         estimator.fit(rows.X_fit, rows.y_fit, validation_data=(rows.X_val, rows.y_val))
+    elif isinstance(estimator, HistGradientBoostingClassifier):
+        fit_boosting(estimator, rows.X_fit, rows.y_fit, progress)
     else:
         estimator.fit(rows.X_fit, rows.y_fit)
     counts = {"train": int(len(rows.y_fit)), "validation": int(len(rows.y_val))}
     return counts, rows.held_out, rows.X_val
+
+
+def check_trainable(estimator: Any, y: np.ndarray, class_names: Sequence[str]) -> None:
+    """Refuse, in one sentence, training rows a head cannot be fitted on."""
+    present = np.unique(y)
+    if len(present) < 2:
+        found = (f"only class {class_names[int(present[0])]!r}" if len(present) else "no rows")
+        raise HeadstartError(
+            f"The training rows hold {found}; a head needs examples of at least two classes.")
+    neighbours = estimator.get_params().get("kneighborsclassifier__n_neighbors")
+    if neighbours is not None and int(neighbours) > len(y):
+        raise HeadstartError(
+            f"Head knn looks at n_neighbors={neighbours} neighbours but there are only {len(y)} "
+            f"training rows; use -p n_neighbors={max(1, min(len(y), 15))} or fewer.")
 
 
 def fit_streaming(estimator: Any, source: CacheSet, y: np.ndarray, fit_rows: np.ndarray,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -21,7 +22,7 @@ from classifiers.saved import load_saved_head
 from endtoend.keras_heads import load_exported, preprocess_layer, saved_keras_head, single_cache
 from endtoend.predict import Predictor
 from extract.rebuild import cache_dataset
-from extract.runtime import load_keras
+from extract.runtime import load_keras, load_tensorflow, quiet_stderr
 from store.errors import HeadstartError
 from store.store import Store
 
@@ -56,9 +57,9 @@ def end_to_end_model(predictor: Predictor, fixed_size: bool = False) -> Any:
 
 
 def tflite_bytes(model: Any, quantize: str, representative: Callable[[], Iterable[list]]) -> bytes:
-    """Convert a fixed-size Keras model to TFLite with one quantization (float in and out)."""
-    import tensorflow as tf
-
+    """Convert a fixed-size Keras model to TFLite with one quantization (float in and out);
+    the converter's C++ log lines are kept from the user."""
+    tf = load_tensorflow()
     with tempfile.TemporaryDirectory(prefix="headstart-export-") as folder:
         model.export(folder, format="tf_saved_model", verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(folder)
@@ -70,20 +71,24 @@ def tflite_bytes(model: Any, quantize: str, representative: Callable[[], Iterabl
             converter.representative_dataset = representative
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         try:
-            return converter.convert()
+            with quiet_stderr(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the converter's own deprecation notices
+                return converter.convert()
         except Exception as error:  # the converter raises many types, with long messages
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise HeadstartError(f"TFLite conversion ({quantize}) failed: {first}") from None
 
 
 class TFLiteRunner:
-    """Runs a .tflite model on uint8 pixel batches, one image per invoke."""
+    """Runs a .tflite model with LiteRT (ai-edge-litert) on uint8 pixel batches, one image per
+    invoke."""
 
     def __init__(self, path: Path, threads: int = 2) -> None:
-        import tensorflow as tf
+        from ai_edge_litert.interpreter import Interpreter
 
-        self.interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=threads)
-        self.interpreter.allocate_tensors()
+        with quiet_stderr():  # XNNPACK's "Created TensorFlow Lite delegate" line
+            self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
 

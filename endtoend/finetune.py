@@ -23,6 +23,7 @@ import numpy as np
 
 from classifiers.evaluation import accuracy_figures
 from classifiers.persistence import save_fitted_head
+from classifiers.progress import epoch_progress
 from classifiers.registry import HEADS, get_head_kind
 from classifiers.saved import load_saved_head
 from classifiers.scoring import head_proba
@@ -171,11 +172,12 @@ def finetune(store: Store, cache: FeatureCache, head_name: str, settings: Finetu
     validation = _batches(dataset, rows[held_out], labels[held_out], n_classes, preprocessing,
                           settings.batch_size, None, settings.seed, shuffle=False)
     started = time.perf_counter()
-    history = model.fit(
-        train, validation_data=validation, epochs=settings.epochs, verbose=verbose,
-        callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience,
-                                                 restore_best_weights=True)],
-    )
+    callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience,
+                                               restore_best_weights=True)]
+    if verbose:
+        callbacks.append(epoch_progress("finetune"))  # on stderr, not Keras's bar on stdout
+    history = model.fit(train, validation_data=validation, epochs=settings.epochs, verbose=0,
+                        callbacks=callbacks)
     train_seconds = time.perf_counter() - started
     if any(not np.array_equal(a, b) for a, b in zip(batch_norm_before, _batch_norm_state(base))):
         raise RuntimeError("BatchNorm statistics changed during fine-tuning.")

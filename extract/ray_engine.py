@@ -50,10 +50,10 @@ class RayRun:
     """What `extract_on_ray` did."""
 
     merge: MergeResult | None  # None when the finished cache was reused without Ray
-    reused: FeatureCache | None = None  # that cache
     shards: list[dict[str, Any]] = field(default_factory=list)  # one summary per shard task
     seconds: float = 0.0
     count: int = 0
+    reused: FeatureCache | None = None  # the finished cache, when it was reused
 
 
 def run_shard(settings: ExtractSettings, spec: ShardSpec, store_root: str, fingerprint: str,

@@ -48,11 +48,14 @@ def test_store_from_the_environment(tmp_path: Path, mini_store: Path,
 def test_end_to_end(fitted_store: tuple[Path, dict]) -> None:
     store, fits = fitted_store
     cache = Store(store).find_cache()
+    from classifiers.validation import validation_mask
+
+    held_out = int(validation_mask(cache.ids("train")).sum())
     for head in ("logreg", "mlp"):
         output = fits[head].output
-        assert f"Fitting {head} on cache {cache.name} ({cache.short_id}), 400 training rows x 256." \
-            in output
-        assert f"Fitted {head} (in memory) in" in output and "test accuracy" in output
+        assert f"Fitting {head} on cache {cache.name} ({cache.short_id}) (256 features)." in output
+        assert (f"Fitted {head} (in memory) on {400 - held_out} training rows ({held_out} held out "
+                "for validation) in") in output and "test accuracy" in output
         assert _printed_path(output, "Head saved to ") == store / "heads" / \
             cache.fingerprint[:16] / f"{head}.json"
 
@@ -162,9 +165,10 @@ ERRORS = {
                                  ["epochs='many'", "int"]),
     "bad hidden sizes": (["fit", "--head", "mlp", "-p", "hidden=256,big"],
                          ["comma-separated ints"]),
-    "option out of range": (["fit", "--head", "mlp", "-p", "dropout=1.5"], ["dropout"]),
-    "unknown schedule": (["fit", "--head", "mlp", "-p", "lr_schedule=warp"], ["lr_schedule"]),
-    "negative C": (["fit", "--head", "logreg", "-p", "C=-1"], ["C"]),
+    # --replace: the store has these heads, and the option, not the name, is what is wrong
+    "option out of range": (["fit", "--head", "mlp", "-p", "dropout=1.5", "--replace"], ["dropout"]),
+    "unknown schedule": (["fit", "--head", "mlp", "-p", "lr_schedule=warp", "--replace"], ["lr_schedule"]),
+    "negative C": (["fit", "--head", "logreg", "-p", "C=-1", "--replace"], ["C"]),
     "unknown cache": (["evaluate", "--cache", "feedbeef"], ["No cache matches 'feedbeef'"]),
     "unknown head name": (["evaluate", "--head", "forest"], ["No head named 'forest'"]),
 }
