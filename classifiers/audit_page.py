@@ -1,0 +1,167 @@
+"""The audit's files: audit.json, exclude.txt and one HTML page with thumbnails of every list.
+
+Thumbnails are read from the original images, as `report`'s sample grid reads them
+(`extract.rebuild.cache_dataset`, without hashing every file); a cache whose images cannot be
+reopened gets a page without them, saying why.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from classifiers.audit import DEFAULT_THRESHOLD, audit_cache, write_audit
+from store.cache import FeatureCache
+from store.errors import HeadstartError
+from store.store import Store
+
+THUMB_SIZE = 64
+#: Entries of each list shown on the page (the JSON has them all).
+SHOWN = {"label_issues": 100, "duplicates": 50, "leaks": 50, "outliers": 50}
+
+
+def run_audit(store: Store, cache: FeatureCache, head: str = "logreg",
+              options: dict[str, Any] | None = None, folds: int = 5,
+              threshold: float | None = None, outliers: int = 50,
+              out_dir: Path | None = None, page: bool = True,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Audit a cache and write audit.json, exclude.txt and (with `page`) index.html in
+    `out_dir` (default STORE/audits/<cache>); returns the audit with the files under `files`."""
+    say = progress or (lambda _: None)
+    report = audit_cache(cache, head, options, folds,
+                         DEFAULT_THRESHOLD if threshold is None else threshold, outliers, say)
+    folder = Path(out_dir) if out_dir else store.root / "audits" / cache.fingerprint[:16]
+    files = write_audit(report, folder)
+    if page:
+        say("Writing the page with thumbnails.")
+        files["page"] = write_page(cache, report, folder)
+    report["files"] = {name: str(path) for name, path in files.items()}
+    return report
+
+
+class Thumbnails:
+    """Small PNGs of a cache's original images, written once each, named by split and row."""
+
+    def __init__(self, cache: FeatureCache, folder: Path) -> None:
+        from extract.preprocessing import Preprocessing
+        from extract.rebuild import cache_dataset
+
+        self.folder = folder / "thumbs"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.problem = ""
+        self.dataset = None
+        try:
+            self.dataset = cache_dataset(cache, check_contents=False)
+        except HeadstartError as error:
+            self.problem = str(error)
+        self.show = Preprocessing(THUMB_SIZE, "none")
+        self.index = {} if self.dataset is None else {
+            split: {sample_id: n for n, sample_id in enumerate(samples.ids)}
+            for split, samples in self.dataset.splits.items()}
+
+    def tag(self, sample_id: str, split: str, caption: str) -> str:
+        """An <img> of the sample (or a grey box when it cannot be shown) with its caption."""
+        from PIL import Image
+
+        row = self.index.get(split, {}).get(sample_id)
+        image = ""
+        if row is not None:
+            name = f"{split}-{row}.png"
+            path = self.folder / name
+            try:
+                if not path.exists():
+                    pixels = self.dataset.load(split, row, self.show)
+                    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(path)
+                image = f'<img src="thumbs/{html.escape(name)}" alt="">'
+            except Exception:  # a file gone or unreadable since extraction: no thumbnail
+                image = ""
+        box = image or '<div class="none">?</div>'
+        return (f'<figure>{box}<figcaption title="{html.escape(sample_id)}">'
+                f"{html.escape(caption)}</figcaption></figure>")
+
+
+def write_page(cache: FeatureCache, report: dict[str, Any], folder: Path) -> Path:
+    """index.html with a row of thumbnails per finding; returns its path."""
+    thumbs = Thumbnails(cache, folder)
+    summary, counts = report["summary"], report["summary"]["counts"]
+    sections = []
+
+    issues = [f'<div class="row">{thumbs.tag(e["id"], "train", e["id"])}<p>given '
+              f'<b>{html.escape(e["given"])}</b>, suggested <b>{html.escape(e["suggested"])}</b> '
+              f'(p={e["confidence"]:.2f}); score {e["score"]:.3f}</p></div>'
+              for e in report["label_issues"][:SHOWN["label_issues"]]]
+    sections.append(("Label issues", counts["label_issues"], "cleanlab's find_label_issues on "
+                     "out-of-fold probabilities; most likely wrong first.", issues))
+    groups = [f'<div class="row">{_tags(thumbs, g["members"][:8], "train")}<p>{g["size"]} '
+              f'images; similarity up to {g["score"]:.3f}</p></div>'
+              for g in report["duplicates"][:SHOWN["duplicates"]]]
+    sections.append(("Near-duplicate groups (train)", counts["duplicate_groups"],
+                     "Training images with cosine similarity at or above the threshold.", groups))
+    leaks = [f'<div class="row">{thumbs.tag(x["test_id"], "test", "test " + x["test_id"])}'
+             f'{_tags(thumbs, x["matches"], "train")}<p>label {html.escape(x["label"])}</p></div>'
+             for x in report["leaks"][:SHOWN["leaks"]]]
+    sections.append(("Leaks (test images with a near-copy in train)", counts["leaks"],
+                     "The test image first, then its training matches.", leaks))
+    far = [thumbs.tag(o["id"], "train", f'{o["id"]} ({o["label"]}, z={o["score"]:.1f})')
+           for o in report["outliers"][:SHOWN["outliers"]]]
+    sections.append(("Outliers", counts["outliers"], "Farthest from their class's mean "
+                     "(z-score of the cosine distance within the class).",
+                     [f'<div class="row">{"".join(far)}</div>'] if far else []))
+
+    body = []
+    for title, count, note, items in sections:
+        shown = f" (first {len(items)} shown)" if title != "Outliers" and count > len(items) else ""
+        body.append(f"<h2>{html.escape(title)}: {count}{shown}</h2><p class=note>"
+                    f"{html.escape(note)}</p>" + ("\n".join(items) or "<p>None.</p>"))
+    missing = (f"<p class=note>No thumbnails: {html.escape(thumbs.problem)}</p>"
+               if thumbs.problem else "")
+    page = folder / "index.html"
+    page.write_text(f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>headstart audit: {html.escape(report['cache'])}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:75rem;margin:2rem auto;padding:0 1rem}}
+.row{{display:flex;flex-wrap:wrap;align-items:center;gap:.4rem;border-bottom:1px solid #eee;padding:.3rem 0}}
+figure{{margin:0;width:{THUMB_SIZE + 40}px;text-align:center}} img,.none{{width:{THUMB_SIZE}px;height:{THUMB_SIZE}px;image-rendering:pixelated}}
+.none{{background:#ddd;display:inline-block}} figcaption{{font-size:.65rem;color:#555;overflow-wrap:anywhere}}
+.note{{color:#555}}</style></head><body>
+<h1>Audit of cache {html.escape(report['cache'])}</h1>
+<p>{summary['rows'].get('train', 0):,} training and {summary['rows'].get('test', 0):,} test rows;
+out-of-fold accuracy {summary['out_of_fold_accuracy']:.3f} ({html.escape(summary['head'])},
+{summary['folds']} folds); near-copies from similarity {summary['threshold']}. Nothing was changed:
+<code>exclude.txt</code> lists the ids <code>fit --exclude</code> would leave out.</p>
+{missing}
+{''.join(body)}
+</body></html>
+""", encoding="utf-8")
+    return page
+
+
+def _tags(thumbs: Thumbnails, members: list[dict[str, Any]], split: str) -> str:
+    """Thumbnails of group members or matches, captioned with id, label or similarity."""
+    def caption(m: dict[str, Any]) -> str:
+        return (f"{m['id']} {m['similarity']:.3f}" if "similarity" in m
+                else f"{m['id']} ({m['label']})")
+
+    return "".join(thumbs.tag(m["id"], split, caption(m)) for m in members)
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The audit's summary for the terminal: counts, the first findings, where the files are."""
+    summary, counts = report["summary"], report["summary"]["counts"]
+    lines = [f"Audit of cache {report['cache']}: {summary['rows'].get('train', 0):,} training "
+             f"rows, out-of-fold accuracy {summary['out_of_fold_accuracy']:.3f} "
+             f"({summary['head']}, {summary['folds']} folds), near-copies from similarity "
+             f"{summary['threshold']}.",
+             f"  {counts['label_issues']} label issues, {counts['duplicate_groups']} duplicate "
+             f"groups ({counts['duplicate_images']} images), {counts['leaks']} test images with "
+             f"a near-copy in train, {counts['outliers']} outliers listed."]
+    for entry in report["label_issues"][:5]:
+        lines.append(f"  label issue {entry['id']}: given {entry['given']}, suggested "
+                     f"{entry['suggested']} (score {entry['score']:.3f})")
+    for leak in report["leaks"][:3]:
+        lines.append(f"  leak {leak['test_id']} ~ {leak['matches'][0]['id']} "
+                     f"(similarity {leak['score']:.3f})")
+    lines += [f"  {what}: {path}" for what, path in report.get("files", {}).items()]
+    return lines
