@@ -66,20 +66,25 @@ class TrainingRows:
 
 
 def training_rows(source: CacheSet, views: Sequence[FeatureCache] = (),
-                  fraction: float = VALIDATION_FRACTION) -> TrainingRows:
+                  fraction: float = VALIDATION_FRACTION,
+                  exclude: np.ndarray | None = None) -> TrainingRows:
     """Split the training rows into fit and validation rows (by sample id), in memory.
 
     Augmented `views` of the primary cache add rows for the fit images only; no view of a
-    validation image is ever trained on.
+    validation image is ever trained on. Sample ids in `exclude` are left out of the fit rows
+    (and their views); the validation rows stay the same.
     """
     X = source.features("train")
     y = source.labels("train")
     ids = source.ids("train")
     held_out = validation_mask(ids, fraction)
-    parts = [(X[~held_out], y[~held_out], ids[~held_out])]
+    fit = ~held_out if exclude is None else ~held_out & ~np.isin(ids, exclude)
+    parts = [(X[fit], y[fit], ids[fit])]
     for view in views:
         view_ids = view.ids("train")
         keep = ~validation_mask(view_ids, fraction)
+        if exclude is not None:
+            keep &= ~np.isin(view_ids, exclude)
         parts.append((view.features("train")[keep], view.labels("train")[keep], view_ids[keep]))
     X_fit, y_fit, fit_ids = (np.concatenate(column) for column in zip(*parts))
     return TrainingRows(X_fit, y_fit, fit_ids, X[held_out], y[held_out], ids[held_out], held_out,
@@ -106,14 +111,16 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
              kind_name: str, options: dict[str, Any] | None = None, name: str | None = None,
              verbose: int = 0, memory_budget: str | int | None = None,
              extra: dict[str, Any] | None = None, augmented: bool = False,
-             validation_fraction: float = VALIDATION_FRACTION) -> tuple[dict[str, Any], Path]:
+             validation_fraction: float = VALIDATION_FRACTION,
+             exclude: Sequence[str] = ()) -> tuple[dict[str, Any], Path]:
     """Fit one head on the training rows (minus the validation rows) of one or more caches of
     the same dataset, and save it beside the first cache.
 
     With `augmented`, the cached augmented views of the training images are trained on too.
     `validation_fraction` 0 trains on every training row (no validation figures, no early
-    stopping); a head with a fraction below the default cannot join an ensemble. Returns the
-    sidecar record and its path. Validation and test accuracy are recorded.
+    stopping); a head with a fraction below the default cannot join an ensemble. Sample ids in
+    `exclude` (e.g. an audit's exclude.txt) are left out of the fit. Returns the sidecar record
+    and its path. Validation and test accuracy are recorded.
     """
     if not 0.0 <= validation_fraction < 1.0:
         raise HeadstartError(
@@ -141,10 +148,18 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
             f"{format_size(plan.budget or 0)}; use --head {streaming}, which train within it.")
     if kind.file_format == "keras" and verbose:
         estimator.set_params(verbose=verbose)
+    excluded = None
+    if exclude:
+        from classifiers.audit import excluded_mask
+
+        if plan.stream:
+            raise HeadstartError("--exclude trains in memory, over the memory budget here; "
+                                 "raise --memory-budget or drop --exclude.")
+        excluded = source.ids("train")[excluded_mask(source.ids("train"), exclude, source.name)]
     started = time.perf_counter()
     try:
         rows, held_out, X_val = train_estimator(estimator, source, plan, views,
-                                                validation_fraction)
+                                                validation_fraction, excluded)
     except ValueError as error:  # an option value the estimator refuses (parsing passed)
         if not options:
             raise
@@ -159,6 +174,7 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
         "rows": rows,
         "validation_fraction": validation_fraction,
         "views": [v.fingerprint for v in views],
+        **({"excluded": len(excluded)} if excluded is not None else {}),
         "memory": {"mode": "stream" if plan.stream else "memory", "budget_bytes": plan.budget},
         "metrics": head_metrics(estimator, source, plan.buffer_bytes if plan.stream
                                 else PREDICT_BLOCK_BYTES, held_out, X_val),
@@ -170,7 +186,8 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
 
 
 def train_estimator(estimator: Any, source: CacheSet, plan: MemoryPlan,
-                    views: Sequence[FeatureCache] = (), fraction: float = VALIDATION_FRACTION
+                    views: Sequence[FeatureCache] = (), fraction: float = VALIDATION_FRACTION,
+                    exclude: np.ndarray | None = None
                     ) -> tuple[dict[str, int], np.ndarray, np.ndarray | None]:
     """Fit on the training rows outside the validation split (plus views), in memory or streamed.
 
@@ -182,7 +199,7 @@ def train_estimator(estimator: Any, source: CacheSet, plan: MemoryPlan,
         held_out = validation_mask(source.ids("train"), fraction)
         fit_streaming(estimator, source, y, ~held_out, plan.buffer_bytes)
         return {"train": int((~held_out).sum()), "validation": int(held_out.sum())}, held_out, None
-    rows = training_rows(source, views, fraction)
+    rows = training_rows(source, views, fraction, exclude)
     if isinstance(estimator, MLPHead):
         estimator.fit(rows.X_fit, rows.y_fit, validation_data=(rows.X_val, rows.y_val))
     else:
