@@ -770,8 +770,12 @@ def audit(
                                     "(repeatable)."),
     folds: int = typer.Option(5, help="Folds of the out-of-fold probabilities."),
     threshold: Optional[float] = typer.Option(None, help="Cosine similarity (whitened "
-                                              "features) from which two images are near-copies "
-                                              "(default 0.6)."),
+                                              "features) from which two images are near-copy "
+                                              "candidates (default 0.5)."),
+    pixel_threshold: float = typer.Option(0.8, help="Similarity of the two images' 12x12 grey "
+                                          "thumbnails that confirms a candidate."),
+    pixel_check: bool = typer.Option(True, help="Confirm candidates on the original images' "
+                                     "pixels (--no-pixel-check: features alone)."),
     outliers: int = typer.Option(50, help="How many of the rows farthest from their class to "
                                  "list."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for audit.json, "
@@ -793,6 +797,7 @@ def audit(
         the_store = Store(store)
         report = run_audit(the_store, _chosen(the_store, cache, say=not as_json), head,
                            parse_options(param), folds, threshold, outliers, out_dir, page,
+                           pixel_threshold if pixel_check else None,
                            progress=None if as_json else err.print)
     if as_json:
         print(json.dumps(report, indent=1))

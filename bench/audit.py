@@ -108,30 +108,40 @@ def extract(folder: Path, store: Path) -> None:
         print(f"extracted {folder} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
 
+CPU_SECONDS: list[float] = []
+
+
 def timed_audit(store: Path, out: Path, *options: str) -> tuple[dict[str, Any], float, float]:
-    """The audit through the CLI (--json), its wall time and the child's peak RSS in MiB."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """The audit through the CLI (--json), its wall time and the child's peak RSS in MiB (the
+    largest of the children so far); its CPU seconds (user + system) go to CPU_SECONDS."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     report = json.loads(cli("audit", "--json", "--out", str(out), "--store", str(store), *options))
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return report, seconds, max(peak, before) / 1024
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return report, seconds, after.ru_maxrss / 1024
 
 
-def found_pairs(report: dict[str, Any], threshold: float) -> set[frozenset[str]]:
-    """Every pair of ids the audit calls near-copies (train-train and test-train) at a threshold
-    at or above the one it ran with."""
+def found_pairs(report: dict[str, Any], threshold: float, pixel: float | None = None
+                ) -> set[frozenset[str]]:
+    """Every pair of ids the audit calls near-copies (train-train and test-train) at thresholds
+    at or above the ones it ran with (a pair without a pixel similarity passes)."""
+    def passes(feature: float, pixel_value: float | None) -> bool:
+        return feature >= threshold and (pixel is None or pixel_value is None
+                                         or pixel_value >= pixel)
+
     found = set()
     for group in report["duplicates"]:
-        found |= {frozenset((a, b)) for a, b, s in group["pairs"] if s >= threshold}
+        found |= {frozenset((a, b)) for a, b, s, p in group["pairs"] if passes(s, p)}
     for leak in report["leaks"]:
         found |= {frozenset((leak["test_id"], m["id"])) for m in leak["matches"]
-                  if m["similarity"] >= threshold}
+                  if passes(m["similarity"], m["pixel_similarity"])}
     return found
 
 
 def score_planted(report: dict[str, Any], truth: dict[str, Any],
-                  threshold: float | None = None) -> dict[str, Any]:
+                  threshold: float | None = None, pixel: float | None = None) -> dict[str, Any]:
     """Recall of the flipped labels in the top 2 x flipped, precision of the whole list, and
     recall / false pairs of the planted near-copies."""
     flipped = {f["id"] for f in truth["flipped"]}
@@ -139,7 +149,7 @@ def score_planted(report: dict[str, Any], truth: dict[str, Any],
     top = issues[:2 * len(flipped)]
     planted = {frozenset((p["original"], p["copy"])) for p in truth["pairs"]}
     found = found_pairs(report, report["summary"]["threshold"] if threshold is None
-                        else threshold)
+                        else threshold, pixel)
     hits = planted & found
     return {
         "flipped": len(flipped),
@@ -173,7 +183,8 @@ def write_results(title: str, command: str, rows: dict[str, Any]) -> None:
     saved.write_text(json.dumps(everything, indent=1))
 
 
-SWEEP = (0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
+SWEEP = (0.45, 0.5, 0.55, 0.6, 0.7)
+PIXEL_SWEEP = (None, 0.7, 0.8, 0.9)
 
 
 def planted() -> None:
@@ -186,15 +197,20 @@ def planted() -> None:
     extract(PLANTED, store)
     report, seconds, peak = timed_audit(store, WORK / "planted-audit")
     rows = {**score_planted(report, truth), "audit_seconds": round(seconds, 1),
-            "peak_rss_mib": round(peak), "threshold": DEFAULT_THRESHOLD,
+            "cpu_seconds": round(CPU_SECONDS[-1], 1), "peak_rss_mib": round(peak), "threshold": DEFAULT_THRESHOLD,
             "out_of_fold_accuracy": report["summary"]["out_of_fold_accuracy"]}
     low, _, _ = timed_audit(store, WORK / "planted-audit-low", "--threshold", str(SWEEP[0]),
-                            "--no-page")
+                            "--pixel-threshold", "-1", "--no-page")
     for threshold in SWEEP:
-        scored = score_planted(low, truth, threshold)
-        rows[f"threshold {threshold}: planted found / pairs found / false fraction"] = (
-            f"{scored['planted_found']}/{scored['planted_pairs']} / {scored['pairs_found']} / "
-            f"{scored['false_pair_fraction']}")
+        for pixel in PIXEL_SWEEP:
+            scored = score_planted(low, truth, threshold, pixel)
+            rows[f"features >= {threshold}, pixels >= {pixel}: planted found / pairs found / "
+                 "false fraction"] = (f"{scored['planted_found']}/{scored['planted_pairs']} / "
+                                      f"{scored['pairs_found']} / {scored['false_pair_fraction']}")
+    unplanted = found_pairs(report, report["summary"]["threshold"],
+                            report["summary"]["pixel_threshold"]) - {
+        frozenset((p["original"], p["copy"])) for p in truth["pairs"]}
+    (WORK / "unplanted-pairs.json").write_text(json.dumps(sorted(map(sorted, unplanted))))
     print(json.dumps(rows, indent=1))
     write_results("planted folder (5,000 CIFAR-10 images, 128 px)", "python bench/audit.py "
                   "planted", rows)
@@ -205,7 +221,9 @@ def full() -> None:
     extract(CIFAR, store)
     report, seconds, peak = timed_audit(store, WORK / "full-audit")
     rows = {"rows": report["summary"]["rows"], **report["summary"]["counts"],
-            "audit_seconds": round(seconds, 1), "peak_rss_mib": round(peak),
+            "out_of_fold_accuracy": report["summary"]["out_of_fold_accuracy"],
+            "audit_seconds": round(seconds, 1), "cpu_seconds": round(CPU_SECONDS[-1], 1),
+            "peak_rss_mib": round(peak),
             "steps_seconds": report["summary"]["seconds"]}
     print(json.dumps(rows, indent=1))
     write_results("whole cifar10/train (50,000 images, 128 px; hash split 80/20)",
@@ -231,7 +249,8 @@ def synthetic(rows: int = 50_000, width: int = 256, classes: int = 10) -> None:
                       splits, 4096)
     report, seconds, peak = timed_audit(store_dir, WORK / "synthetic-audit")
     out = {"rows": report["summary"]["rows"], **report["summary"]["counts"],
-           "audit_seconds": round(seconds, 1), "peak_rss_mib": round(peak),
+           "audit_seconds": round(seconds, 1), "cpu_seconds": round(CPU_SECONDS[-1], 1),
+           "peak_rss_mib": round(peak),
            "steps_seconds": report["summary"]["seconds"]}
     print(json.dumps(out, indent=1))
     write_results(f"synthetic array cache ({rows:,} rows x {width}, float32)",

@@ -34,7 +34,11 @@ from store.errors import HeadstartError
 
 #: Cosine similarity (of whitened features, see SimilaritySpace) from which two images are
 #: near-copies (chosen on the planted folder of bench/audit.py).
-DEFAULT_THRESHOLD = 0.6
+DEFAULT_THRESHOLD = 0.5
+#: Normalised cross-correlation of the two images' 12 x 12 grey thumbnails from which a
+#: feature candidate is confirmed as a near-copy (when the original images can be read).
+DEFAULT_PIXEL_THRESHOLD = 0.8
+PIXEL_SIZE = 12
 DEFAULT_FOLDS = 5
 DEFAULT_OUTLIERS = 50
 #: Bytes of float32 similarities one block of the search holds (rows x training rows).
@@ -66,6 +70,8 @@ def silenced() -> Iterator[None]:
 
 #: Whitening's ridge, as a fraction of the largest variance (keeps near-empty directions quiet).
 WHITEN_RIDGE = 1e-2
+#: Whitening needs this many training rows per feature; with fewer, features are only centred.
+WHITEN_MIN_ROWS = 10
 
 
 @dataclass
@@ -76,7 +82,8 @@ class SimilaritySpace:
     unrelated images sit near 0.8. Centred and whitened (PCA, variances plus a small ridge),
     unrelated images spread over [-1, 1] while re-encoded, resized or cropped copies stay close:
     on the planted 5,000-image folder whitening cut the false pairs at 90 % recall from about
-    250 (centred only) to about 35 (bench/results/audit.md).
+    250 (centred only) to about 35 (bench/results/audit.md). With fewer than WHITEN_MIN_ROWS
+    rows per feature the covariance is too noisy to whiten with, and features are only centred.
     """
 
     mean: np.ndarray
@@ -92,10 +99,13 @@ class SimilaritySpace:
             centred = X_train[start:start + 8192] - mean
             covariance += (centred.T @ centred).astype(np.float64)
         covariance /= max(1, len(X_train) - 1)
-        variances, vectors = np.linalg.eigh(covariance)
-        variances = np.maximum(variances, 0.0)
-        ridge = WHITEN_RIDGE * max(float(variances.max()), 1e-12)
-        basis = (vectors / np.sqrt(variances + ridge)).astype(np.float32)
+        if len(X_train) < WHITEN_MIN_ROWS * X_train.shape[1]:  # too few rows for a covariance
+            basis = np.eye(X_train.shape[1], dtype=np.float32)
+        else:
+            variances, vectors = np.linalg.eigh(covariance)
+            variances = np.maximum(variances, 0.0)
+            ridge = WHITEN_RIDGE * max(float(variances.max()), 1e-12)
+            basis = (vectors / np.sqrt(variances + ridge)).astype(np.float32)
         space = cls(mean, basis, np.zeros((0, X_train.shape[1]), dtype=np.float32))
         space.train = space.project(X_train)
         return space
@@ -170,18 +180,92 @@ def top_k(queries: np.ndarray, train: np.ndarray, k: int) -> tuple[np.ndarray, n
     return np.concatenate(found_i), np.concatenate(found_s)
 
 
-def _groups(n: int, a: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
-    """Connected components (of two or more rows) of the graph with edges (a[i], b[i])."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+def anchored_groups(a: np.ndarray, b: np.ndarray, sims: np.ndarray,
+                    close: Callable[[int, int], bool]) -> list[np.ndarray]:
+    """Groups (two or more rows) of the pairs (a[i], b[i]), strongest pair first: two groups
+    join only where their anchors (each group's first row) are `close` too, so that a chain of
+    look-alikes (airplanes on grass, one a little like the next) does not become one group."""
+    parent: dict[int, int] = {}
+    size: dict[int, int] = {}
 
-    if not len(a):
-        return []
-    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
-    order = np.argsort(component, kind="stable")
-    bounds = np.flatnonzero(np.diff(component[order])) + 1
-    return [g for g in np.split(order, bounds) if len(g) > 1]
+    def root(i: int) -> int:
+        parent.setdefault(i, i)
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for e in np.argsort(-sims, kind="stable"):
+        ri, rj = root(int(a[e])), root(int(b[e]))
+        if ri == rj or not close(ri, rj):
+            continue
+        if (size.get(rj, 1), -rj) > (size.get(ri, 1), -ri):
+            ri, rj = rj, ri
+        parent[rj] = ri
+        size[ri] = size.get(ri, 1) + size.get(rj, 1)
+    members: dict[int, list[int]] = {}
+    for i in parent:
+        members.setdefault(root(i), []).append(i)
+    return [np.asarray(sorted(g)) for g in members.values() if len(g) > 1]
+
+
+class PixelCheck:
+    """Confirms feature candidates on pixels: grey 12 x 12 thumbnails of the original images
+    (read as `report` reads them), centred and normalised, compared by dot product.
+
+    Semantic features put two photos of white hatchbacks close; pixels tell a copy (resized,
+    re-encoded, cropped by a few pixels) from a look-alike. A cache whose images cannot be
+    reopened is checked on features alone (`problem` says why).
+    """
+
+    def __init__(self, cache: FeatureCache) -> None:
+        from extract.preprocessing import Preprocessing
+        from extract.rebuild import cache_dataset
+
+        self.problem = ""
+        self.dataset = None
+        try:
+            self.dataset = cache_dataset(cache, check_contents=False)
+        except HeadstartError as error:
+            self.problem = str(error)
+        self.show = Preprocessing(32, "none")
+        self._rows = {} if self.dataset is None else {
+            split: {sample_id: n for n, sample_id in enumerate(samples.ids)}
+            for split, samples in self.dataset.splits.items()}
+        self._signatures: dict[tuple[str, str], np.ndarray | None] = {}
+
+    def signature(self, split: str, sample_id: str) -> np.ndarray | None:
+        key = (split, sample_id)
+        if key not in self._signatures:
+            self._signatures[key] = self._read(split, sample_id)
+        return self._signatures[key]
+
+    def _read(self, split: str, sample_id: str) -> np.ndarray | None:
+        from PIL import Image
+
+        row = self._rows.get(split, {}).get(sample_id)
+        if row is None:
+            return None
+        try:
+            pixels = np.asarray(self.dataset.load(split, row, self.show), dtype=np.uint8)
+        except Exception:  # a file gone or unreadable since extraction: features decide
+            return None
+        grey = Image.fromarray(pixels).convert("L").resize((PIXEL_SIZE, PIXEL_SIZE), Image.BOX)
+        values = np.asarray(grey, dtype=np.float32).ravel()
+        values -= values.mean()
+        return values / max(float(np.linalg.norm(values)), 1e-6)
+
+    def similarity(self, first: tuple[str, str], second: tuple[str, str]) -> float | None:
+        """The pixel similarity of two samples, (split, id) each; None when one is unreadable."""
+        a, b = self.signature(*first), self.signature(*second)
+        return None if a is None or b is None else float(a @ b)
+
+    def confirm(self, pairs: Sequence[tuple[tuple[str, str], tuple[str, str]]],
+                threshold: float) -> tuple[np.ndarray, list[float | None]]:
+        """Which pairs pass (an unreadable pair passes on its features), and their similarity."""
+        values = [self.similarity(a, b) for a, b in pairs]
+        keep = np.array([v is None or v >= threshold for v in values], dtype=bool)
+        return keep, values
 
 
 # --- label issues ----------------------------------------------------------------------------
@@ -241,11 +325,16 @@ def label_issues(y: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def audit_cache(cache: FeatureCache, head: str = "logreg", options: dict[str, Any] | None = None,
                 folds: int = DEFAULT_FOLDS, threshold: float = DEFAULT_THRESHOLD,
-                outliers: int = DEFAULT_OUTLIERS, progress: Progress = _quiet) -> dict[str, Any]:
+                outliers: int = DEFAULT_OUTLIERS, progress: Progress = _quiet,
+                pixel_threshold: float | None = DEFAULT_PIXEL_THRESHOLD) -> dict[str, Any]:
     """The audit of one cache as plain JSON: `summary`, `label_issues`, `duplicates`, `leaks`
-    and `outliers` (each list ordered by score, highest first)."""
-    if not -1.0 <= threshold <= 1.0:
-        raise HeadstartError(f"--threshold is a cosine similarity between -1 and 1; got {threshold}.")
+    and `outliers` (each list ordered by score, highest first).
+
+    Near-copies are feature pairs at or above `threshold`, confirmed on pixels at
+    `pixel_threshold` (None: features alone)."""
+    for name, value in (("--threshold", threshold), ("--pixel-threshold", pixel_threshold)):
+        if value is not None and not -1.0 <= value <= 1.0:
+            raise HeadstartError(f"{name} is a similarity between -1 and 1; got {value}.")
     if outliers < 0:
         raise HeadstartError(f"--outliers must be 0 or more; got {outliers}.")
     if folds < 2:
@@ -283,8 +372,26 @@ def audit_cache(cache: FeatureCache, head: str = "logreg", options: dict[str, An
     started = time.perf_counter()
     a, b, sims = pairs_above(space.train, space.train, threshold, same=True, progress=progress,
                              what="training rows")
+    check = PixelCheck(cache) if pixel_threshold is not None else None
+    if check is not None and check.problem:
+        progress(f"  no pixel check (features alone): {check.problem}")
+        check = None
+    pixel = [None] * len(a)
+    if check is not None:
+        progress(f"  checking {len(a):,} training candidate pairs on pixels")
+        keep, pixel = check.confirm([(("train", str(ids[i])), ("train", str(ids[j])))
+                                     for i, j in zip(a, b)], pixel_threshold)
+        a, b, sims = a[keep], b[keep], sims[keep]
+        pixel = [v for v, k in zip(pixel, keep) if k]
+    def close(i: int, j: int) -> bool:
+        if check is not None:
+            value = check.similarity(("train", str(ids[i])), ("train", str(ids[j])))
+            if value is not None:
+                return value >= pixel_threshold
+        return float(space.train[i] @ space.train[j]) >= threshold
+
     duplicates = []
-    for group in _groups(len(y), a, b):
+    for group in anchored_groups(a, b, sims, close):
         inside = np.isin(a, group) & np.isin(b, group)
         members = sorted(group.tolist(), key=lambda i: str(ids[i]))
         edges = np.flatnonzero(inside)
@@ -292,8 +399,8 @@ def audit_cache(cache: FeatureCache, head: str = "logreg", options: dict[str, An
         duplicates.append({"score": round(float(sims[edges[0]]), 6), "size": len(members),
                            "members": [{"id": str(ids[i]), "label": classes[y[i]]}
                                        for i in members],
-                           "pairs": [[str(ids[a[e]]), str(ids[b[e]]), round(float(sims[e]), 6)]
-                                     for e in edges]})
+                           "pairs": [[str(ids[a[e]]), str(ids[b[e]]), round(float(sims[e]), 6),
+                                      _rounded(pixel[e])] for e in edges]})
     duplicates.sort(key=lambda g: -g["score"])
     seconds["duplicates"] = time.perf_counter() - started
 
@@ -304,13 +411,21 @@ def audit_cache(cache: FeatureCache, head: str = "logreg", options: dict[str, An
         queries = space.project(cache.features("test"))
         t, r, s = pairs_above(queries, space.train, threshold, progress=progress,
                               what="test rows")
+        pixel = [None] * len(t)
+        if check is not None:
+            progress(f"  checking {len(t):,} test-train candidate pairs on pixels")
+            keep, pixel = check.confirm([(("test", str(test_ids[i])), ("train", str(ids[j])))
+                                         for i, j in zip(t, r)], pixel_threshold)
+            t, r, s = t[keep], r[keep], s[keep]
+            pixel = [v for v, k in zip(pixel, keep) if k]
         for row in np.unique(t):
             mine = np.flatnonzero(t == row)
             mine = mine[np.argsort(-s[mine], kind="stable")][:MATCHES_PER_LEAK]
             leaks.append({"test_id": str(test_ids[row]), "label": classes[y_test[row]],
                           "score": round(float(s[mine[0]]), 6),
                           "matches": [{"id": str(ids[r[m]]), "label": classes[y[r[m]]],
-                                       "similarity": round(float(s[m]), 6)} for m in mine]})
+                                       "similarity": round(float(s[m]), 6),
+                                       "pixel_similarity": _rounded(pixel[m])} for m in mine]})
         leaks.sort(key=lambda leak: -leak["score"])
     seconds["leaks"] = time.perf_counter() - started
 
@@ -326,6 +441,7 @@ def audit_cache(cache: FeatureCache, head: str = "logreg", options: dict[str, An
         "summary": {
             "rows": {split: int(n) for split, n in cache.split_sizes.items()},
             "head": head, "folds": folds, "threshold": threshold,
+            "pixel_threshold": pixel_threshold if check is not None else None,
             "out_of_fold_accuracy": round(float((suggested == y).mean()), 4),
             "counts": {"label_issues": len(issues), "duplicate_groups": len(duplicates),
                        "duplicate_images": sum(g["size"] for g in duplicates),
@@ -337,6 +453,10 @@ def audit_cache(cache: FeatureCache, head: str = "logreg", options: dict[str, An
         "leaks": leaks,
         "outliers": far,
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 6)
 
 
 def farthest_from_class(unit: np.ndarray, y: np.ndarray, count: int) -> list[tuple[int, float]]:

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from classifiers.audit import DEFAULT_THRESHOLD, audit_cache, write_audit
+from classifiers.audit import (DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD, audit_cache,
+                               write_audit)
 from store.cache import FeatureCache
 from store.errors import HeadstartError
 from store.store import Store
@@ -27,12 +28,14 @@ def run_audit(store: Store, cache: FeatureCache, head: str = "logreg",
               options: dict[str, Any] | None = None, folds: int = 5,
               threshold: float | None = None, outliers: int = 50,
               out_dir: Path | None = None, page: bool = True,
+              pixel_threshold: float | None = DEFAULT_PIXEL_THRESHOLD,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Audit a cache and write audit.json, exclude.txt and (with `page`) index.html in
     `out_dir` (default STORE/audits/<cache>); returns the audit with the files under `files`."""
     say = progress or (lambda _: None)
     report = audit_cache(cache, head, options, folds,
-                         DEFAULT_THRESHOLD if threshold is None else threshold, outliers, say)
+                         DEFAULT_THRESHOLD if threshold is None else threshold, outliers, say,
+                         pixel_threshold)
     folder = Path(out_dir) if out_dir else store.root / "audits" / cache.fingerprint[:16]
     files = write_audit(report, folder)
     if page:
@@ -129,7 +132,8 @@ figure{{margin:0;width:{THUMB_SIZE + 40}px;text-align:center}} img,.none{{width:
 <h1>Audit of cache {html.escape(report['cache'])}</h1>
 <p>{summary['rows'].get('train', 0):,} training and {summary['rows'].get('test', 0):,} test rows;
 out-of-fold accuracy {summary['out_of_fold_accuracy']:.3f} ({html.escape(summary['head'])},
-{summary['folds']} folds); near-copies from similarity {summary['threshold']}. Nothing was changed:
+{summary['folds']} folds); near-copies from feature similarity {summary['threshold']}, confirmed
+on pixels from {summary['pixel_threshold']}. Nothing was changed:
 <code>exclude.txt</code> lists the ids <code>fit --exclude</code> would leave out.</p>
 {missing}
 {''.join(body)}
