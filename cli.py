@@ -772,8 +772,8 @@ def audit(
     threshold: Optional[float] = typer.Option(None, help="Cosine similarity (whitened "
                                               "features) from which two images are near-copy "
                                               "candidates (default 0.5)."),
-    pixel_threshold: float = typer.Option(0.8, help="Similarity of the two images' 12x12 grey "
-                                          "thumbnails that confirms a candidate."),
+    pixel_threshold: float = typer.Option(0.55, help="Similarity of the two images' 16x16 grey "
+                                          "high-passed thumbnails that confirms a candidate."),
     pixel_check: bool = typer.Option(True, help="Confirm candidates on the original images' "
                                      "pixels (--no-pixel-check: features alone)."),
     outliers: int = typer.Option(50, help="How many of the rows farthest from their class to "

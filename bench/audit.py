@@ -184,7 +184,7 @@ def write_results(title: str, command: str, rows: dict[str, Any]) -> None:
 
 
 SWEEP = (0.45, 0.5, 0.55, 0.6, 0.7)
-PIXEL_SWEEP = (None, 0.7, 0.8, 0.9)
+PIXEL_SWEEP = (None, 0.45, 0.55, 0.65)
 
 
 def planted() -> None:

@@ -35,10 +35,12 @@ from store.errors import HeadstartError
 #: Cosine similarity (of whitened features, see SimilaritySpace) from which two images are
 #: near-copies (chosen on the planted folder of bench/audit.py).
 DEFAULT_THRESHOLD = 0.5
-#: Normalised cross-correlation of the two images' 12 x 12 grey thumbnails from which a
-#: feature candidate is confirmed as a near-copy (when the original images can be read).
-DEFAULT_PIXEL_THRESHOLD = 0.8
-PIXEL_SIZE = 12
+#: Normalised cross-correlation of the two images' 16 x 16 grey, high-passed thumbnails (minus
+#: a box blur of radius 2: the horizon and the sky of every airplane photo cancel out) from which
+#: a feature candidate is confirmed as a near-copy (when the original images can be read).
+DEFAULT_PIXEL_THRESHOLD = 0.55
+PIXEL_SIZE = 16
+PIXEL_BLUR = 2
 DEFAULT_FOLDS = 5
 DEFAULT_OUTLIERS = 50
 #: Bytes of float32 similarities one block of the search holds (rows x training rows).
@@ -209,17 +211,11 @@ def anchored_groups(a: np.ndarray, b: np.ndarray, sims: np.ndarray,
     return [np.asarray(sorted(g)) for g in members.values() if len(g) > 1]
 
 
-class PixelCheck:
-    """Confirms feature candidates on pixels: grey 12 x 12 thumbnails of the original images
-    (read as `report` reads them), centred and normalised, compared by dot product.
-
-    Semantic features put two photos of white hatchbacks close; pixels tell a copy (resized,
-    re-encoded, cropped by a few pixels) from a look-alike. A cache whose images cannot be
-    reopened is checked on features alone (`problem` says why).
-    """
+class ImageSource:
+    """A cache's original images by split and sample id, reopened as `report` reopens them
+    (`cache_dataset` without hashing every file); `problem` says why not, when they cannot be."""
 
     def __init__(self, cache: FeatureCache) -> None:
-        from extract.preprocessing import Preprocessing
         from extract.rebuild import cache_dataset
 
         self.problem = ""
@@ -228,10 +224,35 @@ class PixelCheck:
             self.dataset = cache_dataset(cache, check_contents=False)
         except HeadstartError as error:
             self.problem = str(error)
-        self.show = Preprocessing(32, "none")
         self._rows = {} if self.dataset is None else {
             split: {sample_id: n for n, sample_id in enumerate(samples.ids)}
             for split, samples in self.dataset.splits.items()}
+
+    def load(self, split: str, sample_id: str, preprocessing: Any) -> np.ndarray | None:
+        """The image as uint8 pixels, or None (unknown id, or a file gone or unreadable)."""
+        row = self._rows.get(split, {}).get(sample_id)
+        if row is None:
+            return None
+        try:
+            return np.asarray(self.dataset.load(split, row, preprocessing), dtype=np.uint8)
+        except Exception:  # a file gone or unreadable since extraction
+            return None
+
+
+class PixelCheck(ImageSource):
+    """Confirms feature candidates on pixels: grey 16 x 16 thumbnails of the original images,
+    high-passed, centred and normalised, compared by dot product.
+
+    Semantic features put two photos of white hatchbacks close; pixels tell a copy (resized,
+    re-encoded, cropped by a few pixels) from a look-alike. A cache whose images cannot be
+    reopened is checked on features alone (`problem` says why).
+    """
+
+    def __init__(self, cache: FeatureCache) -> None:
+        from extract.preprocessing import Preprocessing
+
+        super().__init__(cache)
+        self.show = Preprocessing(32, "none")
         self._signatures: dict[tuple[str, str], np.ndarray | None] = {}
 
     def signature(self, split: str, sample_id: str) -> np.ndarray | None:
@@ -243,15 +264,14 @@ class PixelCheck:
     def _read(self, split: str, sample_id: str) -> np.ndarray | None:
         from PIL import Image
 
-        row = self._rows.get(split, {}).get(sample_id)
-        if row is None:
+        pixels = self.load(split, sample_id, self.show)
+        if pixels is None:  # features decide
             return None
-        try:
-            pixels = np.asarray(self.dataset.load(split, row, self.show), dtype=np.uint8)
-        except Exception:  # a file gone or unreadable since extraction: features decide
-            return None
+        from PIL import ImageFilter
+
         grey = Image.fromarray(pixels).convert("L").resize((PIXEL_SIZE, PIXEL_SIZE), Image.BOX)
-        values = np.asarray(grey, dtype=np.float32).ravel()
+        values = (np.asarray(grey, dtype=np.float32) - np.asarray(
+            grey.filter(ImageFilter.BoxBlur(PIXEL_BLUR)), dtype=np.float32)).ravel()
         values -= values.mean()
         return values / max(float(np.linalg.norm(values)), 1e-6)
 
@@ -376,13 +396,9 @@ def audit_cache(cache: FeatureCache, head: str = "logreg", options: dict[str, An
     if check is not None and check.problem:
         progress(f"  no pixel check (features alone): {check.problem}")
         check = None
-    pixel = [None] * len(a)
-    if check is not None:
-        progress(f"  checking {len(a):,} training candidate pairs on pixels")
-        keep, pixel = check.confirm([(("train", str(ids[i])), ("train", str(ids[j])))
-                                     for i, j in zip(a, b)], pixel_threshold)
-        a, b, sims = a[keep], b[keep], sims[keep]
-        pixel = [v for v, k in zip(pixel, keep) if k]
+    keep, pixel = _confirmed(check, "train", ids, a, b, ids, pixel_threshold, progress)
+    a, b, sims = a[keep], b[keep], sims[keep]
+
     def close(i: int, j: int) -> bool:
         if check is not None:
             value = check.similarity(("train", str(ids[i])), ("train", str(ids[j])))
@@ -411,13 +427,8 @@ def audit_cache(cache: FeatureCache, head: str = "logreg", options: dict[str, An
         queries = space.project(cache.features("test"))
         t, r, s = pairs_above(queries, space.train, threshold, progress=progress,
                               what="test rows")
-        pixel = [None] * len(t)
-        if check is not None:
-            progress(f"  checking {len(t):,} test-train candidate pairs on pixels")
-            keep, pixel = check.confirm([(("test", str(test_ids[i])), ("train", str(ids[j])))
-                                         for i, j in zip(t, r)], pixel_threshold)
-            t, r, s = t[keep], r[keep], s[keep]
-            pixel = [v for v, k in zip(pixel, keep) if k]
+        keep, pixel = _confirmed(check, "test", test_ids, t, r, ids, pixel_threshold, progress)
+        t, r, s = t[keep], r[keep], s[keep]
         for row in np.unique(t):
             mine = np.flatnonzero(t == row)
             mine = mine[np.argsort(-s[mine], kind="stable")][:MATCHES_PER_LEAK]
@@ -453,6 +464,19 @@ def audit_cache(cache: FeatureCache, head: str = "logreg", options: dict[str, An
         "leaks": leaks,
         "outliers": far,
     }
+
+
+def _confirmed(check: PixelCheck | None, split: str, query_ids: np.ndarray, rows: np.ndarray,
+               train_rows: np.ndarray, train_ids: np.ndarray, threshold: float | None,
+               progress: Progress) -> tuple[np.ndarray, list[float | None]]:
+    """Which candidate pairs (query row, training row) pass the pixel check, and the pixel
+    similarities of those that pass (all pass, unmeasured, without a check)."""
+    if check is None or threshold is None:
+        return np.ones(len(rows), dtype=bool), [None] * len(rows)
+    progress(f"  checking {len(rows):,} {split}-train candidate pairs on pixels")
+    keep, values = check.confirm([((split, str(query_ids[i])), ("train", str(train_ids[j])))
+                                  for i, j in zip(rows, train_rows)], threshold)
+    return keep, [v for v, k in zip(values, keep) if k]
 
 
 def _rounded(value: float | None) -> float | None:

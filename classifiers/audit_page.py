@@ -11,10 +11,8 @@ import html
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
-from classifiers.audit import (DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD, audit_cache,
-                               write_audit)
+from classifiers.audit import (DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD, ImageSource,
+                               audit_cache, write_audit)
 from store.cache import FeatureCache
 from store.errors import HeadstartError
 from store.store import Store
@@ -45,43 +43,31 @@ def run_audit(store: Store, cache: FeatureCache, head: str = "logreg",
     return report
 
 
-class Thumbnails:
-    """Small PNGs of a cache's original images, written once each, named by split and row."""
+class Thumbnails(ImageSource):
+    """Small PNGs of a cache's original images, written once each, named by split and id."""
 
     def __init__(self, cache: FeatureCache, folder: Path) -> None:
         from extract.preprocessing import Preprocessing
-        from extract.rebuild import cache_dataset
 
+        super().__init__(cache)
         self.folder = folder / "thumbs"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.problem = ""
-        self.dataset = None
-        try:
-            self.dataset = cache_dataset(cache, check_contents=False)
-        except HeadstartError as error:
-            self.problem = str(error)
         self.show = Preprocessing(THUMB_SIZE, "none")
-        self.index = {} if self.dataset is None else {
-            split: {sample_id: n for n, sample_id in enumerate(samples.ids)}
-            for split, samples in self.dataset.splits.items()}
+        self._names: dict[tuple[str, str], str] = {}
 
     def tag(self, sample_id: str, split: str, caption: str) -> str:
         """An <img> of the sample (or a grey box when it cannot be shown) with its caption."""
         from PIL import Image
 
-        row = self.index.get(split, {}).get(sample_id)
-        image = ""
-        if row is not None:
-            name = f"{split}-{row}.png"
-            path = self.folder / name
-            try:
-                if not path.exists():
-                    pixels = self.dataset.load(split, row, self.show)
-                    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(path)
-                image = f'<img src="thumbs/{html.escape(name)}" alt="">'
-            except Exception:  # a file gone or unreadable since extraction: no thumbnail
-                image = ""
-        box = image or '<div class="none">?</div>'
+        key = (split, sample_id)
+        if key not in self._names:
+            pixels = self.load(split, sample_id, self.show)
+            name = f"{split}-{len(self._names)}.png"
+            if pixels is not None:
+                Image.fromarray(pixels).save(self.folder / name)
+            self._names[key] = name if pixels is not None else ""
+        name = self._names[key]
+        box = f'<img src="thumbs/{html.escape(name)}" alt="">' if name else '<div class="none">?</div>'
         return (f'<figure>{box}<figcaption title="{html.escape(sample_id)}">'
                 f"{html.escape(caption)}</figcaption></figure>")
 
@@ -156,8 +142,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     summary, counts = report["summary"], report["summary"]["counts"]
     lines = [f"Audit of cache {report['cache']}: {summary['rows'].get('train', 0):,} training "
              f"rows, out-of-fold accuracy {summary['out_of_fold_accuracy']:.3f} "
-             f"({summary['head']}, {summary['folds']} folds), near-copies from similarity "
-             f"{summary['threshold']}.",
+             f"({summary['head']}, {summary['folds']} folds), near-copies from feature "
+             f"similarity {summary['threshold']}"
+             + (f", confirmed on pixels from {summary['pixel_threshold']}."
+                if summary.get("pixel_threshold") is not None else " (features alone)."),
              f"  {counts['label_issues']} label issues, {counts['duplicate_groups']} duplicate "
              f"groups ({counts['duplicate_images']} images), {counts['leaks']} test images with "
              f"a near-copy in train, {counts['outliers']} outliers listed."]
