@@ -11,6 +11,8 @@ import html
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from classifiers.audit import (DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD, ImageSource,
                                audit_cache, write_audit)
 from store.cache import FeatureCache
@@ -72,8 +74,81 @@ class Thumbnails(ImageSource):
                 f"{html.escape(caption)}</figcaption></figure>")
 
 
+#: Most training rows drawn on the map (a random sample beyond it; findings always drawn).
+MAP_ROWS = 5000
+#: UMAP (umap-learn, when installed) from this many rows; PCA below, or without umap-learn.
+UMAP_MIN_ROWS = 500
+
+
+def map_coordinates(X: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D coordinates of feature rows: UMAP (cosine) when umap-learn is installed and there are
+    enough rows, else PCA of the whitened rows; returns (N x 2, method name)."""
+    from classifiers.audit import SimilaritySpace, silenced
+
+    unit = SimilaritySpace.of(X).train
+    if len(unit) >= UMAP_MIN_ROWS:
+        try:
+            import umap  # optional: pip install umap-learn
+        except ImportError:
+            pass
+        else:
+            with silenced():
+                reducer = umap.UMAP(n_components=2, metric="cosine", random_state=seed)
+                return np.asarray(reducer.fit_transform(unit)), "UMAP"
+    centred = unit - unit.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T, "PCA"
+
+
+def feature_map(cache: FeatureCache, report: dict[str, Any] | None, path: Path,
+                seed: int = 0) -> str:
+    """A PNG map of the training features coloured by class, with an audit's findings marked
+    (label issues, duplicates, outliers); returns the method used (UMAP or PCA)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = cache.ids("train")
+    marked: dict[str, set[str]] = {"label issue": set(), "duplicate": set(), "outlier": set()}
+    if report:
+        marked["label issue"] = {e["id"] for e in report["label_issues"][:SHOWN["label_issues"]]}
+        marked["duplicate"] = {m["id"] for g in report["duplicates"] for m in g["members"]}
+        marked["outlier"] = {e["id"] for e in report["outliers"]}
+    found = np.isin(ids, sorted(set().union(*marked.values())))
+    rng = np.random.default_rng(seed)
+    rows = np.flatnonzero(~found)
+    if len(rows) > MAP_ROWS:
+        rows = rng.choice(rows, MAP_ROWS, replace=False)
+    rows = np.sort(np.concatenate([rows, np.flatnonzero(found)]))
+    xy, method = map_coordinates(cache.features("train", rows), seed)
+    labels, chosen = cache.labels("train")[rows], ids[rows]
+    fig, ax = plt.subplots(figsize=(9, 8))
+    colours = plt.get_cmap("tab10" if len(cache.class_names) <= 10 else "tab20")
+    for k, name in enumerate(cache.class_names):
+        mine = labels == k
+        ax.scatter(xy[mine, 0], xy[mine, 1], s=4, alpha=0.5, color=colours(k % colours.N),
+                   label=name)
+    for (what, members), marker in zip(marked.items(), ("x", "o", "^")):
+        mine = np.isin(chosen, sorted(members))
+        if mine.any():
+            style = ({"color": "black"} if marker == "x"
+                     else {"facecolors": "none", "edgecolors": "black"})
+            ax.scatter(xy[mine, 0], xy[mine, 1], s=30, marker=marker, linewidths=0.8,
+                       label=what, **style)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=7, markerscale=2, loc="best", ncol=2)
+    ax.set_title(f"{method} map of {len(rows):,} training rows of {cache.name}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return method
+
+
 def write_page(cache: FeatureCache, report: dict[str, Any], folder: Path) -> Path:
-    """index.html with a row of thumbnails per finding; returns its path."""
+    """index.html with a row of thumbnails per finding, and the map; returns its path."""
+    method = feature_map(cache, report, folder / "map.png")
     thumbs = Thumbnails(cache, folder)
     summary, counts = report["summary"], report["summary"]["counts"]
     sections = []
@@ -122,6 +197,9 @@ out-of-fold accuracy {summary['out_of_fold_accuracy']:.3f} ({html.escape(summary
 on pixels from {summary['pixel_threshold']}. Nothing was changed:
 <code>exclude.txt</code> lists the ids <code>fit --exclude</code> would leave out.</p>
 {missing}
+<figure style="width:auto"><img src="map.png" alt="feature map" style="width:auto;height:auto;max-width:100%">
+<figcaption>{method} map of the training features, coloured by class; x: label issues, o:
+duplicates, triangles: outliers.</figcaption></figure>
 {''.join(body)}
 </body></html>
 """, encoding="utf-8")

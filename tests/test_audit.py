@@ -104,6 +104,7 @@ def test_the_page_and_the_exclude_list_are_written(audited: tuple[dict, Path]) -
     report, out = audited
     page = (out / "index.html").read_text()
     assert "Label issues" in page and "Leaks" in page and 'src="thumbs/' in page
+    assert 'src="map.png"' in page and (out / "map.png").stat().st_size > 1000
     thumbs = list((out / "thumbs").glob("*.png"))
     assert thumbs and all(p.stat().st_size > 100 for p in thumbs)
     listed = [line for line in (out / "exclude.txt").read_text().splitlines()
