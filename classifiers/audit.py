@@ -112,6 +112,11 @@ class SimilaritySpace:
         space.train = space.project(X_train)
         return space
 
+    @property
+    def kind(self) -> str:
+        """'whitened', or 'centred' where there were too few rows to whiten with."""
+        return "centred" if np.array_equal(self.basis, np.eye(len(self.basis))) else "whitened"
+
     def whiten(self, X: np.ndarray, unit: bool = False) -> np.ndarray:
         """Rows centred and whitened (and scaled to unit length with `unit`), float32."""
         X = np.asarray(X, dtype=np.float32)
@@ -376,7 +381,7 @@ def audit_cache(cache: FeatureCache, head: str = "logreg", options: dict[str, An
     seconds["whiten"] = time.perf_counter() - started
 
     progress(f"Label issues: {folds}-fold out-of-fold probabilities of {head} on "
-             f"{len(y):,} training rows (whitened features), then cleanlab.")
+             f"{len(y):,} training rows ({space.kind} features), then cleanlab.")
     started = time.perf_counter()
     options = {**OOF_OPTIONS.get(head, {}), **(options or {})}
     proba = out_of_fold_proba(white, y, len(classes), head, options, folds, progress)
