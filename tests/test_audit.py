@@ -167,3 +167,34 @@ def test_bad_input_is_one_sentence(planted: dict) -> None:
     assert_clean_error(run_cli("audit", "--folds", "1", "--store", store), "--folds")
     assert_clean_error(run_cli("similar", str(planted["root"] / "missing.jpg"), "--store", store),
                        "missing.jpg")
+
+
+def test_an_array_cache_is_audited_without_thumbnails(tmp_path: Path) -> None:
+    """Features from elsewhere (no images to reopen): the audit runs on features alone and
+    says why the page has no thumbnails; `similar` refuses in one sentence (no backbone)."""
+    import numpy as np
+
+    from store.arrays import write_array_cache
+    from store.store import Store
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 3
+    splits = {}
+    for split, n in (("train", 150), ("test", 30)):
+        labels = np.arange(n) % 3
+        X = (centres[labels] + rng.normal(size=(n, 16))).astype(np.float32)
+        if split == "test":
+            X[0] = splits["train"][2][0][4]  # test row 0 is training row 4 again: a leak
+        splits[split] = ([f"{split}/{i:03d}" for i in range(n)], labels, [X])
+    write_array_cache(Store(tmp_path / "store"), "toy", ["a", "b", "c"], splits, 256)
+    out = tmp_path / "audit"
+    result = run_cli("audit", "--json", "--out", str(out), "--store", str(tmp_path / "store"))
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["summary"]["pixel_threshold"] is None
+    assert report["leaks"][0]["test_id"] == "test/000"
+    assert report["leaks"][0]["matches"][0]["id"] == "train/004"
+    assert "No thumbnails" in (out / "index.html").read_text()
+    image = MINI / "train" / "cat" / "0000.jpg"
+    assert_clean_error(run_cli("similar", str(image), "--store", str(tmp_path / "store")),
+                       "not made by a backbone")
