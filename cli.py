@@ -576,7 +576,8 @@ def serve(
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
 ) -> None:
-    """Serve a fitted head over HTTP: POST /predict, GET /health, /models, /docs, a page at /.
+    """Serve a fitted head over HTTP: POST /predict and /similar, GET /health, /models, /docs, a
+    page at /.
 
     Example: python cli.py serve --head mlp --port 8000
     """

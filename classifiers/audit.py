@@ -576,26 +576,32 @@ def nearest_training(cache: FeatureCache, features: np.ndarray, k: int = 8
 
 
 class SimilarFinder:
-    """The cache's backbone and preprocessing, loaded once, and its training features: the
-    nearest cached training images of new images (predict's forward pass, no head)."""
+    """The cache's training features (and its backbone and preprocessing, loaded once, unless
+    `features` is given: e.g. a serving predictor's own forward pass): the nearest cached
+    training images of new images."""
 
-    def __init__(self, cache: FeatureCache, weights: str | None = None) -> None:
-        from extract.forward import forward_function
+    def __init__(self, cache: FeatureCache, weights: str | None = None,
+                 features: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         from extract.preprocessing import Preprocessing
-        from extract.rebuild import cache_feature_model, cache_weights
 
         if not cache.inputs.get("backbone") or cache.inputs.get("backbone") == "arrays":
             raise HeadstartError(f"Cache {cache.name} was not made by a backbone; there is no "
                                  "forward pass for new images.")
         self.cache = cache
         self.preprocessing = Preprocessing.from_dict(cache.preprocessing)
-        model = cache_feature_model(cache, cache_weights(cache, weights))
-        self._forward = forward_function(model, self.preprocessing)
+        if features is None:
+            from extract.forward import forward_function
+            from extract.rebuild import cache_feature_model, cache_weights
+
+            model = cache_feature_model(cache, cache_weights(cache, weights))
+            forward = forward_function(model, self.preprocessing)
+
+            def features(pixels: np.ndarray) -> np.ndarray:
+                return forward(pixels).reshape(len(pixels), -1).astype(np.float32)
+
+        self.features = features
         self.space = SimilaritySpace.of(cache.features("train"))
         self.ids, self.labels = cache.ids("train"), cache.labels("train")
-
-    def features(self, pixels: np.ndarray) -> np.ndarray:
-        return self._forward(pixels).reshape(len(pixels), -1).astype(np.float32)
 
     def similar(self, pixels: np.ndarray, k: int = 8) -> list[list[dict[str, Any]]]:
         """uint8 batch (N x S x S x 3, resized) -> each image's k nearest training images."""

@@ -198,3 +198,30 @@ def test_an_array_cache_is_audited_without_thumbnails(tmp_path: Path) -> None:
     image = MINI / "train" / "cat" / "0000.jpg"
     assert_clean_error(run_cli("similar", str(image), "--store", str(tmp_path / "store")),
                        "not made by a backbone")
+
+
+def test_serve_answers_similar_with_the_cached_image_first() -> None:
+    """POST /similar: the served predictor's own forward pass, the cache's training features."""
+    from fastapi.testclient import TestClient
+
+    from service.app import ServiceSettings, create_app
+    from service.server import similar_function
+    from tests.service_support import predictor
+
+    model = predictor("logreg")
+    image = MINI / "train" / "dog" / "0003.jpg"
+    with TestClient(create_app(model, ServiceSettings(),
+                               similar=similar_function(model, model.cache))) as client:
+        answer = client.post("/similar?k=2", content=image.read_bytes(),
+                             headers={"Content-Type": "image/jpeg"})
+        assert answer.status_code == 200, answer.text
+        found = answer.json()["similar"]
+        assert len(found) == 2 and found[0]["id"] == "train/dog/0003.jpg"
+        assert found[0]["label"] == "dog" and found[0]["similarity"] > 0.999
+        assert client.post("/similar", content=b"not an image",
+                           headers={"Content-Type": "image/jpeg"}).status_code in (415, 422)
+        assert client.post("/similar?k=0", content=image.read_bytes(),
+                           headers={"Content-Type": "image/jpeg"}).status_code == 422
+    with TestClient(create_app(model, ServiceSettings())) as plain:
+        assert plain.post("/similar", content=image.read_bytes(),
+                          headers={"Content-Type": "image/jpeg"}).status_code in (404, 405)
