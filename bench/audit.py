@@ -1,8 +1,8 @@
-"""The audit's targets (issue 18) on a planted folder, and its time and memory on 50,000 rows.
+"""The audit's targets (issue 18) on a planted folder, and its time and memory on 50,000 rows
+(the whole of cifar10/train, extracted: real features rather than a synthetic array cache).
 
     python bench/audit.py planted        # build /tmp/headstart-audit/planted, extract, audit, score
     python bench/audit.py full           # extract all of cifar10/train at 128 px, audit it, time it
-    python bench/audit.py synthetic      # a 50,000-row array cache (no backbone), audit timed
 
 The planted folder: 5,000 CIFAR-10 training images (500 a class) as DIR/train (4,000) and
 DIR/test (1,000); 5 % of the training images are moved to a random other class (a wrong label),
@@ -26,7 +26,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from common import CIFAR, RESULTS, ROOT, WEIGHTS, machine  # noqa: E402  (puts ROOT on the path)
 
@@ -230,33 +229,5 @@ def full() -> None:
                   "python bench/audit.py full", rows)
 
 
-def synthetic(rows: int = 50_000, width: int = 256, classes: int = 10) -> None:
-    """A 50,000-row array cache of clustered random features (no backbone), audited."""
-    sys.path.insert(0, str(ROOT))
-    from store.arrays import write_array_cache
-    from store.store import Store
-
-    store_dir = WORK / "synthetic-store"
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(classes, width)).astype(np.float32)
-    splits = {}
-    for split, n in (("train", int(rows * 0.8)), ("test", rows - int(rows * 0.8))):
-        labels = rng.integers(0, classes, n)
-        X = np.maximum(centres[labels] + rng.normal(scale=2.0, size=(n, width)), 0).astype(np.float32)
-        splits[split] = ([f"{split}/{i:06d}" for i in range(n)], labels,
-                         [X[s:s + 4096] for s in range(0, n, 4096)])
-    write_array_cache(Store(store_dir), f"synthetic-{rows}", [f"c{i}" for i in range(classes)],
-                      splits, 4096)
-    report, seconds, peak = timed_audit(store_dir, WORK / "synthetic-audit")
-    out = {"rows": report["summary"]["rows"], **report["summary"]["counts"],
-           "audit_seconds": round(seconds, 1), "cpu_seconds": round(CPU_SECONDS[-1], 1),
-           "peak_rss_mib": round(peak),
-           "steps_seconds": report["summary"]["seconds"]}
-    print(json.dumps(out, indent=1))
-    write_results(f"synthetic array cache ({rows:,} rows x {width}, float32)",
-                  "python bench/audit.py synthetic", out)
-
-
 if __name__ == "__main__":
-    {"planted": planted, "full": full, "synthetic": synthetic}[sys.argv[1] if len(sys.argv) > 1
-                                                                else "planted"]()
+    {"planted": planted, "full": full}[sys.argv[1] if len(sys.argv) > 1 else "planted"]()
