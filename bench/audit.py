@@ -26,7 +26,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-
 from common import CIFAR, RESULTS, ROOT, WEIGHTS, machine  # noqa: E402  (puts ROOT on the path)
 
 WORK = Path("/tmp/headstart-audit")
