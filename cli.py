@@ -379,8 +379,8 @@ def finetune(
 
     Example: python cli.py finetune --head mlp --unfreeze 2 --epochs 3
     """
-    from classifiers.finetune import FinetuneSettings, finetune as run_finetune, parse_unfreeze
-    from classifiers.finetune import print_progress_note
+    from endtoend.finetune import FinetuneSettings, finetune as run_finetune, parse_unfreeze
+    from endtoend.finetune import print_progress_note
 
     with user_errors():
         the_store = Store(store)
@@ -517,7 +517,7 @@ def predict(
 
     Example: python cli.py predict photo.jpg more_photos/ 'shots/*.png' --head mlp --top 3
     """
-    from extract.predict import collect_inputs, open_predictor, predict_files
+    from endtoend.predict import collect_inputs, open_predictor, predict_files
 
     with user_errors():
         the_store = Store(store)
@@ -613,7 +613,7 @@ def export(
 
     Example: python cli.py export --head mlp --format tflite --quantize int8
     """
-    from classifiers.export import export_head
+    from endtoend.export import export_head
 
     with user_errors():
         the_store = Store(store)
@@ -644,7 +644,7 @@ def report(
 
     Example: python cli.py report --head mlp
     """
-    from classifiers.report import write_report
+    from endtoend.report import write_report
 
     with user_errors():
         the_store = Store(store)

@@ -10,34 +10,21 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from classifiers.evaluation import accuracy_figures, classification_report, full_proba
+from classifiers.evaluation import accuracy_figures, classification_report
 from classifiers.memory import MemoryPlan, format_size, plan_memory
 from classifiers.mlp import MLPHead
-from classifiers.persistence import ENSEMBLE_KIND, load_fitted_head, save_fitted_head
+from classifiers.persistence import save_fitted_head
 from classifiers.registry import HEADS, get_head_kind
+from classifiers.saved import load_saved_head
+from classifiers.scoring import PREDICT_BLOCK_BYTES, head_proba, source_proba
 from classifiers.sources import CacheSet
 from classifiers.streaming import (buffer_rows_for, count_ordered_batches, ordered_batches,
                                    shuffled_batches)
+from classifiers.validation import VALIDATION_FRACTION, validation_mask
 from store.cache import FeatureCache
 from store.errors import HeadstartError, command
-from store.fingerprint import unit_fraction
-from store.heads import check_head_name, list_heads, load_head_record
+from store.heads import check_head_name, list_heads
 from store.store import Store
-
-VALIDATION_FRACTION = 0.1
-VALIDATION_SALT = "headstart-validation:"
-PREDICT_BLOCK_BYTES = 64 * 1000**2  # features scored per predict call
-
-
-def validation_mask(ids: np.ndarray, fraction: float = VALIDATION_FRACTION) -> np.ndarray:
-    """Rows held out for validation, chosen by a hash of each sample id (same for every head)."""
-    return np.fromiter((unit_fraction(str(i), VALIDATION_SALT) < fraction for i in ids),
-                       dtype=bool, count=len(ids))
-
-
-def head_proba(estimator: Any, X: np.ndarray, n_classes: int) -> np.ndarray:
-    """A head's probabilities over all of the cache's classes."""
-    return full_proba(estimator.predict_proba(X), estimator.classes_, n_classes)
 
 
 def augmented_views(store: Store, cache: FeatureCache) -> list[FeatureCache]:
@@ -89,15 +76,6 @@ def training_rows(source: CacheSet, views: Sequence[FeatureCache] = (),
     X_fit, y_fit, fit_ids = (np.concatenate(column) for column in zip(*parts))
     return TrainingRows(X_fit, y_fit, fit_ids, X[held_out], y[held_out], ids[held_out], held_out,
                         [v.fingerprint for v in views])
-
-
-def source_proba(estimator: Any, source: CacheSet, split: str, mask: np.ndarray | None = None,
-                 block_bytes: int = 0) -> np.ndarray:
-    """A head's probabilities for a split's rows (where `mask` is true), read block by block."""
-    n_classes = len(source.class_names)
-    parts = [head_proba(estimator, X, n_classes) for _, X in
-             source.iter_blocks(split, mask, target_bytes=block_bytes or PREDICT_BLOCK_BYTES)]
-    return np.concatenate(parts) if parts else np.zeros((0, n_classes))
 
 
 def as_cache_set(caches: FeatureCache | CacheSet | Sequence[FeatureCache]) -> CacheSet:
@@ -249,20 +227,6 @@ def head_metrics(estimator: Any, source: CacheSet, block_bytes: int = 0,
     return metrics
 
 
-def record_proba(store: Store, record: dict[str, Any], split: str,
-                 mask: np.ndarray | None = None) -> np.ndarray:
-    """Probabilities of a saved head (or ensemble) for a split of its own first cache."""
-    from classifiers.ensembles import ensemble_proba
-
-    if record.get("kind") == ENSEMBLE_KIND:
-        if mask is not None:
-            raise HeadstartError("Ensembles are scored on whole splits only.")
-        return ensemble_proba(store, record, split)
-    source = CacheSet.from_fingerprints(store, record.get("caches") or [record["cache"]])
-    estimator, _ = load_fitted_head(store, source.primary, record["name"])
-    return source_proba(estimator, source, split, mask)
-
-
 def evaluate_heads(store: Store, cache: FeatureCache, names: list[str] | None = None
                    ) -> list[dict[str, Any]]:
     """Test-split reports for the named heads (and ensembles), or for every one of the cache."""
@@ -274,8 +238,8 @@ def evaluate_heads(store: Store, cache: FeatureCache, names: list[str] | None = 
     y_test = cache.labels("test")
     reports = []
     for name in names:
-        record, _ = load_head_record(store, cache, name)
-        proba = record_proba(store, record, "test")
-        reports.append({"head": name, "kind": record["kind"], "cache": cache.name,
-                        **classification_report(y_test, proba, cache.class_names)})
+        head = load_saved_head(store, cache, name)
+        reports.append({"head": name, "kind": head.kind, "cache": cache.name,
+                        **classification_report(y_test, head.split_proba("test"),
+                                                cache.class_names)})
     return reports

@@ -19,9 +19,10 @@ from sklearn.model_selection import ParameterSampler
 from classifiers.evaluation import accuracy_figures
 from classifiers.memory import plan_memory
 from classifiers.registry import get_head_kind
+from classifiers.scoring import source_proba
 from classifiers.sources import CacheSet
-from classifiers.training import (as_cache_set, fit_head, source_proba, train_estimator,
-                                  validation_mask)
+from classifiers.training import as_cache_set, fit_head, train_estimator
+from classifiers.validation import validation_mask
 from store.atomic import write_text
 from store.cache import FeatureCache
 from store.errors import HeadstartError

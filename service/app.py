@@ -23,7 +23,7 @@ from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from extract.images import BadImage, UnsupportedImage
-from extract.predict import top_k
+from endtoend.predict import top_k
 from service.batching import BatchSettings, DynamicBatcher, QueueFull
 from store.errors import HeadstartError
 
@@ -35,7 +35,7 @@ MAX_SIMILAR = 100
 
 
 class Model(Protocol):
-    """What the service needs from a predictor (see extract.predict.Predictor)."""
+    """What the service needs from a predictor (see endtoend.predict.Predictor)."""
 
     class_names: list[str]
     preprocessing: Any

@@ -91,7 +91,7 @@ def serve(options: ServerOptions, announce: Callable[[str], None] = print,
     """Check the options, take the port, load the model once, then serve until interrupted."""
     import uvicorn
 
-    from extract.predict import open_predictor
+    from endtoend.predict import open_predictor
 
     check_access(options)
     sock = bind(options.host, options.port)

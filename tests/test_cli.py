@@ -234,7 +234,7 @@ def test_fixed_choices_are_the_librarys() -> None:
     """The CLI's enums (what --help lists and typer checks) are the library's own tuples."""
     import cli
     from classifiers.combine import METHODS
-    from classifiers.export import FORMATS, QUANTIZATIONS
+    from endtoend.export import FORMATS, QUANTIZATIONS
     from extract.backbones import POOLINGS
     from extract.compute import PRECISIONS
     from extract.run import ENGINES

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from classifiers.persistence import load_fitted_head
-from classifiers.training import evaluate_heads, validation_mask
+from classifiers.saved import load_saved_head
+from classifiers.training import evaluate_heads
+from classifiers.validation import validation_mask
 from tests.helpers import assert_clean_error, copy_store, run_cli, snapshot
 from store.errors import HeadstartError
 from store.fingerprint import digest_file
@@ -50,7 +51,8 @@ def test_sidecar_records_the_cache_the_file_and_the_metrics(heads_store: Store, 
 @pytest.mark.parametrize("name", ["logreg", "mlp"])
 def test_loaded_head_reproduces_its_recorded_test_accuracy(heads_store: Store, name: str) -> None:
     cache = heads_store.find_cache()
-    estimator, record = load_fitted_head(heads_store, cache, name)
+    head = load_saved_head(heads_store, cache, name)
+    estimator, record = head.estimator, head.record
     predicted = estimator.predict(cache.features("test"))
     accuracy = float(np.mean(predicted == cache.labels("test")))
     assert accuracy == pytest.approx(record["metrics"]["test"]["accuracy"])

@@ -11,7 +11,8 @@ from classifiers.memory import plan_memory
 from store.units import parse_size
 from classifiers.sources import CacheSet
 from classifiers.streaming import shuffled_batches
-from classifiers.training import fit_head, validation_mask
+from classifiers.training import fit_head
+from classifiers.validation import validation_mask
 from cli import app
 from store.errors import HeadstartError
 from store.store import Store

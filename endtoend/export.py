@@ -2,9 +2,8 @@
 
 The model takes RGB pixels (float32, 0..255). Its .keras and SavedModel forms accept any image
 size and resize inside (bilinear with antialiasing, like Pillow's); TFLite models take the
-cache's image size, already resized (e.g. by `Preprocessing.load_file`). Keras heads are used
-as they are; linear heads (a softmax of a linear function, optionally after a StandardScaler)
-become one Dense layer with the standardization folded in; other heads are refused.
+cache's image size, already resized (e.g. by `Preprocessing.load_file`). The head becomes Keras
+layers as `endtoend.keras_heads` says (heads and ensembles of one cache; others are refused).
 """
 
 from __future__ import annotations
@@ -18,9 +17,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from extract.predict import Predictor
+from classifiers.saved import load_saved_head
+from endtoend.keras_heads import load_exported, preprocess_layer, saved_keras_head, single_cache
+from endtoend.predict import Predictor
 from extract.rebuild import cache_dataset
-from extract.preprocessing import Preprocessing
 from extract.runtime import load_keras
 from store.errors import HeadstartError
 from store.store import Store
@@ -32,102 +32,6 @@ KERAS_INTERPOLATION = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": 
                        "lanczos": "lanczos3"}
 
 
-def _preprocess_layer_class() -> type:
-    """The registered Keras layer applying a backbone's `preprocess_input` by dotted name."""
-    keras = load_keras()
-
-    @keras.saving.register_keras_serializable(package="headstart", name="PreprocessInput")
-    class PreprocessInput(keras.layers.Layer):
-        """Applies e.g. keras.applications.mobilenet.preprocess_input to 0..255 pixels."""
-
-        def __init__(self, function: str, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            if not function.startswith("keras.applications."):
-                raise ValueError(f"Refusing preprocess_input outside keras.applications: {function}")
-            self.function = function
-
-        def call(self, inputs: Any) -> Any:
-            return Preprocessing(1, self.function).function()(inputs)
-
-        def get_config(self) -> dict[str, Any]:
-            return {**super().get_config(), "function": self.function}
-
-    return PreprocessInput
-
-
-_PREPROCESS_LAYER: type | None = None
-
-
-def preprocess_layer(function: str) -> Any:
-    """A PreprocessInput layer (the class is registered once per process)."""
-    global _PREPROCESS_LAYER
-    if _PREPROCESS_LAYER is None:
-        _PREPROCESS_LAYER = _preprocess_layer_class()
-    return _PREPROCESS_LAYER(function)
-
-
-def load_exported(path: Path) -> Any:
-    """Load an exported .keras model (registers headstart's layer first)."""
-    preprocess_layer("keras.applications.mobilenet.preprocess_input")
-    return load_keras().saving.load_model(path, safe_mode=True)
-
-
-# --- heads as Keras layers --------------------------------------------------------------------
-
-
-def keras_head(estimator: Any, features: np.ndarray, n_classes: int) -> Any:
-    """A Keras model equal to the head, from features to class probabilities, or refuse.
-
-    `features` (a few cached rows) are used to check that a converted head really matches.
-    """
-    classes = np.asarray(getattr(estimator, "classes_", []))
-    if classes.tolist() != list(range(n_classes)):
-        raise HeadstartError("The head was not fitted on every class of its cache; it cannot be "
-                             "exported as one softmax over all classes.")
-    if hasattr(estimator, "to_keras"):  # heads (e.g. ensembles) that know their Keras form
-        return estimator.to_keras()
-    if hasattr(estimator, "model_"):
-        return estimator.model_
-    head = _linear_as_dense(estimator, features.shape[1], n_classes)
-    got = np.asarray(head(features.astype(np.float32), training=False))
-    if not np.allclose(got, estimator.predict_proba(features), atol=1e-4):
-        raise HeadstartError(
-            f"The head ({type(estimator).__name__}) is linear but its probabilities are not a "
-            "softmax of its decision function (e.g. calibrated or Platt-scaled), so it cannot be "
-            "exported as a Dense layer.")
-    return head
-
-
-def _linear_as_dense(estimator: Any, n_features: int, n_classes: int) -> Any:
-    """StandardScaler (optional) + linear model → one Dense(softmax) with the scaler folded in."""
-    steps = [s for _, s in estimator.steps] if hasattr(estimator, "steps") else [estimator]
-    *transforms, last = steps
-    coef = getattr(last, "coef_", None)
-    if coef is None or not hasattr(last, "intercept_") or hasattr(coef, "toarray"):
-        raise HeadstartError(
-            f"A {type(last).__name__} head cannot be expressed in Keras; only Keras heads and "
-            "linear heads (logreg, linear svm with softmax probabilities) can be exported.")
-    weight = np.asarray(coef, dtype=np.float64).T  # F × K
-    bias = np.asarray(last.intercept_, dtype=np.float64).reshape(-1)
-    for transform in reversed(transforms):
-        mean = np.asarray(getattr(transform, "mean_", None) if transform.with_mean else 0.0)
-        scale = getattr(transform, "scale_", None) if transform.with_std else None
-        if type(transform).__name__ != "StandardScaler":
-            raise HeadstartError(f"Cannot fold a {type(transform).__name__} step into a Dense "
-                                 "layer; only StandardScaler is supported.")
-        scale = np.ones(n_features) if scale is None else np.asarray(scale, dtype=np.float64)
-        weight = weight / scale[:, None]
-        bias = bias - (np.broadcast_to(mean, (n_features,)) @ weight)
-    if weight.shape[1] == 1 and n_classes == 2:  # binary: sigmoid(z) = softmax([-z/2, z/2])
-        weight = np.hstack([-weight / 2, weight / 2])
-        bias = np.array([-bias[0] / 2, bias[0] / 2])
-    keras = load_keras()
-    dense = keras.layers.Dense(n_classes, activation="softmax", name="linear_head")
-    model = keras.Sequential([keras.Input((n_features,)), dense], name="linear_head")
-    dense.set_weights([weight.astype(np.float32), bias.astype(np.float32)])
-    return model
-
-
 # --- the end-to-end model ---------------------------------------------------------------------
 
 
@@ -136,8 +40,7 @@ def end_to_end_model(predictor: Predictor, fixed_size: bool = False) -> Any:
     keras = load_keras()
     pre = predictor.preprocessing
     size = pre.image_size
-    head = keras_head(predictor.estimator, predictor.cache.features("train", slice(0, 64)),
-                      len(predictor.class_names))
+    head = saved_keras_head(predictor.head, predictor.cache.features("train", slice(0, 64)))
     inputs = keras.Input((size, size, 3) if fixed_size else (None, None, 3), name="pixels")
     x = inputs
     if not fixed_size:
@@ -240,7 +143,9 @@ def export_head(store: Store, cache_selector: str | None, head: str, formats: li
         raise HeadstartError(f"Unknown export option {unknown[0]!r}; formats: {', '.join(FORMATS)}; "
                              f"quantizations: {', '.join(QUANTIZATIONS)}.")
     cache = store.find_cache(cache_selector)
-    predictor = Predictor(store, cache, head, weights)
+    saved = load_saved_head(store, cache, head)
+    single_cache(saved)  # refuse before any backbone is built
+    predictor = Predictor(saved, weights)
     folder = Path(out_dir) if out_dir else store.root / "exports" / cache.fingerprint[:16] / head
     folder.mkdir(parents=True, exist_ok=True)
     model = end_to_end_model(predictor)

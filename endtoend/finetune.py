@@ -22,9 +22,12 @@ from typing import Any
 import numpy as np
 
 from classifiers.evaluation import accuracy_figures
-from classifiers.persistence import load_fitted_head, save_fitted_head
+from classifiers.persistence import save_fitted_head
 from classifiers.registry import HEADS, get_head_kind
-from classifiers.training import as_cache_set, head_metrics, head_proba, validation_mask
+from classifiers.saved import load_saved_head
+from classifiers.scoring import head_proba
+from classifiers.training import as_cache_set, head_metrics
+from classifiers.validation import validation_mask
 from extract.augment import Augmentation
 from extract.blocks import is_batch_norm, unfreeze_top
 from extract.datasets import Dataset
@@ -124,8 +127,9 @@ def finetune(store: Store, cache: FeatureCache, head_name: str, settings: Finetu
              ) -> FinetuneResult:
     """Fine-tune backbone + head `head_name` of `cache`; re-extract into a new linked cache."""
     keras = load_keras()
-    head, head_record = load_fitted_head(store, cache, head_name)
-    if len(head_record.get("caches") or [cache.fingerprint]) > 1:
+    saved = load_saved_head(store, cache, head_name)
+    head, head_record = saved.estimator, saved.record
+    if len(saved.caches) > 1:
         raise HeadstartError(
             f"Head {head_name!r} was fitted on several caches; finetune needs a head of one cache.")
     if head_record["kind"] not in HEADS or get_head_kind(head_record["kind"]).file_format != "keras":
