@@ -822,7 +822,7 @@ def similar(
     Example: python cli.py similar photo.jpg --k 8
     """
     from classifiers.audit import similar_files
-    from extract.predict import collect_inputs
+    from endtoend.predict import collect_inputs
 
     with user_errors():
         the_store = Store(store)

@@ -77,13 +77,13 @@ def _reason(error: BaseException) -> str:
 
 def similar_function(predictor: Any, cache: Any) -> Callable[..., Any] | None:
     """POST /similar's search: the cache's training features and the predictor's own forward
-    pass for the cache (None for an ensemble with no member on it)."""
+    pass for the cache (None when the predictor runs no backbone of that cache)."""
     from classifiers.audit import SimilarFinder
 
-    part = getattr(predictor, "parts", {}).get(cache.fingerprint, predictor)
-    if not hasattr(part, "_forward"):
+    if cache.fingerprint not in getattr(predictor, "backbones", {}):
         return None
-    return SimilarFinder(cache, features=part.features).similar
+    return SimilarFinder(cache, features=lambda pixels: predictor.features(pixels)[
+        cache.fingerprint]).similar
 
 
 def serve(options: ServerOptions, announce: Callable[[str], None] = print,
