@@ -24,6 +24,23 @@ THUMB_SIZE = 64
 SHOWN = {"label_issues": 100, "duplicates": 50, "leaks": 50, "outliers": 50}
 
 
+def audit_folder(store: Store, cache: FeatureCache) -> Path:
+    """Where `audit` writes a cache's files unless told (--out)."""
+    return store.root / "audits" / cache.fingerprint[:16]
+
+
+def saved_audit(store: Store, cache: FeatureCache) -> dict[str, Any] | None:
+    """The cache's last audit in its default folder, or None (none, or unreadable)."""
+    import json
+
+    try:
+        report = json.loads((audit_folder(store, cache) / "audit.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and report.get("fingerprint") == cache.fingerprint \
+        else None
+
+
 def run_audit(store: Store, cache: FeatureCache, head: str = "logreg",
               options: dict[str, Any] | None = None, folds: int = 5,
               threshold: float | None = None, outliers: int = 50,
@@ -36,7 +53,7 @@ def run_audit(store: Store, cache: FeatureCache, head: str = "logreg",
     report = audit_cache(cache, head, options, folds,
                          DEFAULT_THRESHOLD if threshold is None else threshold, outliers, say,
                          pixel_threshold)
-    folder = Path(out_dir) if out_dir else store.root / "audits" / cache.fingerprint[:16]
+    folder = Path(out_dir) if out_dir else audit_folder(store, cache)
     files = write_audit(report, folder)
     if page:
         say("Writing the page with thumbnails.")

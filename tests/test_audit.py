@@ -139,6 +139,12 @@ def test_fit_exclude_leaves_the_ids_out(audited: tuple[dict, Path], planted: dic
     held = set(rows.val_ids.tolist()) & set(ids)
     assert record["rows"]["train"] == everything["rows"]["train"] - (10 - len(held))
     assert record["rows"]["validation"] == everything["rows"]["validation"]
+    assert run_cli("audit", "--no-page", "--store", str(store)).exit_code == 0
+    report = run_cli("report", "--head", "all", "--out", str(tmp_path / "report"),
+                     "--store", str(store))
+    assert report.exit_code == 0, report.output
+    assert (tmp_path / "report" / "map.png").stat().st_size > 1000
+    assert "audit" in (tmp_path / "report" / "index.html").read_text()
     wrong = tmp_path / "wrong.txt"
     wrong.write_text("train/cat/no-such-image.jpg\n")
     assert_clean_error(run_cli("fit", "--head", "logreg", "--exclude", str(wrong),
