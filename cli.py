@@ -14,6 +14,8 @@ returns; progress goes to stderr, results to stdout.
     python cli.py serve --head mlp --port 8000                  # HTTP API + web page
     python cli.py export --head mlp --format tflite --quantize int8
     python cli.py report --head mlp                             # PNG figures + HTML page
+    python cli.py audit --out audit/   # label issues, near-duplicates, leaks, outliers + page
+    python cli.py similar photo.jpg --k 8                       # nearest cached training images
 """
 
 from __future__ import annotations
@@ -326,6 +328,9 @@ def fit(
         "stopping; 0 trains on every row, without early stopping (below 0.1, the head cannot "
         "join an ensemble)."),
     replace: bool = typer.Option(False, "--replace", help="Replace a head of that name."),
+    exclude: Optional[Path] = typer.Option(None, "--exclude", help="A file of training sample "
+                                           "ids to leave out of the fit, one a line (e.g. the "
+                                           "exclude.txt 'audit' writes), or an audit.json."),
     cache: List[str] = CachesOption,
     memory_budget: Optional[str] = BudgetOption,
     store: Optional[Path] = StoreOption,
@@ -335,10 +340,12 @@ def fit(
 
     Example: python cli.py fit --head mlp -p epochs=10 -p dropout=0.5 --memory-budget 256MB
     """
+    from classifiers.audit import read_id_file
     from classifiers.sources import CacheSet
     from classifiers.training import fit_head
 
     with user_errors():
+        left_out = read_id_file(exclude) if exclude else []
         the_store = Store(store)
         source = CacheSet([the_store.find_cache(c) for c in cache] or [_chosen(the_store, None)])
         err.print(f"Fitting {head} on cache {source.label} ({source.width} features).")
@@ -346,7 +353,7 @@ def fit(
         record, sidecar = fit_head(the_store, source, head, parse_options(param), name,
                                    verbose=verbose, memory_budget=memory_budget,
                                    augmented=augmented, validation_fraction=validation_fraction,
-                                   replace=replace)
+                                   replace=replace, exclude=left_out)
     _print(fitted_lines(head, record, sidecar))
 
 
@@ -569,7 +576,8 @@ def serve(
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
 ) -> None:
-    """Serve a fitted head over HTTP: POST /predict, GET /health, /models, /docs, a page at /.
+    """Serve a fitted head over HTTP: POST /predict and /similar, GET /health, /models, /docs, a
+    page at /.
 
     Example: python cli.py serve --head mlp --port 8000
     """
@@ -753,6 +761,86 @@ def heads() -> None:
         out.print(f"[bold]{kind.name}[/bold]: {kind.summary}{streams}")
         for option, default in kind.defaults().items():
             out.print(f"    {option} = {default}")
+
+
+@app.command()
+def audit(
+    head: str = typer.Option("logreg", help="Head kind trained k-fold for the out-of-fold "
+                             "probabilities of the label-issue search; see 'heads'."),
+    param: List[str] = typer.Option([], "--param", "-p", help="Head option KEY=VALUE "
+                                    "(repeatable)."),
+    folds: int = typer.Option(5, help="Folds of the out-of-fold probabilities."),
+    threshold: Optional[float] = typer.Option(None, help="Cosine similarity (whitened "
+                                              "features) from which two images are near-copy "
+                                              "candidates (default 0.5)."),
+    pixel_threshold: float = typer.Option(0.55, help="Similarity of the two images' 16x16 grey "
+                                          "high-passed thumbnails that confirms a candidate."),
+    pixel_check: bool = typer.Option(True, help="Confirm candidates on the original images' "
+                                     "pixels (--no-pixel-check: features alone)."),
+    outliers: int = typer.Option(50, help="How many of the rows farthest from their class to "
+                                 "list."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for audit.json, "
+                                           "exclude.txt and the page (default: "
+                                           "STORE/audits/<cache>)."),
+    page: bool = typer.Option(True, help="Write the HTML page with thumbnails."),
+    as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON only."),
+    cache: Optional[str] = CacheOption,
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Label issues (cleanlab on out-of-fold probabilities), near-duplicates, train/test leaks
+    and outliers of a cache, by sample id; nothing is changed.
+
+    Example: python cli.py audit --out audit/ ; then python cli.py fit --exclude audit/exclude.txt
+    """
+    from classifiers.audit_page import run_audit, summary_lines
+
+    with user_errors():
+        the_store = Store(store)
+        report = run_audit(the_store, _chosen(the_store, cache, say=not as_json), head,
+                           parse_options(param), folds, threshold, outliers, out_dir, page,
+                           pixel_threshold if pixel_check else None,
+                           progress=None if as_json else err.print)
+    if as_json:
+        print(json.dumps(report, indent=1))
+        return
+    _print(summary_lines(report))
+
+
+@app.command()
+def similar(
+    inputs: List[str] = typer.Argument(..., help="Image files, folders or globs."),
+    k: int = typer.Option(8, "--k", min=1, help="Training images to list per image."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    batch_size: int = typer.Option(64, help="Images per backbone batch."),
+    weights: Optional[str] = WeightsOption,
+    cache: Optional[str] = CacheOption,
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """The nearest cached training images of new images (the cache's backbone and
+    preprocessing), with their labels and similarity.
+
+    Example: python cli.py similar photo.jpg --k 8
+    """
+    from classifiers.audit import similar_files
+    from endtoend.predict import collect_inputs
+
+    with user_errors():
+        the_store = Store(store)
+        paths = collect_inputs(inputs)
+        chosen = _chosen(the_store, cache, say=not as_json)
+        answers = similar_files(chosen, paths, k, weights, batch_size)
+    if as_json:
+        print(json.dumps(answers, indent=1))
+        return
+    table = Table("file", "rank", "training image", "label", "similarity", box=None)
+    for answer in answers:
+        if answer["error"]:
+            table.add_row(escape(answer["file"]), "", f"[red]error: {escape(answer['error'])}[/red]",
+                          "", "")
+        for rank, match in enumerate(answer["similar"], 1):
+            table.add_row(escape(answer["file"]) if rank == 1 else "", str(rank),
+                          escape(match["id"]), escape(match["label"]), f"{match['similarity']:.3f}")
+    out.print(table)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
 
+from classifiers.audit import excluded_mask
 from classifiers.boosting import fit_boosting
 from classifiers.evaluation import accuracy_figures, classification_report
 from classifiers.memory import MemoryPlan, format_size, plan_memory
@@ -55,20 +56,25 @@ class TrainingRows:
 
 
 def training_rows(source: CacheSet, views: Sequence[FeatureCache] = (),
-                  fraction: float = VALIDATION_FRACTION) -> TrainingRows:
+                  fraction: float = VALIDATION_FRACTION,
+                  exclude: np.ndarray | None = None) -> TrainingRows:
     """Split the training rows into fit and validation rows (by sample id), in memory.
 
     Augmented `views` of the primary cache add rows for the fit images only; no view of a
-    validation image is ever trained on.
+    validation image is ever trained on. Sample ids in `exclude` are left out of the fit rows
+    (and their views); the validation rows stay the same.
     """
     X = source.features("train")
     y = source.labels("train")
     ids = source.ids("train")
     held_out = validation_mask(ids, fraction)
-    parts = [(X[~held_out], y[~held_out], ids[~held_out])]
+    fit = ~held_out if exclude is None else ~held_out & ~np.isin(ids, exclude)
+    parts = [(X[fit], y[fit], ids[fit])]
     for view in views:
         view_ids = view.ids("train")
         keep = ~validation_mask(view_ids, fraction)
+        if exclude is not None:
+            keep &= ~np.isin(view_ids, exclude)
         parts.append((view.features("train")[keep], view.labels("train")[keep], view_ids[keep]))
     X_fit, y_fit, fit_ids = (np.concatenate(column) for column in zip(*parts))
     return TrainingRows(X_fit, y_fit, fit_ids, X[held_out], y[held_out], ids[held_out], held_out,
@@ -86,15 +92,16 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
              kind_name: str, options: dict[str, Any] | None = None, name: str | None = None,
              verbose: int = 0, memory_budget: str | int | None = None,
              extra: dict[str, Any] | None = None, augmented: bool = False,
-             validation_fraction: float = VALIDATION_FRACTION, replace: bool = False
-             ) -> tuple[dict[str, Any], Path]:
+             validation_fraction: float = VALIDATION_FRACTION, replace: bool = False,
+             exclude: Sequence[str] = ()) -> tuple[dict[str, Any], Path]:
     """Fit one head on the training rows (minus the validation rows) of one or more caches of
     the same dataset, and save it beside the first cache.
 
     With `augmented`, the cached augmented views of the training images are trained on too.
     `validation_fraction` 0 trains on every training row (no validation figures, no early
-    stopping); a head with a fraction below the default cannot join an ensemble. A name already
-    fitted on the cache is refused unless `replace`; the name is held (locked) for the whole fit.
+    stopping); a head with a fraction below the default cannot join an ensemble. Sample ids in
+    `exclude` (e.g. an audit's exclude.txt) are left out of the fit. A name already fitted on
+    the cache is refused unless `replace`; the name is held (locked) for the whole fit.
     Returns the sidecar record and its path. Validation and test accuracy are recorded.
     """
     if not 0.0 <= validation_fraction < 1.0:
@@ -123,19 +130,26 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
             f"{format_size(plan.budget or 0)}; use --head {streaming}, which train within it.")
     if kind.file_format == "keras" and verbose:
         estimator.set_params(verbose=verbose)
+    excluded = None
+    if exclude:
+        if plan.stream:
+            raise HeadstartError("--exclude trains in memory, over the memory budget here; "
+                                 "raise --memory-budget or drop --exclude.")
+        excluded = source.ids("train")[excluded_mask(source.ids("train"), exclude, source.name)]
     with claiming_head(store, source.primary, name, replace):
         return _fit_and_save(store, source, kind, estimator, name, options, plan, views,
-                             validation_fraction, verbose, extra)
+                             validation_fraction, verbose, extra, excluded)
 
 
 def _fit_and_save(store: Store, source: CacheSet, kind: Any, estimator: Any, name: str,
                   options: dict[str, Any] | None, plan: MemoryPlan, views: Sequence[FeatureCache],
-                  validation_fraction: float, verbose: int, extra: dict[str, Any] | None
-                  ) -> tuple[dict[str, Any], Path]:
+                  validation_fraction: float, verbose: int, extra: dict[str, Any] | None,
+                  excluded: np.ndarray | None) -> tuple[dict[str, Any], Path]:
     started = time.perf_counter()
     try:
         rows, held_out, X_val = train_estimator(estimator, source, plan, views,
-                                                validation_fraction, progress=verbose > 0)
+                                                validation_fraction, excluded,
+                                                progress=verbose > 0)
     except ValueError as error:  # an option value the estimator refuses (parsing passed)
         if not options:
             raise
@@ -150,6 +164,7 @@ def _fit_and_save(store: Store, source: CacheSet, kind: Any, estimator: Any, nam
         "rows": rows,
         "validation_fraction": validation_fraction,
         "views": [v.fingerprint for v in views],
+        **({"excluded": len(excluded)} if excluded is not None else {}),
         "memory": {"mode": "stream" if plan.stream else "memory", "budget_bytes": plan.budget},
         "metrics": head_metrics(estimator, source, plan.buffer_bytes if plan.stream
                                 else PREDICT_BLOCK_BYTES, held_out, X_val),
@@ -162,7 +177,7 @@ def _fit_and_save(store: Store, source: CacheSet, kind: Any, estimator: Any, nam
 
 def train_estimator(estimator: Any, source: CacheSet, plan: MemoryPlan,
                     views: Sequence[FeatureCache] = (), fraction: float = VALIDATION_FRACTION,
-                    progress: bool = False
+                    exclude: np.ndarray | None = None, progress: bool = False
                     ) -> tuple[dict[str, int], np.ndarray, np.ndarray | None]:
     """Fit on the training rows outside the validation split (plus views), in memory or streamed.
 
@@ -176,7 +191,7 @@ def train_estimator(estimator: Any, source: CacheSet, plan: MemoryPlan,
         check_trainable(estimator, y[~held_out], source.class_names)
         fit_streaming(estimator, source, y, ~held_out, plan.buffer_bytes)
         return {"train": int((~held_out).sum()), "validation": int(held_out.sum())}, held_out, None
-    rows = training_rows(source, views, fraction)
+    rows = training_rows(source, views, fraction, exclude)
     check_trainable(estimator, rows.y_fit, source.class_names)
     if isinstance(estimator, MLPHead):
         estimator.fit(rows.X_fit, rows.y_fit, validation_data=(rows.X_val, rows.y_val))

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from classifiers.audit_page import feature_map, saved_audit
 from classifiers.evaluation import classification_report
 from classifiers.saved import load_saved_head
 from extract.rebuild import cache_dataset
@@ -155,6 +156,11 @@ def write_report(store: Store, cache_selector: str | None, head: str,
     bar_figure(cache.class_names, recall, f"{head}: per-class test accuracy",
                "accuracy (recall)", folder / "per_class.png")
     figures.append(("per_class.png", "Per-class accuracy on the test split"))
+    audit = saved_audit(store, cache)
+    method = feature_map(cache, audit, folder / "map.png")
+    figures.append(("map.png", f"{method} map of the training features by class"
+                    + (" (x: label issues, o: duplicates, triangles: outliers of the last "
+                       "'audit')" if audit else "")))
     if saved.members:
         names = [f"{m.name}@{m.home.name}" for m in saved.members]
         scores = [float((m.split_proba("test").argmax(1) == m.home.labels("test")).mean())
