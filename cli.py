@@ -82,6 +82,7 @@ Pooling = _choices("Pooling", ("avg", "max", "flatten"))
 Dtype = _choices("Dtype", ("float16", "float32"))
 Precision = _choices("Precision", ("float32", "mixed_float16", "mixed_bfloat16"))
 Engine = _choices("Engine", ("local", "ray"))
+Runtime = _choices("Runtime", ("tf", "onnx"))
 Method = _choices("Method", ("greedy", "vote", "stack"))
 ExportFormat = _choices("ExportFormat", ("keras", "savedmodel", "tflite"))
 Quantization = _choices("Quantization", ("none", "float16", "dynamic", "int8"))
@@ -203,6 +204,8 @@ def extract(
                                         "computes in half precision (a new cache; features "
                                         "stay float)."),
     xla: bool = typer.Option(False, "--xla", help="GPU: compile the forward pass with XLA."),
+    runtime: Runtime = typer.Option("tf", help="What runs the backbone: tf, or onnx (ONNX "
+                                    "Runtime on the CPU; a new cache; pip install -e '.[onnx]')."),
     augment: int = typer.Option(0, min=0, max=64, help="Also cache K augmented views of every "
                                 "training image (test images are never augmented)."),
     aug_rotation: float = AugRotationOption,
@@ -243,7 +246,7 @@ def extract(
     with user_errors():
         settings = ExtractSettings(dataset, backbone, weights, alpha, image_size, _value(pooling),
                                    _value(dtype), batch_size, test_fraction, workers, distribute,
-                                   _value(precision), xla)
+                                   _value(precision), xla, runtime=_value(runtime))
         augmentation = Augmentation(aug_rotation, aug_shift, aug_zoom, aug_flip, aug_contrast,
                                     aug_seed) if augment else None
         request = ExtractRequest(settings, _value(engine), shard, augmentation, augment,

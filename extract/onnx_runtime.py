@@ -1,0 +1,159 @@
+"""The backbone on ONNX Runtime: conversion (tf2onnx, once per model, kept in the store), the
+inference session (CPUExecutionProvider, threads from the machine), and a forward function
+with `extract.forward.forward_function`'s contract: uint8 N×H×W×3 (any one size) in, float32
+features out.
+
+The converted graph holds the backbone's `preprocess_input` and the backbone, and takes
+float32 images (0..255 values) at the cache's input size, so uint8 batches and float batches
+(augmented views) give the numbers TensorFlow gives. A batch of another size is first resized by
+`Preprocessing.resize_batch`, TensorFlow's own resize, rounded to uint8 as in the graph, so the
+images the backbone sees are the same arrays under either runtime (tf2onnx cannot convert the
+antialiased resize, ScaleAndTranslate, and ONNX's Resize rounds differently).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from extract.plan import library_versions
+from extract.preprocessing import Preprocessing
+from extract.runtime import _stderr_silenced, load_keras
+from store.errors import HeadstartError
+from store.fingerprint import fingerprint
+from store.runtimes import model_path, write_model
+
+#: ONNX opset the backbones are converted to (onnxruntime 1.17+ runs it).
+OPSET = 17
+#: Libraries whose versions decide the converted file (part of its key).
+CONVERTER_LIBRARIES = ("tf2onnx", "onnx", "tensorflow", "keras")
+#: The fingerprint inputs that decide the backbone a cache ran (its key's model part).
+MODEL_INPUTS = ("backbone", "alpha", "weights", "image_size", "pooling", "preprocessing")
+INPUT_NAME = "images"
+
+
+def available() -> bool:
+    """Whether onnxruntime and tf2onnx are installed."""
+    try:
+        metadata.version("onnxruntime")
+        metadata.version("tf2onnx")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def require() -> None:
+    """Refuse the ONNX runtime, in one sentence, where its libraries are missing."""
+    if not available():
+        raise HeadstartError("--runtime onnx needs onnxruntime and tf2onnx; install them with "
+                             "pip install -e '.[onnx]'.")
+
+
+def converter_versions() -> dict[str, str]:
+    """Versions of the libraries that decide the converted model, and the opset."""
+    return {"opset": str(OPSET), **library_versions(CONVERTER_LIBRARIES)}
+
+
+def model_key(inputs: dict[str, Any]) -> str:
+    """The store key of a backbone's converted model, from a cache's (or plan's) fingerprint
+    inputs: the backbone settings and weights identity plus the converter versions."""
+    return fingerprint({"model": {k: inputs.get(k) for k in MODEL_INPUTS},
+                        "converter": converter_versions()})
+
+
+@functools.lru_cache(maxsize=1)
+def _quiet_converter() -> Any:
+    """tf2onnx, imported without TensorFlow's or its own chatter."""
+    load_keras()
+    with _stderr_silenced():
+        import tf2onnx
+    for name in ("tf2onnx", "onnx", "onnxruntime"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return tf2onnx
+
+
+def convert(model: Any, preprocessing: Preprocessing, opset: int = OPSET) -> bytes:
+    """The Keras feature model with its preprocessing, as serialized ONNX: float32 (0..255)
+    N×S×S×3 in (S the input size), float32 features out."""
+    tf2onnx = _quiet_converter()
+    import tensorflow as tf
+
+    size = preprocessing.image_size
+    spec = tf.TensorSpec([None, size, size, 3], tf.float32, name=INPUT_NAME)
+
+    @tf.function(input_signature=[spec])
+    def features(images: Any) -> Any:
+        return tf.cast(model(preprocessing.graph_inputs(images), training=False), tf.float32)
+
+    with _stderr_silenced():
+        proto, _ = tf2onnx.convert.from_function(features, input_signature=[spec], opset=opset)
+    return proto.SerializeToString()
+
+
+def converted_model(root: Path, inputs: dict[str, Any], model: Any | Callable[[], Any],
+                    preprocessing: Preprocessing) -> Path:
+    """The store's converted model for these fingerprint inputs, converting it the first time.
+    `model` is the Keras feature model, or a function that builds it (called only to convert)."""
+    require()
+    path = model_path(root, model_key(inputs))
+    if not path.is_file():
+        keras_model = model() if callable(model) and not hasattr(model, "layers") else model
+        write_model(path, convert(keras_model, preprocessing))
+    return path
+
+
+def cpu_threads() -> int:
+    """CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def session(model: Path | bytes, threads: int | None = None) -> Any:
+    """An onnxruntime session on the CPU provider, `threads` intra-op threads (all cores)."""
+    require()
+    with _stderr_silenced():
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or cpu_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        source = str(model) if isinstance(model, Path) else model
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def open_session(path: Path, model: Any, preprocessing: Preprocessing, root: Path,
+                 inputs: dict[str, Any]) -> Any:
+    """The session of the store's converted model; a file onnxruntime cannot load (damaged
+    by hand, say) is converted again once."""
+    try:
+        return session(path)
+    except Exception:  # onnxruntime raises its own exception types for a bad file
+        path.unlink(missing_ok=True)
+        return session(converted_model(root, inputs, model, preprocessing))
+
+
+def onnx_forward_function(runner: Any, preprocessing: Preprocessing
+                          ) -> Callable[[np.ndarray], np.ndarray]:
+    """`forward_function`'s contract on an onnxruntime session: a batch of decoded images
+    (uint8 N×H×W×3, any one size) in, float32 features out."""
+    name = runner.get_inputs()[0].name
+    size = preprocessing.image_size
+
+    def call(batch: np.ndarray) -> np.ndarray:
+        if batch.shape[1:3] != (size, size):
+            batch = preprocessing.resize_batch(batch)
+        images = np.ascontiguousarray(batch, dtype=np.float32)
+        return runner.run(None, {name: images})[0].astype(np.float32, copy=False)
+
+    return call
