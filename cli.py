@@ -88,6 +88,8 @@ ExportFormat = _choices("ExportFormat", ("keras", "savedmodel", "tflite"))
 Quantization = _choices("Quantization", ("none", "float16", "dynamic", "int8"))
 Output = _choices("Output", ("table", "csv", "json"))
 
+RuntimeOption = typer.Option(None, help="What runs the backbone (default: the runtime the cache "
+                             "was extracted with; another one is refused).", show_default=False)
 StoreOption = typer.Option(
     None, "--store", envvar=STORE_ENV, help="Store folder (default: ~/.cache/headstart).",
     show_default=False,
@@ -500,6 +502,7 @@ def predict(
     output: Output = typer.Option("table", "--format", help="How results are printed."),
     batch_size: int = typer.Option(64, help="Images per backbone batch."),
     weights: Optional[str] = WeightsOption,
+    runtime: Optional[Runtime] = RuntimeOption,
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
 ) -> None:
@@ -512,7 +515,8 @@ def predict(
     with user_errors():
         the_store = Store(store)
         paths = collect_inputs(inputs)
-        predictor = open_predictor(the_store, _chosen(the_store, cache), head, weights)
+        predictor = open_predictor(the_store, _chosen(the_store, cache), head, weights,
+                                   _value(runtime))
         err.print(f"Classifying {len(paths)} files with head {head} of cache "
                   f"{predictor.cache.name}.")
         answers = list(predict_files(predictor, paths, top, batch_size))
@@ -563,6 +567,7 @@ def serve(
                                   "without a token."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No access log line per request."),
     weights: Optional[str] = WeightsOption,
+    runtime: Optional[Runtime] = RuntimeOption,
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
 ) -> None:
@@ -580,7 +585,8 @@ def serve(
             service=ServiceSettings(max_body_bytes=int(max_body_mb * 1024 * 1024),
                                     body_timeout_s=body_timeout, token=token,
                                     batching=BatchSettings(max_batch, max_wait_ms, max_queue)),
-            insecure=insecure), announce=err.print, access_log=None if quiet else err.print)
+            insecure=insecure, runtime=_value(runtime)),
+            announce=err.print, access_log=None if quiet else err.print)
 
 
 @app.command()

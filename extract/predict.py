@@ -19,7 +19,7 @@ from classifiers.persistence import ENSEMBLE_KIND, load_fitted_head
 from classifiers.training import head_proba
 from extract.rebuild import cache_feature_model, cache_weights
 from extract.images import BadImage, is_image_file
-from extract.forward import forward_function
+from extract.forwards import cache_runtime, checked_runtime, runtime_forward
 from extract.preprocessing import Preprocessing
 from store.cache import FeatureCache
 from store.errors import HeadstartError
@@ -34,11 +34,13 @@ class Predictor:
     """Backbone + head with a cache's preprocessing, loaded once and kept warm."""
 
     def __init__(self, store: Store, cache: FeatureCache, head: str,
-                 weights: str | None = None) -> None:
+                 weights: str | None = None, runtime: str | None = None) -> None:
         self._load_head(store, cache, head)
+        self.runtime = checked_runtime(cache.name, cache.inputs, runtime)  # the cache's own
         self.weights = cache_weights(cache, weights)
         self.backbone = cache_feature_model(cache, self.weights)
-        self._forward = forward_function(self.backbone, self.preprocessing)
+        self._forward = runtime_forward(self.runtime, self.backbone, self.preprocessing,
+                                        store_root=store.root, inputs=cache.inputs)
 
     def _load_head(self, store: Store, cache: FeatureCache, head: str) -> None:
         """The saved head (or ensemble), and the cache's preprocessing and classes."""
@@ -71,6 +73,7 @@ class Predictor:
             "alpha": inputs.get("alpha"),
             "image_size": int(inputs["image_size"]),
             "pooling": inputs["pooling"],
+            "runtime": self.runtime or cache_runtime(inputs),
             "classes": self.class_names,
             "test_accuracy": self.record.get("metrics", {}).get("test", {}).get("accuracy"),
         }
@@ -85,8 +88,9 @@ class EnsemblePredictor(Predictor):
     """
 
     def __init__(self, store: Store, cache: FeatureCache, head: str,
-                 weights: str | None = None) -> None:
+                 weights: str | None = None, runtime: str | None = None) -> None:
         self._load_head(store, cache, head)
+        self.runtime = runtime
         self.members: list[tuple[str, Any]] = []
         self.parts: dict[str, Predictor] = {}
         for member in self.record["members"]:
@@ -119,7 +123,7 @@ class EnsemblePredictor(Predictor):
                 "(image size, interpolation or resizer); predict and serve need its members' "
                 "caches to decode images alike.")
         return Predictor(store, owner, member, weights if owner.fingerprint == self.cache.fingerprint
-                         else None)
+                         else None, self.runtime)
 
     def proba(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 batch → the ensemble's class probabilities (N×C)."""
@@ -132,11 +136,11 @@ class EnsemblePredictor(Predictor):
 
 
 def open_predictor(store: Store, cache: FeatureCache, head: str,
-                   weights: str | None = None) -> Predictor:
-    """The predictor of a saved head or ensemble."""
+                   weights: str | None = None, runtime: str | None = None) -> Predictor:
+    """The predictor of a saved head or ensemble (`runtime`: None for the cache's own)."""
     record, _ = load_head_record(store, cache, head)
     kind = EnsemblePredictor if record.get("kind") == ENSEMBLE_KIND else Predictor
-    return kind(store, cache, head, weights)
+    return kind(store, cache, head, weights, runtime)
 
 
 def top_k(proba: np.ndarray, class_names: list[str], k: int) -> list[dict[str, Any]]:
