@@ -84,7 +84,7 @@ Precision = _choices("Precision", ("float32", "mixed_float16", "mixed_bfloat16")
 Engine = _choices("Engine", ("local", "ray"))
 Runtime = _choices("Runtime", ("tf", "onnx"))
 Method = _choices("Method", ("greedy", "vote", "stack"))
-ExportFormat = _choices("ExportFormat", ("keras", "savedmodel", "tflite"))
+ExportFormat = _choices("ExportFormat", ("keras", "savedmodel", "tflite", "onnx"))
 Quantization = _choices("Quantization", ("none", "float16", "dynamic", "int8"))
 Output = _choices("Output", ("table", "csv", "json"))
 

@@ -13,12 +13,13 @@ antialiased resize, ScaleAndTranslate, and ONNX's Resize rounds differently).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -81,19 +82,62 @@ def _quiet_converter() -> Any:
 def convert(model: Any, preprocessing: Preprocessing, opset: int = OPSET) -> bytes:
     """The Keras feature model with its preprocessing, as serialized ONNX: float32 (0..255)
     N×S×S×3 in (S the input size), float32 features out."""
+    return convert_function(
+        lambda images: model(preprocessing.graph_inputs(images), training=False),
+        preprocessing.image_size, opset)
+
+
+def convert_function(function: Callable[[Any], Any], size: int, opset: int = OPSET) -> bytes:
+    """A TensorFlow-traceable function of float32 N×S×S×3 images (its output cast to float32)
+    as serialized ONNX, converted by tf2onnx without a line on stderr."""
     tf2onnx = _quiet_converter()
     import tensorflow as tf
 
-    size = preprocessing.image_size
     spec = tf.TensorSpec([None, size, size, 3], tf.float32, name=INPUT_NAME)
 
     @tf.function(input_signature=[spec])
-    def features(images: Any) -> Any:
-        return tf.cast(model(preprocessing.graph_inputs(images), training=False), tf.float32)
+    def traced(images: Any) -> Any:
+        return tf.cast(function(images), tf.float32)
 
     with _stderr_silenced():
-        proto, _ = tf2onnx.convert.from_function(features, input_signature=[spec], opset=opset)
+        proto, _ = tf2onnx.convert.from_function(traced, input_signature=[spec], opset=opset)
     return proto.SerializeToString()
+
+
+def quantize_int8(model: bytes, calibration: np.ndarray, target: Path) -> Path:
+    """A static int8 variant of a converted model (QDQ; uint8 activations, per-channel int8
+    weights, after onnxruntime's pre-processing folds batch norms into the convolutions), its
+    activation ranges calibrated on `calibration` (float32 N×S×S×3 images as the model takes
+    them). The quantizer's advice on the root logger is kept off stderr."""
+    require()
+    import tempfile
+
+    import onnx
+
+    name = onnx.load_model_from_string(model).graph.input[0].name
+    with _stderr_silenced(), _logging_off():
+        from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                              quantize_static)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        class Images(CalibrationDataReader):  # one image per calibration step
+            def __init__(self) -> None:
+                self.rows = iter(calibration)
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                row = next(self.rows, None)
+                return None if row is None else {name: row[None].astype(np.float32)}
+
+        with tempfile.TemporaryDirectory(prefix="headstart-quantize-") as folder:
+            source = Path(folder) / "float32.onnx"
+            source.write_bytes(model)
+            prepared, quantized = Path(folder) / "prepared.onnx", Path(folder) / "int8.onnx"
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            quantize_static(str(prepared), str(quantized), Images(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            per_channel=True)
+            write_model(target, quantized.read_bytes())
+    return target
 
 
 def converted_model(root: Path, inputs: dict[str, Any], model: Any | Callable[[], Any],
@@ -106,6 +150,16 @@ def converted_model(root: Path, inputs: dict[str, Any], model: Any | Callable[[]
         keras_model = model() if callable(model) and not hasattr(model, "layers") else model
         write_model(path, convert(keras_model, preprocessing))
     return path
+
+
+@contextlib.contextmanager
+def _logging_off() -> Iterator[None]:
+    """No Python log record below ERROR (onnxruntime's quantizer warns on the root logger)."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def cpu_threads() -> int:
@@ -160,3 +214,24 @@ def onnx_forward_function(runner: Any, preprocessing: Preprocessing
         return runner.run(None, {name: images})[0].astype(np.float32, copy=False)
 
     return call
+
+
+def export_variants(model: Any, size: int, calibration: np.ndarray, folder: Path, stem: str,
+                    int8: bool = True) -> list[tuple[str, Path]]:
+    """`export --format onnx`: a fixed-size end-to-end Keras model (float32 0..255 pixels
+    N×S×S×3 → probabilities) as STEM_float32.onnx and, with `int8`, its static int8 variant
+    calibrated on `calibration` images; returns (variant name, path) pairs."""
+    require()
+    data = convert_function(lambda images: model(images, training=False), size)
+    made = [("onnx-float32", write_model(folder / f"{stem}_float32.onnx", data))]
+    if int8:
+        made.append(("onnx-int8", quantize_int8(data, calibration, folder / f"{stem}_int8.onnx")))
+    return made
+
+
+def run_batches(path: Path, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """An exported model's outputs for float32 (or uint8) images, in batches."""
+    runner = session(path)
+    name = runner.get_inputs()[0].name
+    return np.concatenate([runner.run(None, {name: images[i:i + batch_size].astype(np.float32)})[0]
+                           for i in range(0, len(images), batch_size)]).astype(np.float64)
