@@ -148,7 +148,13 @@ def converted_model(root: Path, inputs: dict[str, Any], model: Any | Callable[[]
     path = model_path(root, model_key(inputs))
     if not path.is_file():
         keras_model = model() if callable(model) and not hasattr(model, "layers") else model
-        write_model(path, convert(keras_model, preprocessing))
+        try:
+            data = convert(keras_model, preprocessing)
+        except Exception as error:  # tf2onnx raises many types, with long messages
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise HeadstartError(f"Cannot convert backbone {inputs.get('backbone')} to ONNX "
+                                 f"({first.rstrip('.')}); use --runtime tf.") from None
+        write_model(path, data)
     return path
 
 

@@ -113,8 +113,8 @@ def test_onnx_features_match_tf_features_and_logreg_answers(onnx_store: Path, mi
     # The tf cache's logreg head gives the same answers on the onnx features (>= 99.5 %).
     store = Store(fitted_store[0])
     estimator, _ = load_fitted_head(store, store.find_cache(), "logreg")
-    same = estimator.predict(cache.features("test")) == estimator.predict(mini_cache.features("test"))
-    assert same.mean() >= 0.995
+    onnx_answers = estimator.predict(cache.features("test"))
+    assert (onnx_answers == estimator.predict(mini_cache.features("test"))).mean() >= 0.995
 
 
 def test_predict_on_an_onnx_cache_equals_the_head_on_cached_rows(onnx_store: Path) -> None:
@@ -158,7 +158,8 @@ def test_export_onnx_float32_and_static_int8_in_the_export_table(onnx_store: Pat
                      "--out", str(tmp_path), "--store", str(onnx_store))
     assert result.exit_code == 0, result.output
     assert "onnx-float32" in result.output and "onnx-int8" in result.output
-    variants = {v["name"]: v for v in json.loads((tmp_path / "export.json").read_text())["variants"]}
+    summary = json.loads((tmp_path / "export.json").read_text())
+    variants = {v["name"]: v for v in summary["variants"]}
     assert set(variants) == {"onnx-float32", "onnx-int8"}
     exact, int8 = variants["onnx-float32"], variants["onnx-int8"]
     assert exact["agreement"] == 1.0 and exact["max_abs_diff"] < 1e-4
