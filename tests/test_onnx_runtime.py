@@ -167,3 +167,44 @@ def test_export_onnx_float32_and_static_int8_in_the_export_table(onnx_store: Pat
     assert int8["bytes"] < exact["bytes"] / 2 and int8["agreement"] >= 0.5
     assert int8["accuracy"] is not None and int8["seconds_per_image"] > 0
     assert "WARNING" not in result.output  # the quantizer's advice stays off the output
+
+
+def test_an_interrupted_onnx_extraction_resumes_to_the_same_cache(
+        onnx_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import extract.pipeline as pipeline
+    import extract.plan as plan_module
+    from extract.compute import ComputeOptions
+    from store.runtimes import runtimes_dir
+    from store.store import Store
+
+    monkeypatch.setattr(plan_module, "MAX_SEGMENT_SIZE", 128)  # 2 batches per segment
+    store = tmp_path / "store"
+    shutil.copytree(runtimes_dir(onnx_store), runtimes_dir(store))  # converted once, reused
+    real, calls = pipeline.runtime_forward, []
+
+    def interrupting(*args, **kwargs):
+        forward = real(*args, **kwargs)
+
+        def call(batch):
+            calls.append(len(batch))
+            if len(calls) > 4:  # the warm-up, then 3 batches: one segment finished
+                raise KeyboardInterrupt
+            return forward(batch)
+        return call
+
+    monkeypatch.setattr(pipeline, "runtime_forward", interrupting)
+    result = run_cli("extract", str(MINI), *MINI_ARGS, "--dtype", "float32", "--runtime", "onnx",
+                     "--store", str(store))
+    assert result.exit_code == 130, result.output
+    monkeypatch.setattr(pipeline, "runtime_forward", real)
+    plan = make_plan(MINI, image_size=64, dtype="float32", compute=ComputeOptions(runtime="onnx"))
+    resumed = pipeline.extract_features(plan, Store(store), progress=False)
+    assert not resumed.reused and resumed.computed == 600 - 128
+    reference = _cache(onnx_store)
+    assert resumed.cache.fingerprint == reference.fingerprint
+    for split in ("train", "test"):
+        np.testing.assert_allclose(resumed.cache.features(split), reference.features(split),
+                                   rtol=0, atol=1e-6)
+    assert len(list(runtimes_dir(store).glob("*.onnx"))) == 1  # not converted again
