@@ -84,11 +84,14 @@ Pooling = _choices("Pooling", ("avg", "max", "flatten"))
 Dtype = _choices("Dtype", ("float16", "float32"))
 Precision = _choices("Precision", ("float32", "mixed_float16", "mixed_bfloat16"))
 Engine = _choices("Engine", ("local", "ray"))
+Runtime = _choices("Runtime", ("tf", "onnx"))
 Method = _choices("Method", ("greedy", "vote", "stack"))
-ExportFormat = _choices("ExportFormat", ("keras", "savedmodel", "tflite"))
+ExportFormat = _choices("ExportFormat", ("keras", "savedmodel", "tflite", "onnx"))
 Quantization = _choices("Quantization", ("none", "float16", "dynamic", "int8"))
 Output = _choices("Output", ("table", "csv", "json"))
 
+RuntimeOption = typer.Option(None, help="What runs the backbone (default: the runtime the cache "
+                             "was extracted with; another one is refused).", show_default=False)
 StoreOption = typer.Option(
     None, "--store", envvar=STORE_ENV, help="Store folder (default: ~/.cache/headstart).",
     show_default=False,
@@ -208,6 +211,8 @@ def extract(
                                         "computes in half precision (a new cache; features "
                                         "stay float)."),
     xla: bool = typer.Option(False, "--xla", help="GPU: compile the forward pass with XLA."),
+    runtime: Runtime = typer.Option("tf", help="What runs the backbone: tf, or onnx (ONNX "
+                                    "Runtime on the CPU; a new cache; pip install -e '.[onnx]')."),
     augment: int = typer.Option(0, min=0, max=64, help="Also cache K augmented views of every "
                                 "training image (test images are never augmented)."),
     aug_rotation: float = AugRotationOption,
@@ -250,7 +255,7 @@ def extract(
     with user_errors():
         settings = ExtractSettings(dataset, backbone, weights, alpha, image_size, _value(pooling),
                                    _value(dtype), batch_size, test_fraction, workers, distribute,
-                                   _value(precision), xla)
+                                   _value(precision), xla, runtime=_value(runtime))
         augmentation = Augmentation(aug_rotation, aug_shift, aug_zoom, aug_flip, aug_contrast,
                                     aug_seed) if augment else None
         request = ExtractRequest(settings, _value(engine), shard, augmentation, augment,
@@ -510,6 +515,7 @@ def predict(
     output: Output = typer.Option("table", "--format", help="How results are printed."),
     batch_size: int = typer.Option(64, help="Images per backbone batch."),
     weights: Optional[str] = WeightsOption,
+    runtime: Optional[Runtime] = RuntimeOption,
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
 ) -> None:
@@ -522,7 +528,8 @@ def predict(
     with user_errors():
         the_store = Store(store)
         paths = collect_inputs(inputs)
-        predictor = open_predictor(the_store, _chosen(the_store, cache), head, weights)
+        predictor = open_predictor(the_store, _chosen(the_store, cache), head, weights,
+                                   _value(runtime))
         err.print(f"Classifying {len(paths)} files with head {head} of cache "
                   f"{predictor.cache.name}.")
         answers = list(predict_files(predictor, paths, top, batch_size))
@@ -573,6 +580,7 @@ def serve(
                                   "without a token."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No access log line per request."),
     weights: Optional[str] = WeightsOption,
+    runtime: Optional[Runtime] = RuntimeOption,
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
 ) -> None:
@@ -591,7 +599,8 @@ def serve(
             service=ServiceSettings(max_body_bytes=int(max_body_mb * 1024 * 1024),
                                     body_timeout_s=body_timeout, token=token,
                                     batching=BatchSettings(max_batch, max_wait_ms, max_queue)),
-            insecure=insecure), announce=err.print, access_log=None if quiet else err.print)
+            insecure=insecure, runtime=_value(runtime)),
+            announce=err.print, access_log=None if quiet else err.print)
 
 
 @app.command()

@@ -26,7 +26,7 @@ from extract.runtime import load_keras, load_tensorflow, quiet_stderr
 from store.errors import HeadstartError
 from store.store import Store
 
-FORMATS = ("keras", "savedmodel", "tflite")
+FORMATS = ("keras", "savedmodel", "tflite", "onnx")
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 REPRESENTATIVE_IMAGES = 100
 KERAS_INTERPOLATION = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic",
@@ -150,7 +150,7 @@ def export_head(store: Store, cache_selector: str | None, head: str, formats: li
     cache = store.find_cache(cache_selector)
     saved = load_saved_head(store, cache, head)
     single_cache(saved)  # refuse before any backbone is built
-    predictor = Predictor(saved, weights)
+    predictor = Predictor(saved, weights, store_root=store.root)
     folder = Path(out_dir) if out_dir else store.root / "exports" / cache.fingerprint[:16] / head
     folder.mkdir(parents=True, exist_ok=True)
     model = end_to_end_model(predictor)
@@ -163,10 +163,16 @@ def export_head(store: Store, cache_selector: str | None, head: str, formats: li
         path = folder / f"{head}_savedmodel"
         model.export(path, format="tf_saved_model", verbose=False)
         variants.append(Variant("savedmodel", str(path), _tree_bytes(path)))
-    if "tflite" in formats:
+    if "tflite" in formats or "onnx" in formats:
         fixed = end_to_end_model(predictor, fixed_size=True)
         sample, _ = split_pixels(predictor, "train", REPRESENTATIVE_IMAGES, spread=True)
+    if "onnx" in formats:  # float32 and static int8 calibrated on cache images (onnxruntime)
+        from extract.onnx_runtime import export_variants
 
+        for name, path in export_variants(fixed, predictor.preprocessing.image_size, sample,
+                                          folder, head, "int8" in quantizations):
+            variants.append(Variant(name, str(path), path.stat().st_size))
+    if "tflite" in formats:
         def representative() -> Iterable[list]:
             for image in sample:
                 yield [image[None].astype(np.float32)]
@@ -182,7 +188,8 @@ def export_head(store: Store, cache_selector: str | None, head: str, formats: li
         {"head": head, "cache": cache.name, "fingerprint": cache.fingerprint,
          "input": {"pixels": "float32 RGB 0..255", "image_size": predictor.preprocessing.image_size,
                    "keras_and_savedmodel": "any size, resized inside",
-                   "tflite": "exactly image_size, resized beforehand"},
+                   "tflite": "exactly image_size, resized beforehand",
+                   "onnx": "exactly image_size, resized beforehand"},
          "classes": predictor.class_names, "variants": [asdict(v) for v in variants]}, indent=2))
     return variants, folder
 
@@ -199,6 +206,10 @@ def _evaluate(predictor: Predictor, model: Any, variants: list[Variant],
                 pixels.astype(np.float32), batch_size=64, verbose=0))
         elif variant.name == "savedmodel":
             proba = _savedmodel_proba(Path(variant.path), pixels)
+        elif variant.name.startswith("onnx"):
+            from extract.onnx_runtime import run_batches
+
+            proba = run_batches(Path(variant.path), pixels)
         else:
             proba = TFLiteRunner(Path(variant.path)).proba(pixels)
         variant.seconds_per_image = round((time.perf_counter() - started) / len(pixels), 5)

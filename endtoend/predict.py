@@ -18,7 +18,7 @@ import numpy as np
 
 from classifiers.saved import SavedHead, load_saved_head
 from extract.images import BadImage, is_image_file
-from extract.forward import forward_function
+from extract.runtimes import checked_runtime, runtime_forward
 from extract.preprocessing import Preprocessing
 from extract.rebuild import cache_feature_model, cache_weights
 from store.cache import FeatureCache
@@ -36,7 +36,8 @@ class Predictor:
     resizer); each cache's backbone runs once per batch, whatever the number of its members.
     """
 
-    def __init__(self, head: SavedHead, weights: str | None = None) -> None:
+    def __init__(self, head: SavedHead, weights: str | None = None, runtime: str | None = None,
+                 store_root: Path | None = None) -> None:
         self.head = head
         self.cache = head.home
         self.head_name = head.name
@@ -46,14 +47,19 @@ class Predictor:
         self.class_names = list(self.cache.class_names)
         self.backbones: dict[str, Any] = {}
         self._forward: dict[str, Any] = {}
-        for cache in head.caches:
-            self._check_decoding(cache)  # all of them before the first backbone is built
+        runtimes = {}
+        for cache in head.caches:  # all of them before the first backbone is built
+            self._check_decoding(cache)
+            runtimes[cache.fingerprint] = checked_runtime(cache.name, cache.inputs, runtime)
+        self.runtime = runtimes[self.cache.fingerprint]
         for cache in head.caches:
             own = cache_weights(cache, weights if cache.fingerprint == self.cache.fingerprint
                                 else None)  # a file the user names is the home cache's
             self.backbones[cache.fingerprint] = cache_feature_model(cache, own)
-            self._forward[cache.fingerprint] = forward_function(
-                self.backbones[cache.fingerprint], Preprocessing.from_dict(cache.preprocessing))
+            self._forward[cache.fingerprint] = runtime_forward(
+                runtimes[cache.fingerprint], self.backbones[cache.fingerprint],
+                Preprocessing.from_dict(cache.preprocessing), store_root=store_root,
+                inputs=cache.inputs)
         self.backbone = self.backbones[self.cache.fingerprint]
 
     def _check_decoding(self, cache: FeatureCache) -> None:
@@ -89,15 +95,17 @@ class Predictor:
             "alpha": inputs.get("alpha"),
             "image_size": int(inputs["image_size"]),
             "pooling": inputs["pooling"],
+            "runtime": self.runtime,
             "classes": self.class_names,
             "test_accuracy": self.record.get("metrics", {}).get("test", {}).get("accuracy"),
         }
 
 
 def open_predictor(store: Store, cache: FeatureCache, head: str,
-                   weights: str | None = None) -> Predictor:
-    """The predictor of saved head (or ensemble) `head` of `cache`."""
-    return Predictor(load_saved_head(store, cache, head), weights)
+                   weights: str | None = None, runtime: str | None = None) -> Predictor:
+    """The predictor of saved head (or ensemble) `head` of `cache` (`runtime`: None for the
+    caches' own; another one is refused)."""
+    return Predictor(load_saved_head(store, cache, head), weights, runtime, store.root)
 
 
 def top_k(proba: np.ndarray, class_names: list[str], k: int) -> list[dict[str, Any]]:

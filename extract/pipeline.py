@@ -7,13 +7,14 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from extract.augment import Augmentation
 from extract.backbones import build_feature_model
-from extract.forward import forward_function
+from extract.runtimes import runtime_forward
 from extract.images import BadImage
 from extract.plan import ExtractionPlan
 from store.cache import FeatureCache
@@ -63,7 +64,8 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
              "inputs": plan.inputs, **({"shard": str(shard.spec)} if shard else {})},
         )
         try:
-            computed, width, seconds, cpu_seconds = _run_backbone(plan, partial, progress)
+            computed, width, seconds, cpu_seconds = _run_backbone(plan, partial, progress,
+                                                                   store.root)
         except HeadstartError:  # e.g. weights that do not fit: no unfinished cache left behind
             if partial.is_empty():
                 partial.remove()
@@ -119,8 +121,8 @@ def _finished(plan: ExtractionPlan, store: Store, remove_leftovers: bool = True
     return None
 
 
-def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
-                  ) -> tuple[int, int, float, float]:
+def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool,
+                  store_root: Path | None = None) -> tuple[int, int, float, float]:
     """Compute every missing segment; returns (images computed, feature width, seconds, CPU
     seconds).
 
@@ -143,7 +145,8 @@ def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
         model = build_feature_model(plan.backbone, plan.alpha, plan.weights, plan.image_size,
                                     plan.pooling)
     width = int(model.output_shape[-1])
-    forward = forward_function(model, plan.preprocessing, plan.compute)
+    forward = runtime_forward(plan.compute.runtime, model, plan.preprocessing, plan.compute,
+                              store_root=store_root, inputs=plan.inputs)
     forward(_warm_up_batch(plan, todo[0][0]))  # trace before the clock starts
     from tqdm import tqdm
 

@@ -97,6 +97,7 @@ class ExtractionPlan:
             # only when not float32, so that existing caches keep their fingerprints
             **({"precision": self.compute.precision}
                if self.compute.precision != "float32" else {}),
+            **({"runtime": self.compute.runtime} if self.compute.runtime != "tf" else {}),
         }
 
     @cached_property
@@ -141,10 +142,10 @@ class ExtractionPlan:
         )
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries that shape a cache."""
+def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
+    """Installed versions of the libraries that shape a cache (or of `names`)."""
     versions = {}
-    for name in LIBRARIES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

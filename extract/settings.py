@@ -28,6 +28,7 @@ class ExtractSettings:
     distribute: bool = False  # MirroredStrategy over every visible GPU (no-op with one device)
     precision: str = "float32"
     xla: bool = False
+    runtime: str = "tf"  # "onnx": the backbone on ONNX Runtime (CPU)
 
     def open_dataset(self) -> Dataset:
         """The dataset, listed (cheap: no file is read)."""
@@ -47,5 +48,5 @@ class ExtractSettings:
             dtype=self.dtype,
             batch_size=self.batch_size,
             workers=self.workers,
-            compute=ComputeOptions(self.precision, self.xla, self.distribute),
+            compute=ComputeOptions(self.precision, self.xla, self.distribute, runtime=self.runtime),
         )
