@@ -100,7 +100,7 @@ def test_the_converted_model_is_kept_in_the_store_and_reused(onnx_store: Path) -
 
 def test_onnx_features_match_tf_features_and_logreg_answers(onnx_store: Path, mini_cache,
                                                             fitted_store) -> None:
-    from classifiers.persistence import load_fitted_head
+    from classifiers.saved import load_saved_head
     from store.store import Store
 
     cache = _cache(onnx_store)
@@ -112,13 +112,13 @@ def test_onnx_features_match_tf_features_and_logreg_answers(onnx_store: Path, mi
         np.testing.assert_allclose(onnx, tf, rtol=1e-3, atol=1e-3)
     # The tf cache's logreg head gives the same answers on the onnx features (>= 99.5 %).
     store = Store(fitted_store[0])
-    estimator, _ = load_fitted_head(store, store.find_cache(), "logreg")
+    estimator = load_saved_head(store, store.find_cache(), "logreg").estimator
     onnx_answers = estimator.predict(cache.features("test"))
     assert (onnx_answers == estimator.predict(mini_cache.features("test"))).mean() >= 0.995
 
 
 def test_predict_on_an_onnx_cache_equals_the_head_on_cached_rows(onnx_store: Path) -> None:
-    from extract.predict import open_predictor, predict_files
+    from endtoend.predict import open_predictor, predict_files
     from store.store import Store
 
     store = Store(onnx_store)
@@ -180,6 +180,7 @@ def test_an_interrupted_onnx_extraction_resumes_to_the_same_cache(
     from store.store import Store
 
     monkeypatch.setattr(plan_module, "MAX_SEGMENT_SIZE", 128)  # 2 batches per segment
+    monkeypatch.setattr(plan_module, "SEGMENTS_PER_SPLIT", 1)
     store = tmp_path / "store"
     shutil.copytree(runtimes_dir(onnx_store), runtimes_dir(store))  # converted once, reused
     real, calls = pipeline.runtime_forward, []
