@@ -194,3 +194,47 @@ def test_impossible_settings_are_refused(settings: BatchSettings) -> None:
 
 def test_the_edges_of_the_settings_are_allowed() -> None:
     DynamicBatcher(Gated(), BatchSettings(max_batch=1, max_queue=1, max_wait_ms=0))
+
+
+def test_a_batch_whose_requests_all_went_away_does_not_stop_the_worker() -> None:
+    async def scenario() -> None:
+        model = Gated()
+        batcher = DynamicBatcher(model, BatchSettings(max_batch=4, max_wait_ms=0))
+        await batcher.start()
+        first, rest = await held_then_queued(batcher, model, 2)
+        for request in rest:
+            request.cancel()
+        await asyncio.sleep(0)
+        model.gate.set()
+        await first
+        assert (await asyncio.wait_for(batcher.submit(image(6)), 5))[0] == 6
+        assert model.batches == [[0], [6]]
+        await batcher.stop()
+    asyncio.run(scenario())
+
+
+def test_batches_run_one_at_a_time_on_the_model_thread_and_stop_ends_the_worker() -> None:
+    names, running, overlap = [], [0], [False]
+
+    def run_batch(pixels: np.ndarray) -> np.ndarray:
+        running[0] += 1
+        overlap[0] |= running[0] > 1
+        names.append(threading.current_thread().name)
+        threading.Event().wait(0.01)
+        running[0] -= 1
+        return np.zeros((len(pixels), 2))
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(run_batch, BatchSettings(max_batch=2, max_wait_ms=0))
+        await batcher.start()
+        await asyncio.gather(*[batcher.submit(image(v)) for v in range(6)])
+        workers = [t for t in asyncio.all_tasks() if t.get_name() == "headstart-batcher"]
+        assert len(workers) == 1 and not workers[0].done()
+        await batcher.stop()
+        assert workers[0].done()  # stop ends the worker task, it does not leave it waiting
+        await batcher.start()
+        await batcher.submit(image(1))
+        await batcher.stop()
+    asyncio.run(scenario())
+    assert not overlap[0] and len(set(names)) == 1
+    assert names[0].startswith("headstart-model")
