@@ -36,6 +36,7 @@ from rich.table import Table  # noqa: E402
 
 from extract.augment import Augmentation  # noqa: E402
 from store.errors import HeadstartError, set_program  # noqa: E402
+from store.heads import check_head_name  # noqa: E402
 from store.store import STORE_ENV, Store, is_disk_full  # noqa: E402
 from classifiers.summaries import (MEMBER_COLUMNS, PER_CLASS_COLUMNS, TRIAL_COLUMNS,  # noqa: E402
                                    confusion_rows, ensemble_lines, ensemble_rows, fitted_lines,
@@ -333,6 +334,8 @@ def fit(
     from classifiers.training import fit_head
 
     with user_errors():
+        if name is not None:  # an empty --name is refused, never read as "the default name"
+            check_head_name(name)
         the_store = Store(store)
         source = CacheSet([the_store.find_cache(c) for c in cache] or [_chosen(the_store, None)])
         err.print(f"Fitting {head} on cache {source.label}, {source.rows('train')} training rows x "
@@ -417,6 +420,8 @@ def tune(
                   f"{trial['seconds']:>7.1f} s  {params}{note}")
 
     with user_errors():
+        if name is not None:  # as for fit: an empty --name is refused
+            check_head_name(name)
         the_store = Store(store)
         source = CacheSet([the_store.find_cache(c) for c in cache] or [_chosen(the_store, None)])
         err.print(f"Tuning {head} on {source.name}: {trials} trials, seed {seed}.")
