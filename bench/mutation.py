@@ -15,7 +15,8 @@ Why mutmut and not cosmic-ray (measured on service/batching.py, tests/test_batch
 cores): mutmut 3 forks each mutant from a process that has already imported the code and the
 tests, 117 mutants in 5 min, most of it the timeouts of mutants that hang the worker; cosmic-ray
 starts a new pytest process per mutant and pays interpreter + numpy (+ TensorFlow for most
-targets) start-up each time: see bench/results/mutation.md.
+targets) start-up each time: one such start of tests/test_batching.py took 16 s on the shared
+cores, about 30 minutes for the same 117 mutants (README, "Mutation testing").
 """
 
 from __future__ import annotations
