@@ -132,7 +132,7 @@ def time_extraction(images: np.ndarray, prep, repeats: int) -> dict:
     --blocks 1, --blocks 4, and each with the mirror, runs interleaved."""
     from extract.backbones import Weights, build_feature_model, get_backbone
     from extract.multiblock import multiblock_model, views_forward_function
-    from extract.pipeline import forward_function
+    from extract.forward import forward_function
 
     base = build_feature_model(get_backbone("mobilenet"), 0.25, Weights.parse(str(WEIGHTS)),
                                IMAGE_SIZE, "avg")

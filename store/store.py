@@ -64,6 +64,9 @@ class Store:
         self.root = expand_path(root) if root else default_store_root()
         if self.root.exists() and not self.root.is_dir():
             raise HeadstartError(f"Store {self.root} is a file, not a folder.")
+        above = next((p for p in self.root.parents if p.exists()), None)
+        if above is not None and not above.is_dir():  # it could never be made
+            raise HeadstartError(f"Store {self.root} cannot be a folder: {above} is a file.")
 
     @property
     def caches_dir(self) -> Path:

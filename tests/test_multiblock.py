@@ -14,7 +14,7 @@ from extract.backbones import Weights, build_feature_model, get_backbone
 from extract.datasets import open_dataset
 from extract.multiblock import (BlockColumns, feature_blocks, mirror, mirror_graph_inputs,
                                 multiblock_model, select_columns, views_forward_function)
-from extract.pipeline import forward_function
+from extract.forward import forward_function
 from store.errors import HeadstartError
 from tests.conftest import MINI, WEIGHTS
 

@@ -51,16 +51,6 @@ def test_tune_resumes_without_rerunning_finished_trials(toy_store, monkeypatch) 
     assert saved["tune"]["trials"] == 4
 
 
-def test_tune_scores_trials_on_the_validation_split_only(toy_store, monkeypatch) -> None:  # noqa: F811
-    root, caches = toy_store
-    splits = []
-    real = tune.source_proba
-    monkeypatch.setattr(tune, "source_proba",
-                        lambda est, src, split, *a: (splits.append(split), real(est, src, split, *a))[1])
-    tune_head(Store(root), Store(root).find_cache(caches["a"][:12]), "knn", trials=3)
-    assert splits == ["train"] * 3
-
-
 def test_tune_command_prints_the_trials_table(toy_store) -> None:  # noqa: F811
     root, caches = toy_store
     args = ["tune", "--head", "logreg", "--trials", "3", "--store", str(root)]
