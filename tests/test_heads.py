@@ -100,7 +100,7 @@ def test_refitting_replaces_the_model_file(heads_store: Store) -> None:
     directory = _sidecar(heads_store, "mlp").parent
     old = json.loads(_sidecar(heads_store, "mlp").read_text())["file"]
     result = run_cli("fit", "--head", "mlp", "-p", "epochs=1", "-p", "hidden=32", "--quiet",
-                     "--store", str(heads_store.root))
+                     "--replace", "--store", str(heads_store.root))  # asked: see test_nothing_lost
     assert result.exit_code == 0, result.output
     new = json.loads(_sidecar(heads_store, "mlp").read_text())
     assert new["options"]["hidden"] == [32] and new["file"] != old

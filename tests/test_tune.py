@@ -35,7 +35,7 @@ def test_tune_resumes_without_rerunning_finished_trials(toy_store, monkeypatch) 
     monkeypatch.setattr(tune, "train_estimator", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tune_head(store, cache, "sgd", trials=4, seed=3)
-    trials_files = list((root / "heads").rglob("sgd.trials-*.jsonl"))
+    trials_files = list((root / "heads").rglob("sgd-tuned.trials-*.jsonl"))  # saved as KIND-tuned
     assert len(trials_files) == 1
     assert len(trials_files[0].read_text().splitlines()) == 2
 
@@ -57,7 +57,7 @@ def test_tune_command_prints_the_trials_table(toy_store) -> None:  # noqa: F811
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "Trials (validation split)" in result.output and "Head saved to" in result.output
-    again = CliRunner().invoke(app, args)
+    again = CliRunner().invoke(app, [*args, "--replace"])  # the tuned head exists: asked to
     assert again.output.count("(done before)") == 3
     bad = CliRunner().invoke(app, ["tune", "--head", "logreg", "--trials", "0", "--store", str(root)])
     assert bad.exit_code == 1 and "at least 1" in bad.output
