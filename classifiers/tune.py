@@ -122,12 +122,12 @@ def tune_head(store: Store, caches: FeatureCache | Sequence[FeatureCache], kind_
     fixed = dict(fixed or {})
     kind.create(fixed)  # unknown or malformed fixed options fail before any work
     source = as_cache_set(caches)
+    wanted = draw_trials(kind.name, trials, seed)
     if not replace and (store.head_dir(source.primary) / f"{name}.json").is_file():
         raise HeadstartError(
             f"A head named {name!r} is already fitted on cache {source.primary.name}; give "
             "--replace to replace it, or choose another --name.")
     plan = plan_memory(source.float32_bytes("train"), memory_budget)
-    wanted = draw_trials(kind.name, trials, seed)
     path = trials_path(store, source, kind.name, name, seed, fixed)
     done = {canonical_json(t["params"]): t for t in read_trials(path)}
     y = source.labels("train")
