@@ -86,6 +86,7 @@ Method = _choices("Method", ("greedy", "vote", "stack"))
 ExportFormat = _choices("ExportFormat", ("keras", "savedmodel", "tflite"))
 Quantization = _choices("Quantization", ("none", "float16", "dynamic", "int8"))
 Output = _choices("Output", ("table", "csv", "json"))
+Tta = _choices("Tta", ("flip",))
 
 StoreOption = typer.Option(
     None, "--store", envvar=STORE_ENV, help="Store folder (default: ~/.cache/headstart).",
@@ -206,6 +207,10 @@ def extract(
                                         "computes in half precision (a new cache; features "
                                         "stay float)."),
     xla: bool = typer.Option(False, "--xla", help="GPU: compile the forward pass with XLA."),
+    blocks: int = typer.Option(1, min=1, max=8, help="Store the pooled outputs of the backbone's "
+                               "last N blocks side by side (one pass; 1 is the output only)."),
+    tta: Optional[Tta] = typer.Option(None, help="flip: also cache the mirrored view of every "
+                                      "image of every split, for test-time averaging."),
     augment: int = typer.Option(0, min=0, max=64, help="Also cache K augmented views of every "
                                 "training image (test images are never augmented)."),
     aug_rotation: float = AugRotationOption,
@@ -248,7 +253,7 @@ def extract(
     with user_errors():
         settings = ExtractSettings(dataset, backbone, weights, alpha, image_size, _value(pooling),
                                    _value(dtype), batch_size, test_fraction, workers, distribute,
-                                   _value(precision), xla)
+                                   _value(precision), xla, blocks, _value(tta))
         augmentation = Augmentation(aug_rotation, aug_shift, aug_zoom, aug_flip, aug_contrast,
                                     aug_seed) if augment else None
         request = ExtractRequest(settings, _value(engine), shard, augmentation, augment,
