@@ -386,8 +386,9 @@ def write_merged(target: Path, shards: list[FeatureCache]) -> None:
                                          np.zeros(0, np.int32) for h in handles])
                 offsets = np.cumsum([0] + [len(h[split]["labels"]) if split in h else 0
                                            for h in handles])
-                sources, mirrored = ([h[split][key] if split in h else None for h in handles]
-                                     for key in ("features", "mirrored"))
+                sources = [h[split]["features"] if split in h else None for h in handles]
+                mirrored = [h[split]["mirrored"] if split in h else None for h in handles] \
+                    if attributes.tta is not None else []
                 out.split(split, _copy_rows(plan, sources, width, dtype), rows=len(plan.owner),
                           width=width, dtype=dtype, labels=labels[offsets[plan.owner] + plan.local],
                           ids=plan.ids.tolist(), compression=compression,
