@@ -238,3 +238,26 @@ def test_cache_forward_gives_the_cached_rows(views_cache) -> None:
     np.testing.assert_allclose(mirrored, views_cache.features("test", rows, mirrored=True),
                                rtol=1e-2, atol=1e-3)
     assert cache_forward(views_cache, weights, tta=False)(pixels)[1] is None
+
+
+def test_a_run_killed_before_assembly_records_the_blocks_from_its_segments(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from store.partial import PartialCache
+
+    root = make_folder(tmp_path / "d", {"cat": 3, "dog": 3})
+    reference = pipeline.extract_features(make_plan(root, blocks=2, tta="flip"),
+                                          Store(tmp_path / "ref"), progress=False).cache
+    store = Store(tmp_path / "store")
+    assemble = PartialCache.assemble
+
+    def dies(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(PartialCache, "assemble", dies)
+    with pytest.raises(RuntimeError):
+        pipeline.extract_features(make_plan(root, blocks=2, tta="flip"), store, progress=False)
+    monkeypatch.setattr(PartialCache, "assemble", assemble)
+    resumed = pipeline.extract_features(make_plan(root, blocks=2, tta="flip"), store,
+                                        progress=False)
+    assert resumed.computed == 0
+    assert_same_views(resumed.cache, reference)
