@@ -261,3 +261,35 @@ def test_a_run_killed_before_assembly_records_the_blocks_from_its_segments(
                                         progress=False)
     assert resumed.computed == 0
     assert_same_views(resumed.cache, reference)
+
+
+def test_settings_carry_blocks_and_tta_to_shard_workers() -> None:
+    import pickle
+
+    from extract.settings import ExtractSettings
+    from store.shards import ShardSpec
+
+    settings = ExtractSettings(str(MINI), "mobilenet", str(WEIGHTS), 0.25, SIZE, blocks=3,
+                               tta="flip")
+    plan = pickle.loads(pickle.dumps(settings)).plan(ShardSpec(1, 2))
+    assert (plan.blocks, plan.tta) == (3, "flip")
+    assert plan.fingerprint == views_plan().fingerprint  # a shard has the full cache's
+
+
+def test_the_checker_refuses_blocks_that_do_not_tile_the_columns(tmp_path: Path) -> None:
+    from store.arrays import write_array_cache
+    from store.check import layout_problems
+
+    rng = np.random.default_rng(0)
+    cache = write_array_cache(Store(tmp_path), "toy", ["a", "b"], {
+        "train": ([f"t{i}" for i in range(4)], rng.integers(0, 2, 4), [rng.normal(size=(4, 5))]),
+    }, block_rows=4)
+    good = [{"name": "x", "start": 0, "stop": 2}, {"name": "y", "start": 2, "stop": 5}]
+    with h5py.File(cache.path, "r") as handle:
+        assert layout_problems(handle, cache.attributes.replace(blocks=good), 2)[0] == []
+        for bad in ([{"name": "x", "start": 0, "stop": 2}], [{"name": "x", "start": 1, "stop": 5}],
+                    [{"start": 0, "stop": 5}]):
+            assert layout_problems(handle, cache.attributes.replace(blocks=bad), 2)[0] == [
+                "has a blocks attribute that does not tile its 5 feature columns"]
+        assert layout_problems(handle, cache.attributes.replace(tta="flip"), 2)[0] == [
+            "has no train/mirrored"]
