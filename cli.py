@@ -89,6 +89,7 @@ Method = _choices("Method", ("greedy", "vote", "stack"))
 ExportFormat = _choices("ExportFormat", ("keras", "savedmodel", "tflite", "onnx"))
 Quantization = _choices("Quantization", ("none", "float16", "dynamic", "int8"))
 Output = _choices("Output", ("table", "csv", "json"))
+Tta = _choices("Tta", ("flip",))
 
 RuntimeOption = typer.Option(None, help="What runs the backbone (default: the runtime the cache "
                              "was extracted with; another one is refused).", show_default=False)
@@ -213,6 +214,10 @@ def extract(
     xla: bool = typer.Option(False, "--xla", help="GPU: compile the forward pass with XLA."),
     runtime: Runtime = typer.Option("tf", help="What runs the backbone: tf, or onnx (ONNX "
                                     "Runtime on the CPU; a new cache; pip install -e '.[onnx]')."),
+    blocks: int = typer.Option(1, min=1, max=8, help="Store the pooled outputs of the backbone's "
+                               "last N blocks side by side (one pass; 1 is the output only)."),
+    tta: Optional[Tta] = typer.Option(None, help="flip: also cache the mirrored view of every "
+                                      "image of every split, for test-time averaging."),
     augment: int = typer.Option(0, min=0, max=64, help="Also cache K augmented views of every "
                                 "training image (test images are never augmented)."),
     aug_rotation: float = AugRotationOption,
@@ -255,7 +260,8 @@ def extract(
     with user_errors():
         settings = ExtractSettings(dataset, backbone, weights, alpha, image_size, _value(pooling),
                                    _value(dtype), batch_size, test_fraction, workers, distribute,
-                                   _value(precision), xla, runtime=_value(runtime))
+                                   _value(precision), xla, blocks, _value(tta),
+                                   runtime=_value(runtime))
         augmentation = Augmentation(aug_rotation, aug_shift, aug_zoom, aug_flip, aug_contrast,
                                     aug_seed) if augment else None
         request = ExtractRequest(settings, _value(engine), shard, augmentation, augment,

@@ -41,13 +41,18 @@ def checked_runtime(cache_name: str, inputs: dict[str, Any], asked: str | None) 
 
 def runtime_forward(runtime: str, model: Any, preprocessing: Preprocessing,
                     compute: ComputeOptions | None = None, *, store_root: Path | None = None,
-                    inputs: dict[str, Any] | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """The forward function of `runtime` for a Keras feature model. For onnx, `store_root` and
-    the cache's (or plan's) fingerprint `inputs` locate the converted model in the store."""
+                    inputs: dict[str, Any] | None = None, mirror: bool = False
+                    ) -> Callable[[np.ndarray], np.ndarray]:
+    """The forward function of `runtime` for a Keras feature model (of the mirrored images
+    with `mirror`, tf only). For onnx, `store_root` and the cache's (or plan's) fingerprint
+    `inputs` locate the converted model in the store."""
     if runtime == "tf":
         from extract.forward import forward_function
 
-        return forward_function(model, preprocessing, compute)
+        return forward_function(model, preprocessing, compute, mirror=mirror)
+    if mirror:
+        raise HeadstartError("The onnx runtime does not make mirrored views yet; extract with "
+                             "--runtime tf for --tta flip.")
     if runtime != "onnx":
         raise HeadstartError(f"Unknown --runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}.")
     if store_root is None or inputs is None:

@@ -241,13 +241,14 @@ def test_fixed_choices_are_the_librarys() -> None:
     from endtoend.export import FORMATS, QUANTIZATIONS
     from extract.backbones import POOLINGS
     from extract.compute import PRECISIONS
+    from extract.plan import TTA_MODES
     from extract.run import ENGINES
     from store.layout import FEATURE_DTYPES
 
     for enum, values in ((cli.Pooling, POOLINGS), (cli.Dtype, FEATURE_DTYPES),
                          (cli.Precision, PRECISIONS), (cli.Engine, ENGINES),
                          (cli.Method, METHODS), (cli.ExportFormat, FORMATS),
-                         (cli.Quantization, QUANTIZATIONS)):
+                         (cli.Quantization, QUANTIZATIONS), (cli.Tta, TTA_MODES)):
         assert tuple(e.value for e in enum) == tuple(values), enum
 
 
