@@ -339,6 +339,12 @@ def fit(
         "stopping; 0 trains on every row, without early stopping (below 0.1, the head cannot "
         "join an ensemble)."),
     replace: bool = typer.Option(False, "--replace", help="Replace a head of that name."),
+    use_blocks: Optional[str] = typer.Option(None, "--use-blocks", help="Train on some of the "
+                                             "cache's blocks: N (the last N) or block names, "
+                                             "comma-separated (default: all; see 'list --json')."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Train on the mirrored "
+                                       "views too and average each answer over the image and "
+                                       "its mirror (default: on where the cache holds them)."),
     exclude: Optional[Path] = typer.Option(None, "--exclude", help="A file of training sample "
                                            "ids to leave out of the fit, one a line (e.g. the "
                                            "exclude.txt 'audit' writes), or an audit.json."),
@@ -364,7 +370,8 @@ def fit(
         record, sidecar = fit_head(the_store, source, head, parse_options(param), name,
                                    verbose=verbose, memory_budget=memory_budget,
                                    augmented=augmented, validation_fraction=validation_fraction,
-                                   replace=replace, exclude=left_out)
+                                   replace=replace, exclude=left_out, use_blocks=use_blocks,
+                                   tta=tta)
     _print(fitted_lines(head, record, sidecar))
 
 
@@ -488,6 +495,8 @@ def evaluate(
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
     as_json: bool = typer.Option(False, "--json", help="Print the full reports as JSON."),
+    no_tta: bool = typer.Option(False, "--no-tta", help="Score heads fitted with test-time "
+                                "views on the images alone, without averaging with mirrors."),
 ) -> None:
     """Score heads on the test split: accuracy, top-5, per-class P/R/F1, confusion matrix.
 
@@ -498,7 +507,7 @@ def evaluate(
     with user_errors():
         the_store = Store(store)
         chosen = _chosen(the_store, cache, say=not as_json)  # JSON output stays parseable
-        reports = evaluate_heads(the_store, chosen, head or None)
+        reports = evaluate_heads(the_store, chosen, head or None, views=not no_tta)
     if as_json:
         print(json.dumps(reports, indent=2))
         return
@@ -521,6 +530,8 @@ def predict(
     output: Output = typer.Option("table", "--format", help="How results are printed."),
     batch_size: int = typer.Option(64, help="Images per backbone batch."),
     weights: Optional[str] = WeightsOption,
+    no_tta: bool = typer.Option(False, "--no-tta", help="Answer from the image alone, without "
+                                "averaging with its mirror (heads fitted with test-time views)."),
     runtime: Optional[Runtime] = RuntimeOption,
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
@@ -535,7 +546,7 @@ def predict(
         the_store = Store(store)
         paths = collect_inputs(inputs)
         predictor = open_predictor(the_store, _chosen(the_store, cache), head, weights,
-                                   _value(runtime))
+                                   _value(runtime), views=not no_tta)
         err.print(f"Classifying {len(paths)} files with head {head} of cache "
                   f"{predictor.cache.name}.")
         answers = list(predict_files(predictor, paths, top, batch_size))
@@ -586,6 +597,8 @@ def serve(
                                   "without a token."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No access log line per request."),
     weights: Optional[str] = WeightsOption,
+    no_tta: bool = typer.Option(False, "--no-tta", help="Answer from the image alone, without "
+                                "averaging with its mirror (heads fitted with test-time views)."),
     runtime: Optional[Runtime] = RuntimeOption,
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
@@ -605,7 +618,7 @@ def serve(
             service=ServiceSettings(max_body_bytes=int(max_body_mb * 1024 * 1024),
                                     body_timeout_s=body_timeout, token=token,
                                     batching=BatchSettings(max_batch, max_wait_ms, max_queue)),
-            insecure=insecure, runtime=_value(runtime)),
+            insecure=insecure, runtime=_value(runtime), views=not no_tta),
             announce=err.print, access_log=None if quiet else err.print)
 
 

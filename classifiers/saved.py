@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from classifiers.persistence import ENSEMBLE_KIND, read_estimator
-from classifiers.scoring import head_proba, source_proba
+from classifiers.scoring import head_proba, views_proba
 from classifiers.sources import CacheSet, align_rows
 from store.cache import FeatureCache
 from store.errors import HeadstartError
@@ -55,13 +55,31 @@ class SavedHead:
         """Every cache whose features the head reads, its home first."""
         return self.source.caches
 
-    def split_proba(self, split: str, mask: np.ndarray | None = None) -> np.ndarray:
-        """Probabilities for the rows of a split of the home cache (where `mask` is true)."""
-        return source_proba(self.estimator, self.source, split, mask)
+    @property
+    def uses_views(self) -> bool:
+        """Whether the head answers by averaging each image with its mirror (fitted with
+        test-time views: extract --tta flip)."""
+        return self.record.get("tta") == "flip"
 
-    def feature_proba(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Probabilities for fresh rows, given their features under each cache's fingerprint."""
-        X = np.hstack([features[fingerprint] for fingerprint in self.source.fingerprints])
+    def split_proba(self, split: str, mask: np.ndarray | None = None,
+                    views: bool = True) -> np.ndarray:
+        """Probabilities for the rows of a split of the home cache (where `mask` is true),
+        averaged over each image and its mirror when the head uses views (and `views`)."""
+        return views_proba(self.estimator, self.source, split, mask,
+                           views=views and self.uses_views)
+
+    def feature_proba(self, features: Mapping[str, np.ndarray],
+                      mirrored: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """Probabilities for fresh rows, given the features of every block under each cache's
+        fingerprint (and, for a head that uses views, those of the mirrored images)."""
+        proba = self._proba_of(features)
+        if self.uses_views and mirrored is not None:
+            proba = (proba + self._proba_of(mirrored)) / 2
+        return proba
+
+    def _proba_of(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        X = np.hstack([self.source.select(index, features[fingerprint])
+                       for index, fingerprint in enumerate(self.source.fingerprints)])
         return head_proba(self.estimator, X, len(self.class_names))
 
 
@@ -76,36 +94,46 @@ class SavedEnsemble(SavedHead):
             seen.update({c.fingerprint: c for c in member.caches if c.fingerprint not in seen})
         return list(seen.values())
 
-    def split_proba(self, split: str, mask: np.ndarray | None = None) -> np.ndarray:
-        return self.estimator.predict_proba(member_matrix(self.members, self.home, split, mask))
+    @property
+    def uses_views(self) -> bool:
+        return any(member.uses_views for member in self.members)
 
-    def feature_proba(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
-        return self.estimator.predict_proba(self.members_proba(features))
+    def split_proba(self, split: str, mask: np.ndarray | None = None,
+                    views: bool = True) -> np.ndarray:
+        return self.estimator.predict_proba(member_matrix(self.members, self.home, split, mask,
+                                                          views))
 
-    def members_proba(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+    def feature_proba(self, features: Mapping[str, np.ndarray],
+                      mirrored: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        return self.estimator.predict_proba(self.members_proba(features, mirrored))
+
+    def members_proba(self, features: Mapping[str, np.ndarray],
+                      mirrored: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """The members' probabilities for fresh rows, side by side (n × m·C)."""
-        return np.hstack([member.feature_proba(features) for member in self.members])
+        return np.hstack([member.feature_proba(features, mirrored) for member in self.members])
 
 
 def member_matrix(members: Sequence[SavedHead], home: FeatureCache, split: str,
-                  mask: np.ndarray | None = None) -> np.ndarray:
+                  mask: np.ndarray | None = None, views: bool = True) -> np.ndarray:
     """Members' probabilities side by side (n × m·C) for the rows of `home`'s split where
     `mask` is true, in `home`'s order; each member reads its own cache's rows of those samples."""
     target = home.ids(split) if mask is None else home.ids(split)[mask]
-    return np.hstack([proba_of_samples(member, split, target, home.name) for member in members])
+    return np.hstack([proba_of_samples(member, split, target, home.name, views)
+                      for member in members])
 
 
-def proba_of_samples(head: SavedHead, split: str, ids: np.ndarray, label: str) -> np.ndarray:
+def proba_of_samples(head: SavedHead, split: str, ids: np.ndarray, label: str,
+                     views: bool = True) -> np.ndarray:
     """A head's probabilities for the samples `ids` of a split, in that order (`label` names
     whose samples they are, for the error when the head's cache lacks one)."""
     own = head.home.ids(split)
     order = align_rows(own, ids, head.home.name, label)
     if order is None:
-        return head.split_proba(split)
+        return head.split_proba(split, views=views)
     rows, inverse = np.unique(order, return_inverse=True)
     wanted = np.zeros(len(own), dtype=bool)
     wanted[rows] = True
-    return head.split_proba(split, wanted)[inverse]
+    return head.split_proba(split, wanted, views)[inverse]
 
 
 def load_saved_head(store: Store, cache: FeatureCache, name: str) -> SavedHead:
@@ -113,7 +141,8 @@ def load_saved_head(store: Store, cache: FeatureCache, name: str) -> SavedHead:
     record, path = load_head_record(store, cache, name)
     estimator = read_estimator(record, path)
     if record.get("kind") != ENSEMBLE_KIND:
-        source = CacheSet.from_fingerprints(store, record.get("caches") or [record["cache"]])
+        source = CacheSet.from_fingerprints(store, record.get("caches") or [record["cache"]],
+                                            record.get("blocks"))
         return SavedHead(record, estimator, source)
     members = [load_member(store, member, name) for member in record["members"]]
     return SavedEnsemble(record, estimator, CacheSet([cache]), members)

@@ -25,3 +25,13 @@ def source_proba(estimator: Any, source: CacheSet, split: str, mask: np.ndarray 
     parts = [head_proba(estimator, X, n_classes) for _, X in
              source.iter_blocks(split, mask, target_bytes=block_bytes or PREDICT_BLOCK_BYTES)]
     return np.concatenate(parts) if parts else np.zeros((0, n_classes))
+
+
+def views_proba(estimator: Any, source: CacheSet, split: str, mask: np.ndarray | None = None,
+                block_bytes: int = 0, views: bool = False) -> np.ndarray:
+    """As `source_proba`; with `views`, averaged with the probabilities of the mirrored views
+    (test-time augmentation over the image and its mirror)."""
+    proba = source_proba(estimator, source, split, mask, block_bytes)
+    if views:
+        proba = (proba + source_proba(estimator, source.mirror(), split, mask, block_bytes)) / 2
+    return proba

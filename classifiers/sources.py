@@ -8,7 +8,7 @@ done in chunk-aligned blocks so that no caller has to hold a whole split in memo
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -39,9 +39,15 @@ def check_same_dataset(caches: Sequence[FeatureCache]) -> None:
 
 
 class CacheSet:
-    """One or more caches of the same dataset, read as one feature matrix per split."""
+    """One or more caches of the same dataset, read as one feature matrix per split.
 
-    def __init__(self, caches: Sequence[FeatureCache]) -> None:
+    `blocks` names, per cache, the blocks whose columns are read (None: every column); with
+    `mirrored`, the caches' mirrored views are read instead of the images' own features.
+    """
+
+    def __init__(self, caches: Sequence[FeatureCache],
+                 blocks: Sequence[Sequence[str] | None] | None = None,
+                 mirrored: bool = False) -> None:
         if not caches:
             raise HeadstartError("No cache given.")
         fingerprints = [c.fingerprint for c in caches]
@@ -49,10 +55,17 @@ class CacheSet:
             raise HeadstartError("The same cache was given twice; give each cache once.")
         check_same_dataset(caches)
         self.caches = list(caches)
+        self.blocks_used = list(blocks) if blocks is not None else [None] * len(self.caches)
+        self._columns = [block_columns(c, names) for c, names in zip(self.caches, self.blocks_used)]
+        self.mirrored = mirrored
+        if mirrored and not self.has_views:
+            raise HeadstartError(f"Cache {self.name} holds no mirrored views; extract it with "
+                                 "--tta flip.")
         self._orders: dict[tuple[int, str], np.ndarray | None] = {}
 
     @classmethod
-    def from_fingerprints(cls, store: Store, fingerprints: Sequence[str]) -> "CacheSet":
+    def from_fingerprints(cls, store: Store, fingerprints: Sequence[str],
+                          blocks: Sequence[Sequence[str] | None] | None = None) -> "CacheSet":
         """The caches a head record names, which must all still be in the store."""
         caches = []
         for fingerprint in fingerprints:
@@ -61,7 +74,24 @@ class CacheSet:
                 raise HeadstartError(
                     f"Cache {fingerprint[:12]} is no longer in store {store.root}; extract it again.")
             caches.append(cache)
-        return cls(caches)
+        return cls(caches, blocks)
+
+    @property
+    def has_views(self) -> bool:
+        """Whether every cache holds the mirrored view of every image (extract --tta flip)."""
+        return all(c.tta == "flip" for c in self.caches)
+
+    def mirror(self) -> "CacheSet":
+        """The same caches and blocks, reading the mirrored views."""
+        return CacheSet(self.caches, self.blocks_used, mirrored=True)
+
+    def select(self, index: int, features: np.ndarray) -> np.ndarray:
+        """The columns of cache `index` this set reads, from a matrix of all its columns."""
+        columns = self._columns[index]
+        return features if columns is None else features[:, columns]
+
+    def _read(self, index: int, split: str, rows: Any) -> np.ndarray:
+        return self.select(index, self.caches[index].features(split, rows, mirrored=self.mirrored))
 
     @property
     def primary(self) -> FeatureCache:
@@ -87,7 +117,8 @@ class CacheSet:
 
     @property
     def width(self) -> int:
-        return sum(c.width for c in self.caches)
+        return sum(c.width if cols is None else len(cols)
+                   for c, cols in zip(self.caches, self._columns))
 
     def rows(self, split: str) -> int:
         return self.primary.split_sizes[split]
@@ -120,7 +151,7 @@ class CacheSet:
         for index, cache in enumerate(self.caches):
             order = self._order(index, split) if index else None
             if order is None:
-                parts.append(cache.features(split, rows))
+                parts.append(self._read(index, split, rows))
                 continue
             parts.append(self.features_of(index, split, order if rows is None else order[rows]))
         return parts[0] if len(parts) == 1 else np.hstack(parts)
@@ -149,17 +180,51 @@ class CacheSet:
             return np.zeros((0, self.width), dtype=np.float32)
         first, last = int(rows[0]), int(rows[-1]) + 1
         picked = rows - first
-        parts = [self.primary.features(split, slice(first, last))[picked]]
-        for index, cache in enumerate(self.caches[1:], start=1):
+        parts = [self._read(0, split, slice(first, last))[picked]]
+        for index in range(1, len(self.caches)):
             order = self._order(index, split)
-            parts.append(cache.features(split, slice(first, last))[picked] if order is None
+            parts.append(self._read(index, split, slice(first, last))[picked] if order is None
                          else self.features_of(index, split, order[rows]))
         return parts[0] if len(parts) == 1 else np.hstack(parts)
 
     def features_of(self, index: int, split: str, rows: np.ndarray) -> np.ndarray:
         """Features of cache `index` at its own row indices (any order)."""
         sorted_rows, inverse = np.unique(rows, return_inverse=True)
-        return self.caches[index].features(split, sorted_rows)[inverse]
+        return self._read(index, split, sorted_rows)[inverse]
+
+
+def choose_blocks(cache: FeatureCache, spec: str | None) -> list[str] | None:
+    """The blocks `--use-blocks` names: a count N (the last N blocks) or comma-separated block
+    names; None (every block) when not given or when it names them all."""
+    if spec is None or not str(spec).strip():
+        return None
+    names = [name for name, _, _ in cache.blocks]
+    text = str(spec).strip()
+    if text.isdigit():
+        count = int(text)
+        if not 1 <= count <= len(names):
+            raise HeadstartError(f"--use-blocks {count}: cache {cache.name} holds {len(names)} "
+                                 f"block(s) ({', '.join(names)}).")
+        chosen = names[len(names) - count:]
+    else:
+        chosen = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [n for n in chosen if n not in names]
+        if unknown:
+            raise HeadstartError(f"Cache {cache.name} has no block {unknown[0]!r}; its blocks: "
+                                 f"{', '.join(names)}.")
+        chosen = [n for n in names if n in chosen]  # bottom to top, each once
+    return None if chosen == names else chosen
+
+
+def block_columns(cache: FeatureCache, names: Sequence[str] | None) -> np.ndarray | None:
+    """Column indices of the named blocks of `cache` (None: every column)."""
+    if names is None:
+        return None
+    ranges = {name: (start, stop) for name, start, stop in cache.blocks}
+    missing = [n for n in names if n not in ranges]
+    if missing:
+        raise HeadstartError(f"Cache {cache.name} has no block {missing[0]!r}.")
+    return np.concatenate([np.arange(*ranges[n]) for n in names])
 
 
 def align_rows(ids: np.ndarray, target: np.ndarray, name: str, target_name: str

@@ -16,6 +16,7 @@ def fitted_lines(head: str, record: dict[str, Any], sidecar: Path) -> list[str]:
     shown = "n/a (no validation rows)" if validation is None else f"{validation:.4f}"
     rows = record.get("rows", {})
     views = f", with {len(record['views'])} augmented views" if record.get("views") else ""
+    views += " (the images and their mirrors)" if record.get("tta") else ""
     trained = (f" on {rows['train']:,} training rows{views} ({rows.get('validation', 0):,} held "
                "out for validation)" if "train" in rows else "")
     return [f"Fitted {head} ({mode}){trained} in {record['fit_seconds']:.1f} s: validation "
@@ -78,8 +79,11 @@ PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support")
 
 def report_title(report: dict[str, Any]) -> str:
     top5 = f", top-5 {report['top5_accuracy']:.4f}" if "top5_accuracy" in report else ""
-    return (f"{report['head']} ({report['kind']}): accuracy {report['accuracy']:.4f}{top5} on "
-            f"{report['rows']} rows")
+    single = (f"; {report['accuracy_single_view']:.4f} from the images alone"
+              if "accuracy_single_view" in report else "")
+    views = " (averaged with the mirrored views)" if report.get("views") else ""
+    return (f"{report['head']} ({report['kind']}): accuracy {report['accuracy']:.4f}{views}{top5} "
+            f"on {report['rows']} rows{single}")
 
 
 def per_class_rows(report: dict[str, Any]) -> list[Row]:

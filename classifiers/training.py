@@ -20,7 +20,7 @@ from classifiers.persistence import save_fitted_head
 from classifiers.registry import HEADS, get_head_kind
 from classifiers.saved import load_saved_head
 from classifiers.scoring import PREDICT_BLOCK_BYTES, head_proba, source_proba
-from classifiers.sources import CacheSet
+from classifiers.sources import CacheSet, choose_blocks
 from classifiers.streaming import (buffer_rows_for, count_ordered_batches, ordered_batches,
                                    shuffled_batches)
 from classifiers.validation import VALIDATION_FRACTION, validation_mask
@@ -57,12 +57,13 @@ class TrainingRows:
 
 def training_rows(source: CacheSet, views: Sequence[FeatureCache] = (),
                   fraction: float = VALIDATION_FRACTION,
-                  exclude: np.ndarray | None = None) -> TrainingRows:
+                  exclude: np.ndarray | None = None, mirrored: bool = False) -> TrainingRows:
     """Split the training rows into fit and validation rows (by sample id), in memory.
 
     Augmented `views` of the primary cache add rows for the fit images only; no view of a
     validation image is ever trained on. Sample ids in `exclude` are left out of the fit rows
-    (and their views); the validation rows stay the same.
+    (and their views); the validation rows stay the same. With `mirrored`, the mirrored view of
+    every fit image (never of a validation image) is a training row too.
     """
     X = source.features("train")
     y = source.labels("train")
@@ -70,6 +71,8 @@ def training_rows(source: CacheSet, views: Sequence[FeatureCache] = (),
     held_out = validation_mask(ids, fraction)
     fit = ~held_out if exclude is None else ~held_out & ~np.isin(ids, exclude)
     parts = [(X[fit], y[fit], ids[fit])]
+    if mirrored:
+        parts.append((source.mirror().features("train")[fit], y[fit], ids[fit]))
     for view in views:
         view_ids = view.ids("train")
         keep = ~validation_mask(view_ids, fraction)
@@ -93,7 +96,8 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
              verbose: int = 0, memory_budget: str | int | None = None,
              extra: dict[str, Any] | None = None, augmented: bool = False,
              validation_fraction: float = VALIDATION_FRACTION, replace: bool = False,
-             exclude: Sequence[str] = ()) -> tuple[dict[str, Any], Path]:
+             exclude: Sequence[str] = (), use_blocks: str | None = None,
+             tta: bool | None = None) -> tuple[dict[str, Any], Path]:
     """Fit one head on the training rows (minus the validation rows) of one or more caches of
     the same dataset, and save it beside the first cache.
 
@@ -102,7 +106,10 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
     stopping); a head with a fraction below the default cannot join an ensemble. Sample ids in
     `exclude` (e.g. an audit's exclude.txt) are left out of the fit. A name already fitted on
     the cache is refused unless `replace`; the name is held (locked) for the whole fit.
-    Returns the sidecar record and its path. Validation and test accuracy are recorded.
+    `use_blocks` (a count N: the last N blocks, or block names) trains on some of the caches'
+    blocks. With `tta` (default: when every cache holds mirrored views), the mirrored views of
+    the fit images are training rows too and the head's answers average each image with its
+    mirror. Returns the sidecar record and its path. Validation and test accuracy are recorded.
     """
     if not 0.0 <= validation_fraction < 1.0:
         raise HeadstartError(
@@ -110,13 +117,23 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
     kind = get_head_kind(kind_name)
     name = check_head_name(kind_name if name is None else name)
     source = as_cache_set(caches)
+    if use_blocks is not None:
+        source = CacheSet(source.caches, [choose_blocks(c, use_blocks) for c in source.caches])
+    views_on = source.has_views if tta is None else bool(tta)
+    if views_on and not source.has_views:
+        raise HeadstartError(f"Cache {source.name} holds no mirrored views; extract it with "
+                             "--tta flip, or fit without --tta.")
     estimator = kind.create(options)
     if validation_fraction == 0 and isinstance(estimator, MLPHead):
         estimator.set_params(early_stopping=False)  # no rows to stop on: train every epoch
     views = augmented_views(store, source.primary) if augmented else []
     if views and len(source.caches) > 1:
         raise HeadstartError("--augmented trains on one cache at a time; give a single --cache.")
-    plan = plan_memory(source.float32_bytes("train") * (1 + len(views)), memory_budget)
+    plan = plan_memory(source.float32_bytes("train") * (1 + len(views) + views_on), memory_budget)
+    if plan.stream and views_on:
+        raise HeadstartError(
+            "Mirrored views train in memory, and the features with their mirrors need more than "
+            "the memory budget; raise --memory-budget or fit with --no-tta.")
     if plan.stream and views:
         raise HeadstartError(
             f"--augmented trains in memory, and the original and augmented features need about "
@@ -138,18 +155,19 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
         excluded = source.ids("train")[excluded_mask(source.ids("train"), exclude, source.name)]
     with claiming_head(store, source.primary, name, replace):
         return _fit_and_save(store, source, kind, estimator, name, options, plan, views,
-                             validation_fraction, verbose, extra, excluded)
+                             validation_fraction, verbose, extra, excluded, views_on)
 
 
 def _fit_and_save(store: Store, source: CacheSet, kind: Any, estimator: Any, name: str,
                   options: dict[str, Any] | None, plan: MemoryPlan, views: Sequence[FeatureCache],
                   validation_fraction: float, verbose: int, extra: dict[str, Any] | None,
-                  excluded: np.ndarray | None) -> tuple[dict[str, Any], Path]:
+                  excluded: np.ndarray | None, views_on: bool = False
+                  ) -> tuple[dict[str, Any], Path]:
     started = time.perf_counter()
     try:
         rows, held_out, X_val = train_estimator(estimator, source, plan, views,
                                                 validation_fraction, excluded,
-                                                progress=verbose > 0)
+                                                progress=verbose > 0, mirrored=views_on)
     except ValueError as error:  # an option value the estimator refuses (parsing passed)
         if not options:
             raise
@@ -164,10 +182,13 @@ def _fit_and_save(store: Store, source: CacheSet, kind: Any, estimator: Any, nam
         "rows": rows,
         "validation_fraction": validation_fraction,
         "views": [v.fingerprint for v in views],
+        **({"blocks": source.blocks_used} if any(b is not None for b in source.blocks_used)
+           else {}),
+        **({"tta": "flip"} if views_on else {}),
         **({"excluded": len(excluded)} if excluded is not None else {}),
         "memory": {"mode": "stream" if plan.stream else "memory", "budget_bytes": plan.budget},
         "metrics": head_metrics(estimator, source, plan.buffer_bytes if plan.stream
-                                else PREDICT_BLOCK_BYTES, held_out, X_val),
+                                else PREDICT_BLOCK_BYTES, held_out, X_val, views_on),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
@@ -177,7 +198,8 @@ def _fit_and_save(store: Store, source: CacheSet, kind: Any, estimator: Any, nam
 
 def train_estimator(estimator: Any, source: CacheSet, plan: MemoryPlan,
                     views: Sequence[FeatureCache] = (), fraction: float = VALIDATION_FRACTION,
-                    exclude: np.ndarray | None = None, progress: bool = False
+                    exclude: np.ndarray | None = None, progress: bool = False,
+                    mirrored: bool = False
                     ) -> tuple[dict[str, int], np.ndarray, np.ndarray | None]:
     """Fit on the training rows outside the validation split (plus views), in memory or streamed.
 
@@ -191,7 +213,7 @@ def train_estimator(estimator: Any, source: CacheSet, plan: MemoryPlan,
         check_trainable(estimator, y[~held_out], source.class_names)
         fit_streaming(estimator, source, y, ~held_out, plan.buffer_bytes)
         return {"train": int((~held_out).sum()), "validation": int(held_out.sum())}, held_out, None
-    rows = training_rows(source, views, fraction, exclude)
+    rows = training_rows(source, views, fraction, exclude, mirrored)
     check_trainable(estimator, rows.y_fit, source.class_names)
     if isinstance(estimator, MLPHead):
         estimator.fit(rows.X_fit, rows.y_fit, validation_data=(rows.X_val, rows.y_val))
@@ -239,9 +261,11 @@ def fit_streaming(estimator: Any, source: CacheSet, y: np.ndarray, fit_rows: np.
 
 
 def head_metrics(estimator: Any, source: CacheSet, block_bytes: int = 0,
-                 held_out: np.ndarray | None = None, X_val: np.ndarray | None = None
-                 ) -> dict[str, dict[str, float]]:
-    """Validation and test accuracy figures of a fitted head (features read in blocks).
+                 held_out: np.ndarray | None = None, X_val: np.ndarray | None = None,
+                 views: bool = False) -> dict[str, dict[str, float]]:
+    """Validation and test accuracy figures of a fitted head (features read in blocks); with
+    `views`, averaged over each image and its mirror, and the test figures of the images alone
+    as `test_single_view`.
 
     A caller that already holds the validation mask (`held_out`) or the validation rows'
     features (`X_val`) passes them, and they are not worked out or read again.
@@ -249,18 +273,29 @@ def head_metrics(estimator: Any, source: CacheSet, block_bytes: int = 0,
     y = source.labels("train")
     if held_out is None:
         held_out = validation_mask(source.ids("train"))
-    metrics = {"test": accuracy_figures(source.labels("test"),
-                                        source_proba(estimator, source, "test", None, block_bytes))}
+    y_test = source.labels("test")
+    single = source_proba(estimator, source, "test", None, block_bytes)
+    metrics = {"test": accuracy_figures(y_test, single)}
+    if views:
+        mirrored = source_proba(estimator, source.mirror(), "test", None, block_bytes)
+        metrics = {"test": accuracy_figures(y_test, (single + mirrored) / 2),
+                   "test_single_view": metrics["test"]}
     if held_out.any():  # a very small training split may hash no row into validation
-        proba = (source_proba(estimator, source, "train", held_out, block_bytes) if X_val is None
-                 else head_proba(estimator, X_val, len(source.class_names)))
+        proba = (source_proba(estimator, source, "train", held_out, block_bytes)
+                 if X_val is None or views else head_proba(estimator, X_val, len(source.class_names)))
+        if views:
+            proba = (proba + source_proba(estimator, source.mirror(), "train", held_out,
+                                          block_bytes)) / 2
         metrics["validation"] = accuracy_figures(y[held_out], proba)
     return metrics
 
 
-def evaluate_heads(store: Store, cache: FeatureCache, names: list[str] | None = None
-                   ) -> list[dict[str, Any]]:
-    """Test-split reports for the named heads (and ensembles), or for every one of the cache."""
+def evaluate_heads(store: Store, cache: FeatureCache, names: list[str] | None = None,
+                   views: bool = True) -> list[dict[str, Any]]:
+    """Test-split reports for the named heads (and ensembles), or for every one of the cache.
+
+    A head fitted with test-time views is scored averaging each image with its mirror (unless
+    `views` is false), and its report also gives `accuracy_single_view`."""
     if names is None:
         names = [r["name"] for r in list_heads(store, cache)]
         if not names:
@@ -270,7 +305,12 @@ def evaluate_heads(store: Store, cache: FeatureCache, names: list[str] | None = 
     reports = []
     for name in names:
         head = load_saved_head(store, cache, name)
-        reports.append({"head": name, "kind": head.kind, "cache": cache.name,
-                        **classification_report(y_test, head.split_proba("test"),
-                                                cache.class_names)})
+        report = {"head": name, "kind": head.kind, "cache": cache.name,
+                  "views": bool(views and head.uses_views),
+                  **classification_report(y_test, head.split_proba("test", views=views),
+                                          cache.class_names)}
+        if head.uses_views:
+            single = head.split_proba("test", views=False)
+            report["accuracy_single_view"] = float((single.argmax(1) == y_test).mean())
+        reports.append(report)
     return reports

@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from classifiers.saved import load_saved_head
-from endtoend.keras_heads import load_exported, preprocess_layer, saved_keras_head, single_cache
+from endtoend.keras_heads import (load_exported, mirror_layer, preprocess_layer, saved_keras_head,
+                                  single_cache)
 from endtoend.predict import Predictor
 from extract.rebuild import cache_dataset
 from extract.runtime import load_keras, load_tensorflow, quiet_stderr
@@ -47,9 +48,16 @@ def end_to_end_model(predictor: Predictor, fixed_size: bool = False) -> Any:
     if not fixed_size:
         x = keras.layers.Resizing(size, size, interpolation=KERAS_INTERPOLATION[pre.interpolation],
                                   antialias=True, name="resize")(x)
-    x = preprocess_layer(pre.preprocess_input)(x)
-    x = predictor.backbone(x)
-    outputs = head(x, training=False)  # dropout off in every exported form
+    outputs = head(predictor.backbone(preprocess_layer(pre.preprocess_input)(x)),
+                   training=False)  # dropout off in every exported form
+    if predictor.views:  # the head's answer averages the image and its mirror
+        if predictor.head.members:
+            raise HeadstartError(
+                f"Ensemble {predictor.head_name!r} has members fitted with test-time views; "
+                "exporting it is not supported yet (export its members, or fit them with "
+                "--no-tta).")
+        mirrored = predictor.backbone(preprocess_layer(pre.preprocess_input)(mirror_layer()(x)))
+        outputs = keras.layers.Average(name="views")([outputs, head(mirrored, training=False)])
     return keras.Model(inputs, outputs, name=f"headstart_{predictor.head_name}")
 
 

@@ -50,7 +50,20 @@ def _layer_classes() -> dict[str, type]:
         def call(self, inputs: Any) -> Any:
             return keras.ops.log(keras.ops.clip(inputs, EPS, 1.0))
 
-    return {"PreprocessInput": PreprocessInput, "LogProbabilities": LogProbabilities}
+    @keras.saving.register_keras_serializable(package="headstart", name="MirrorImages")
+    class MirrorImages(keras.layers.Layer):
+        """Left-right mirror of an N×H×W×C batch: the test-time view (extract --tta flip)."""
+
+        def call(self, inputs: Any) -> Any:
+            return keras.ops.flip(inputs, axis=2)
+
+    return {"PreprocessInput": PreprocessInput, "LogProbabilities": LogProbabilities,
+            "MirrorImages": MirrorImages}
+
+
+def mirror_layer() -> Any:
+    """A MirrorImages layer."""
+    return _layer_classes()["MirrorImages"]()
 
 
 def preprocess_layer(function: str) -> Any:
@@ -74,13 +87,29 @@ def single_cache(head: SavedHead) -> FeatureCache:
     return head.home
 
 
+def _selecting(selection: np.ndarray, head: Any) -> Any:
+    """`head` behind a fixed 0/1 Dense layer that picks the columns of the blocks it reads
+    (the identity when it reads every column)."""
+    if selection.shape[0] == selection.shape[1] and np.array_equal(selection,
+                                                                   np.eye(selection.shape[0])):
+        return head
+    keras = load_keras()
+    inputs = keras.Input((selection.shape[0],), name="all_blocks")
+    pick = keras.layers.Dense(selection.shape[1], use_bias=False, trainable=False,
+                              name="block_columns")
+    outputs = head(pick(inputs), training=False)
+    pick.set_weights([selection])
+    return keras.Model(inputs, outputs, name="blocks_and_head")
+
+
 def saved_keras_head(head: SavedHead, features: np.ndarray) -> Any:
     """A Keras model equal to a saved head (or ensemble) of one cache, from its features to class
     probabilities, or refuse. `features` (a few cached rows) check that the conversion matches."""
     cache = single_cache(head)
     n_classes = len(head.class_names)
     if not head.members:
-        return keras_head(head.estimator, features, n_classes)
+        return _selecting(head.source.select(0, np.eye(features.shape[1], dtype=np.float32)),
+                          keras_head(head.estimator, head.source.select(0, features), n_classes))
     keras = load_keras()
     inputs = keras.Input((features.shape[1],), name="features")
     parts = []

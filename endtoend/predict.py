@@ -37,8 +37,12 @@ class Predictor:
     """
 
     def __init__(self, head: SavedHead, weights: str | None = None, runtime: str | None = None,
-                 store_root: Path | None = None) -> None:
+                 store_root: Path | None = None, views: bool = True) -> None:
         self.head = head
+        #: Whether answers average each image with its mirror (a head fitted with test-time
+        #: views, unless turned off): one more batched forward pass of the mirrored images.
+        self.views = bool(views and head.uses_views)
+        self._mirrored: dict[str, Any] = {}
         self.cache = head.home
         self.head_name = head.name
         self.record = head.record
@@ -56,10 +60,13 @@ class Predictor:
             own = cache_weights(cache, weights if cache.fingerprint == self.cache.fingerprint
                                 else None)  # a file the user names is the home cache's
             self.backbones[cache.fingerprint] = cache_feature_model(cache, own)
-            self._forward[cache.fingerprint] = runtime_forward(
-                runtimes[cache.fingerprint], self.backbones[cache.fingerprint],
-                Preprocessing.from_dict(cache.preprocessing), store_root=store_root,
-                inputs=cache.inputs)
+            for mirror, functions in ((False, self._forward), (True, self._mirrored)):
+                if mirror and not self.views:
+                    continue
+                functions[cache.fingerprint] = runtime_forward(
+                    runtimes[cache.fingerprint], self.backbones[cache.fingerprint],
+                    Preprocessing.from_dict(cache.preprocessing), store_root=store_root,
+                    inputs=cache.inputs, mirror=mirror)
         self.backbone = self.backbones[self.cache.fingerprint]
 
     def _check_decoding(self, cache: FeatureCache) -> None:
@@ -71,17 +78,20 @@ class Predictor:
                 "size, interpolation or resizer); predict and serve need its caches to decode "
                 "images alike.")
 
-    def features(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 batch (N×S×S×3, already resized) → float32 feature rows per cache fingerprint,
-        by the extraction pass's own compiled function."""
+    def features(self, pixels: np.ndarray, mirrored: bool = False) -> dict[str, np.ndarray]:
+        """uint8 batch (N×S×S×3, already resized) → float32 feature rows per cache fingerprint
+        (of the mirrored images with `mirrored`), by the extraction pass's own compiled
+        function."""
+        functions = self._mirrored if mirrored else self._forward
         return {fingerprint: forward(pixels).reshape(len(pixels), -1).astype(np.float32)
-                for fingerprint, forward in self._forward.items()}
+                for fingerprint, forward in functions.items()}
 
     def proba(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 batch → class probabilities over all of the cache's classes (N×C)."""
         if len(pixels) == 0:
             return np.zeros((0, len(self.class_names)))
-        return np.asarray(self.head.feature_proba(self.features(pixels)))
+        mirrored = self.features(pixels, mirrored=True) if self.views else None
+        return np.asarray(self.head.feature_proba(self.features(pixels), mirrored))
 
     def describe(self) -> dict[str, Any]:
         """What answers: head, kind, cache, backbone and input size (plain JSON)."""
@@ -96,16 +106,18 @@ class Predictor:
             "image_size": int(inputs["image_size"]),
             "pooling": inputs["pooling"],
             "runtime": self.runtime,
+            "test_time_views": self.views,
             "classes": self.class_names,
             "test_accuracy": self.record.get("metrics", {}).get("test", {}).get("accuracy"),
         }
 
 
 def open_predictor(store: Store, cache: FeatureCache, head: str,
-                   weights: str | None = None, runtime: str | None = None) -> Predictor:
+                   weights: str | None = None, runtime: str | None = None,
+                   views: bool = True) -> Predictor:
     """The predictor of saved head (or ensemble) `head` of `cache` (`runtime`: None for the
-    caches' own; another one is refused)."""
-    return Predictor(load_saved_head(store, cache, head), weights, runtime, store.root)
+    caches' own; another one is refused; `views` false: no test-time averaging)."""
+    return Predictor(load_saved_head(store, cache, head), weights, runtime, store.root, views)
 
 
 def top_k(proba: np.ndarray, class_names: list[str], k: int) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ class ServerOptions:
     port: int = 8000
     service: ServiceSettings = ServiceSettings()
     insecure: bool = False  # allow a non-loopback host without a token
+    views: bool = True  # average over the image and its mirror for heads fitted with views
     runtime: str | None = None  # None: the cache's own (extract.runtimes.checked_runtime)
 
 
@@ -99,7 +100,8 @@ def serve(options: ServerOptions, announce: Callable[[str], None] = print,
     try:
         store = Store(options.store)
         cache = store.find_cache(options.cache)
-        predictor = open_predictor(store, cache, options.head, options.weights, options.runtime)
+        predictor = open_predictor(store, cache, options.head, options.weights, options.runtime,
+                                   options.views)
         app = create_app(predictor, options.service, access_log,
                          similar=similar_function(predictor, cache))
         port = sock.getsockname()[1]
