@@ -73,7 +73,7 @@ def test_legacy_ensembles_evaluate_and_report_through_the_cli(legacy: Store, tmp
 
 def test_a_refitted_member_is_refused(legacy: Store) -> None:
     result = run_cli("fit", "--head", "sgd", "-p", "alpha=0.001", "--cache", OTHER,
-                     "--store", str(legacy.root))
+                     "--replace", "--store", str(legacy.root))
     assert result.exit_code == 0, result.output
     with pytest.raises(HeadstartError, match="was refitted since the ensemble was made"):
         load_saved_head(legacy, legacy.find_cache(HOME), "ensemble-stack")
