@@ -69,6 +69,9 @@ def preprocess_layer(function: str) -> Any:
 def load_exported(path: Path) -> Any:
     """Load an exported .keras model (registers headstart's layer first)."""
     preprocess_layer("keras.applications.mobilenet.preprocess_input")
+    from extract.kerashub import register_for_loading
+
+    register_for_loading(path)  # KerasHub's layers, when the model holds them
     return load_keras().saving.load_model(path, safe_mode=True)
 
 
@@ -140,10 +143,15 @@ def end_to_end_model(predictor: Predictor, fixed_size: bool = False) -> Any:
                       len(predictor.class_names))
     inputs = keras.Input((size, size, 3) if fixed_size else (None, None, 3), name="pixels")
     x = inputs
-    if not fixed_size:
+    if pre.converter is not None:  # a KerasHub preset: its own converter layer (serialisable)
+        from extract.kerashub import converter_layer
+
+        x = converter_layer(pre, resize=not fixed_size)(x)
+    elif not fixed_size:
         x = keras.layers.Resizing(size, size, interpolation=KERAS_INTERPOLATION[pre.interpolation],
                                   antialias=True, name="resize")(x)
-    x = preprocess_layer(pre.preprocess_input)(x)
+    if pre.converter is None:
+        x = preprocess_layer(pre.preprocess_input)(x)
     x = predictor.backbone(x)
     outputs = head(x, training=False)  # dropout off in every exported form
     return keras.Model(inputs, outputs, name=f"headstart_{predictor.head_name}")

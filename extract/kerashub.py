@@ -460,6 +460,28 @@ def converter_ops(converter: dict[str, Any]) -> ConverterOps:
     return _converter_ops(canonical_json(converter))
 
 
+def converter_layer(preprocessing: Preprocessing, resize: bool = True) -> Any:
+    """The stored converter as a layer of an exported model: resize and rescale (pixels of any
+    size; the resize of float pixels is not rounded), or only the rescale (inputs already at
+    the input size)."""
+    assert preprocessing.converter is not None
+    ops = converter_ops(preprocessing.converter)
+    return ops.converter if resize else ops.rescaler
+
+
+def register_for_loading(path: Path) -> None:
+    """Import KerasHub (registering its layers) before loading a .keras file that uses them."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            uses = b"keras_hub" in archive.read("config.json")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return
+    if uses:
+        load_keras_hub()
+
+
 def converter_of(preprocessing: Preprocessing) -> Any:
     """The stored converter as KerasHub's own layer (resize + rescale), e.g. for tests."""
     assert preprocessing.converter is not None

@@ -51,6 +51,10 @@ class ExtractionPlan:
     compute: ComputeOptions = ComputeOptions()
 
     def __post_init__(self) -> None:
+        # A KerasHub preset is resolved to its local folder, and its weights are that folder's
+        # files: the fingerprint takes their digest (Weights.identity), never the preset's name.
+        object.__setattr__(self, "backbone", self.backbone.resolved())
+        object.__setattr__(self, "weights", self.backbone.weights(self.weights))
         check_options(self.backbone, self.alpha, self.image_size, self.pooling)
         if self.dtype not in layout.FEATURE_DTYPES:
             raise HeadstartError(

@@ -220,3 +220,21 @@ def test_bad_backbones_are_one_sentence(tmp_path: Path, monkeypatch: pytest.Monk
     sentence = assert_clean_error(extract("--backbone", "dinov2_small"), "no network",
                                   "--backbone preset:DIR")
     assert "dinov2_small" in sentence
+
+
+def test_export_keras_holds_the_converter_and_matches_the_cache(hub_store: Path,
+                                                                tmp_path: Path) -> None:
+    from classifiers.export import load_exported, split_pixels
+    from extract.predict import Predictor
+
+    result = run_cli("export", "--head", "logreg", "--format", "keras", "--out", str(tmp_path),
+                     "--store", str(hub_store))
+    assert result.exit_code == 0, result.output
+    store = Store(hub_store)
+    cache = store.find_cache()
+    pixels, _ = split_pixels(Predictor(store, cache, "logreg"), "test", limit=40)
+    model = load_exported(tmp_path / "logreg.keras")
+    assert any("Converter" in type(layer).__name__ for layer in model.layers)
+    got = np.asarray(model.predict(pixels.astype(np.float32), verbose=0))
+    want = Predictor(store, cache, "logreg").estimator.predict_proba(cache.features("test")[:40])
+    np.testing.assert_allclose(got, want, atol=1e-4)
