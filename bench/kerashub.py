@@ -5,7 +5,7 @@ goes the way a downloaded preset goes (bench/extraction.py's pipeline and ceilin
   tiny   the tests' 2-layer DINOv2 of width 32, patch 4, at 28 px (what the CPU suite runs);
   small  DINOv2-S/14's architecture (12 layers, width 384, 6 heads) with random weights, at 224 px:
          the compute of dinov2_small (whose real weights need a download), for a rough CPU figure.
-Numbers depend on the machine's load; results go to bench/results/kerashub.json.
+Numbers depend on the machine's load; results go to bench/results/kerashub-PRESET.json.
 
     python bench/kerashub.py --images 1000 --preset tiny
 """
@@ -59,4 +59,4 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    save_json("kerashub.json", run(args.preset, args.images, args.batch, args.repeats))
+    save_json(f"kerashub-{args.preset}.json", run(args.preset, args.images, args.batch, args.repeats))

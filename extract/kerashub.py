@@ -418,7 +418,50 @@ def build_hub_feature_model(backbone: HubBackbone, weights: Weights, image_size:
     name = backbone.name.replace(PRESET_PREFIX, "preset_").replace("/", "_").replace(":", "_")
     feature_model = keras.Model(images, features, name=f"{name}_{pooling.replace('+', '_')}")
     feature_model.trainable = False
+    feature_model.__dict__[_TOWER] = tower  # for finetune (not a tracked attribute)
     return feature_model
+
+
+_TOWER = "_headstart_kerashub_tower"
+
+
+def transformer_layers(tower: Any) -> list[Any]:
+    """The transformer layers of a KerasHub image tower, bottom to top."""
+    encoder = getattr(tower, "encoder", None)
+    return list(getattr(tower, "encoder_layers", None) or getattr(encoder, "layers", None) or [])
+
+
+def unfreeze_hub_top(feature_model: Any, count: int | None) -> list[str] | None:
+    """finetune --unfreeze N on a KerasHub feature model: the last N transformer layers (all
+    with None) become trainable, their LayerNorms kept as they are (frozen), and so does
+    everything else (embeddings, final norm). None for a model that is not a KerasHub one."""
+    tower = feature_model.__dict__.get(_TOWER)
+    if tower is None:
+        return None
+    keras = load_keras()
+    blocks = transformer_layers(tower)
+    chosen = blocks if count is None else blocks[len(blocks) - count:] if count else []
+    inside = {id(layer) for block in chosen for layer in block._flatten_layers(include_self=True)}
+    feature_model.trainable = True
+    for layer in tower._flatten_layers(include_self=False):
+        owns = bool(layer._trainable_variables or layer._non_trainable_variables)
+        if isinstance(layer, keras.layers.LayerNormalization) or (owns and id(layer) not in inside):
+            layer.trainable = False
+    return [block.name for block in chosen]
+
+
+def save_finetuned_preset(feature_model: Any, preprocessing: Preprocessing,
+                          folder: Path) -> Weights | None:
+    """Save a fine-tuned KerasHub tower and the cache's converter as a preset folder (what the
+    refreshed cache is extracted with); None for a model that is not a KerasHub one."""
+    tower = feature_model.__dict__.get(_TOWER)
+    if tower is None or preprocessing.converter is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    with _quiet():
+        tower.save_to_preset(str(folder))
+        converter_ops(preprocessing.converter).converter.save_to_preset(str(folder))
+    return Weights("preset", folder.resolve())
 
 
 # --- the converter, rebuilt from the stored preprocessing --------------------------------------

@@ -238,3 +238,51 @@ def test_export_keras_holds_the_converter_and_matches_the_cache(hub_store: Path,
     got = np.asarray(model.predict(pixels.astype(np.float32), verbose=0))
     want = Predictor(store, cache, "logreg").estimator.predict_proba(cache.features("test")[:40])
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_finetune_trains_the_last_transformer_layers_and_refreshes_the_cache(
+        hub_store: Path, tmp_path: Path) -> None:
+    from classifiers.finetune import FinetuneSettings, finetune
+    from extract.blocks import unfreeze_top
+    from extract.rebuild import cache_feature_model, cache_weights
+    from tests.helpers import copy_store
+
+    store = Store(copy_store(hub_store, tmp_path))  # the refreshed cache would be the newest
+    parent = store.find_cache()
+    model = cache_feature_model(parent, cache_weights(parent))
+    assert unfreeze_top(model, 1) == ["layers_1"]  # the last of 2 transformer layers
+    trainable = [w.path for w in model.trainable_weights]
+    assert trainable and all("/layers_1/" in p and "norm" not in p for p in trainable)
+
+    result = finetune(store, parent, "mlp", FinetuneSettings(unfreeze=1, epochs=1), verbose=0)
+    refreshed = result.cache
+    assert refreshed.fingerprint != parent.fingerprint
+    assert refreshed.lineage["parent"] == parent.fingerprint
+    assert refreshed.preprocessing == parent.preprocessing  # the same converter
+    saved = Path(result.record["weights"])
+    assert (saved / "config.json").is_file() and (saved / "image_converter.json").is_file()
+    assert not np.allclose(refreshed.features("train"), parent.features("train"))
+    # the refreshed cache rebuilds from its preset folder (predict, serve)
+    assert cache_weights(refreshed).path == saved.resolve()
+
+
+def test_serve_answers_as_the_cache_does(hub_store: Path) -> None:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from extract.predict import Predictor
+    from service.app import ServiceSettings, create_app
+
+    store = Store(hub_store)
+    cache = store.find_cache()
+    model = Predictor(store, cache, "logreg")
+    path = Path(cache.source["path"]) / cache.ids("test")[0]
+    with TestClient(create_app(model, ServiceSettings())) as client:
+        answer = client.post("/predict?top=1", content=path.read_bytes(),
+                             headers={"content-type": "image/jpeg"})
+        assert answer.status_code == 200, answer.text
+        assert client.get("/models").json()["models"][0]["backbone"] == "preset:tiny-dinov2"
+    cached = model.estimator.predict_proba(cache.features("test")[:1])[0]
+    top = answer.json()["predictions"][0]
+    assert top["label"] == cache.class_names[int(cached.argmax())]
+    assert top["probability"] == pytest.approx(float(cached.max()), abs=1e-5)
