@@ -19,6 +19,7 @@ from extract import pipeline
 from tests.conftest import MINI, ROOT
 from tests.helpers import assert_clean_error, run_cli
 from tests.kerashub_support import make_tiny_preset
+from store.errors import HeadstartError
 from store.store import Store
 
 REGISTERS = 2  # the tiny preset has registers, so pooling must skip them
@@ -286,3 +287,41 @@ def test_serve_answers_as_the_cache_does(hub_store: Path) -> None:
     top = answer.json()["predictions"][0]
     assert top["label"] == cache.class_names[int(cached.argmax())]
     assert top["probability"] == pytest.approx(float(cached.max()), abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_image_towers_pool_their_own_tokens(kind: str, tmp_path: Path) -> None:
+    """SigLIP (no class token: cls is its attention-pooling head) and CLIP (class token first)
+    image towers, saved as presets, pool as their outputs say."""
+    from extract.backbones import Weights
+    from extract.kerashub import build_hub_feature_model, load_keras_hub, preset_backbone
+
+    hub = load_keras_hub()
+    sizes = {"patch_size": 4, "hidden_dim": 16, "num_layers": 1, "num_heads": 2,
+             "intermediate_dim": 32, "image_shape": (16, 16, 3)}
+    if kind == "siglip":
+        tower = hub.models.SigLIPVisionEncoder(**sizes)
+        converter = hub.layers.SigLIPImageConverter(image_size=(16, 16), scale=1 / 127.5,
+                                                    offset=-1.0)
+    else:
+        tower = hub.models.CLIPVisionEncoder(**sizes)
+        converter = hub.layers.CLIPImageConverter(image_size=(16, 16), scale=1 / 255.0)
+    tower.save_to_preset(str(tmp_path))
+    converter.save_to_preset(str(tmp_path))
+    backbone = preset_backbone(str(tmp_path))
+    assert (backbone.patch_size, backbone.width, backbone.native_size) == (4, 16, 16)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)
+    inputs = backbone.preprocessing(16).apply(pixels)
+    np.testing.assert_allclose(inputs, np.asarray(converter(pixels)), atol=1e-6)
+    pooled = {p: np.asarray(build_hub_feature_model(backbone, Weights("preset", tmp_path), 16,
+                                                    p)(inputs)) for p in ("cls", "cls+mean")}
+    output = np.asarray(tower({"images": inputs}))
+    if kind == "siglip":  # the head's pooled vector
+        np.testing.assert_allclose(pooled["cls"], output, atol=1e-5)
+    else:  # class token, then 16 patch tokens
+        np.testing.assert_allclose(pooled["cls"], output[:, 0], atol=1e-5)
+        np.testing.assert_allclose(pooled["cls+mean"][:, 16:], output[:, 1:].mean(axis=1),
+                                   atol=1e-5)
+    assert pooled["cls+mean"].shape == (3, 32)
+    with pytest.raises(HeadstartError, match="its own size only"):
+        backbone.check(None, 32, "cls")
