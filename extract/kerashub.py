@@ -106,8 +106,8 @@ class HubBackbone(Backbone):
                       resizer: str = "tensorflow") -> Preprocessing:
         """The preset's image converter at `image_size` (interpolation and resizer are the
         converter's own; the arguments of keras.applications backbones are ignored)."""
-        if not self.converter_json:
-            raise HeadstartError(f"Backbone {self.name} is not resolved yet (a bug).")
+        if not self.converter_json:  # a named preset: its converter comes with the download
+            return self.resolved().preprocessing(image_size, interpolation, resizer)
         converter = json.loads(self.converter_json)
         config = converter["config"]
         config["image_size"] = [image_size, image_size]
