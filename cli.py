@@ -14,6 +14,8 @@ returns; progress goes to stderr, results to stdout.
     python cli.py serve --head mlp --port 8000                  # HTTP API + web page
     python cli.py export --head mlp --format tflite --quantize int8
     python cli.py report --head mlp                             # PNG figures + HTML page
+    python cli.py audit --out audit/   # label issues, near-duplicates, leaks, outliers + page
+    python cli.py similar photo.jpg --k 8                       # nearest cached training images
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from store.errors import HeadstartError, Interrupted, set_program  # noqa: E402
 from store.store import STORE_ENV, Store, is_disk_full  # noqa: E402
 from classifiers.summaries import (MEMBER_COLUMNS, PER_CLASS_COLUMNS, TRIAL_COLUMNS,  # noqa: E402
                                    confusion_rows, ensemble_lines, ensemble_rows, fitted_lines,
-                                   per_class_rows, report_title, trial_rows)
+                                   per_class_rows, report_title, trial_line, trial_rows)
 from store.units import format_size  # noqa: E402
 
 set_program("headstart" if Path(sys.argv[0]).name == "headstart" else "python cli.py")
@@ -82,11 +84,15 @@ Pooling = _choices("Pooling", ("avg", "max", "flatten", "cls", "mean", "cls+mean
 Dtype = _choices("Dtype", ("float16", "float32"))
 Precision = _choices("Precision", ("float32", "mixed_float16", "mixed_bfloat16"))
 Engine = _choices("Engine", ("local", "ray"))
+Runtime = _choices("Runtime", ("tf", "onnx"))
 Method = _choices("Method", ("greedy", "vote", "stack"))
-ExportFormat = _choices("ExportFormat", ("keras", "savedmodel", "tflite"))
+ExportFormat = _choices("ExportFormat", ("keras", "savedmodel", "tflite", "onnx"))
 Quantization = _choices("Quantization", ("none", "float16", "dynamic", "int8"))
 Output = _choices("Output", ("table", "csv", "json"))
+Tta = _choices("Tta", ("flip",))
 
+RuntimeOption = typer.Option(None, help="What runs the backbone (default: the runtime the cache "
+                             "was extracted with; another one is refused).", show_default=False)
 StoreOption = typer.Option(
     None, "--store", envvar=STORE_ENV, help="Store folder (default: ~/.cache/headstart).",
     show_default=False,
@@ -211,6 +217,12 @@ def extract(
                                         "computes in half precision (a new cache; features "
                                         "stay float)."),
     xla: bool = typer.Option(False, "--xla", help="GPU: compile the forward pass with XLA."),
+    runtime: Runtime = typer.Option("tf", help="What runs the backbone: tf, or onnx (ONNX "
+                                    "Runtime on the CPU; a new cache; pip install -e '.[onnx]')."),
+    blocks: int = typer.Option(1, min=1, max=8, help="Store the pooled outputs of the backbone's "
+                               "last N blocks side by side (one pass; 1 is the output only)."),
+    tta: Optional[Tta] = typer.Option(None, help="flip: also cache the mirrored view of every "
+                                      "image of every split, for test-time averaging."),
     augment: int = typer.Option(0, min=0, max=64, help="Also cache K augmented views of every "
                                 "training image (test images are never augmented)."),
     aug_rotation: float = AugRotationOption,
@@ -253,7 +265,8 @@ def extract(
     with user_errors():
         settings = ExtractSettings(dataset, backbone, weights, alpha, image_size, _value(pooling),
                                    _value(dtype), batch_size, test_fraction, workers, distribute,
-                                   _value(precision), xla)
+                                   _value(precision), xla, blocks, _value(tta),
+                                   runtime=_value(runtime))
         augmentation = Augmentation(aug_rotation, aug_shift, aug_zoom, aug_flip, aug_contrast,
                                     aug_seed) if augment else None
         request = ExtractRequest(settings, _value(engine), shard, augmentation, augment,
@@ -330,6 +343,10 @@ def fit(
         0.1, help="Training rows held out (by a hash of their ids) for validation and early "
         "stopping; 0 trains on every row, without early stopping (below 0.1, the head cannot "
         "join an ensemble)."),
+    replace: bool = typer.Option(False, "--replace", help="Replace a head of that name."),
+    exclude: Optional[Path] = typer.Option(None, "--exclude", help="A file of training sample "
+                                           "ids to leave out of the fit, one a line (e.g. the "
+                                           "exclude.txt 'audit' writes), or an audit.json."),
     cache: List[str] = CachesOption,
     memory_budget: Optional[str] = BudgetOption,
     store: Optional[Path] = StoreOption,
@@ -339,18 +356,20 @@ def fit(
 
     Example: python cli.py fit --head mlp -p epochs=10 -p dropout=0.5 --memory-budget 256MB
     """
+    from classifiers.audit import read_id_file
     from classifiers.sources import CacheSet
     from classifiers.training import fit_head
 
     with user_errors():
+        left_out = read_id_file(exclude) if exclude else []
         the_store = Store(store)
         source = CacheSet([the_store.find_cache(c) for c in cache] or [_chosen(the_store, None)])
-        err.print(f"Fitting {head} on cache {source.label}, {source.rows('train')} training rows x "
-                  f"{source.width}.")
+        err.print(f"Fitting {head} on cache {source.label} ({source.width} features).")
         verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
         record, sidecar = fit_head(the_store, source, head, parse_options(param), name,
                                    verbose=verbose, memory_budget=memory_budget,
-                                   augmented=augmented, validation_fraction=validation_fraction)
+                                   augmented=augmented, validation_fraction=validation_fraction,
+                                   replace=replace, exclude=left_out)
     _print(fitted_lines(head, record, sidecar))
 
 
@@ -376,8 +395,8 @@ def finetune(
 
     Example: python cli.py finetune --head mlp --unfreeze 2 --epochs 3
     """
-    from classifiers.finetune import FinetuneSettings, finetune as run_finetune, parse_unfreeze
-    from classifiers.finetune import print_progress_note
+    from endtoend.finetune import FinetuneSettings, finetune as run_finetune, parse_unfreeze
+    from endtoend.finetune import print_progress_note
 
     with user_errors():
         the_store = Store(store)
@@ -407,7 +426,8 @@ def tune(
     param: List[str] = typer.Option([], "--param", "-p", help="Fixed head option KEY=VALUE "
                                     "(repeatable), e.g. -p epochs=20."),
     name: Optional[str] = typer.Option(None, help="Save the best head under this name "
-                                       "(default: the kind)."),
+                                       "(default: KIND-tuned)."),
+    replace: bool = typer.Option(False, "--replace", help="Replace a head of that name."),
     cache: List[str] = CachesOption,
     memory_budget: Optional[str] = BudgetOption,
     store: Optional[Path] = StoreOption,
@@ -421,17 +441,15 @@ def tune(
     from classifiers.tune import tune_head
 
     def show(trial: dict) -> None:
-        note = " (done before)" if trial["resumed"] else ""
-        params = ", ".join(f"{k}={v}" for k, v in trial["params"].items())
-        err.print(f"trial {trial['trial']:>3}: val acc {trial['validation_accuracy']:.4f} "
-                  f"{trial['seconds']:>7.1f} s  {params}{note}")
+        err.print(escape(trial_line(trial)))
 
     with user_errors():
         the_store = Store(store)
         source = CacheSet([the_store.find_cache(c) for c in cache] or [_chosen(the_store, None)])
         err.print(f"Tuning {head} on {source.name}: {trials} trials, seed {seed}.")
         results, record, sidecar = tune_head(the_store, source, head, trials, seed,
-                                             parse_options(param), name, memory_budget, show)
+                                             parse_options(param), name, memory_budget, show,
+                                             replace)
     _table(TRIAL_COLUMNS, trial_rows(results, record["tune"]["best_trial"]),
            "Trials (validation split)")
     out.print(f"Best: trial {record['tune']['best_trial']}. Trials kept in "
@@ -448,6 +466,7 @@ def ensemble(
     name: Optional[str] = typer.Option(None, help="Save under this name (default: ensemble, "
                                        "or ensemble-METHOD)."),
     rounds: int = typer.Option(50, help="Greedy selection rounds."),
+    replace: bool = typer.Option(False, "--replace", help="Replace an ensemble of that name."),
     cache: List[str] = typer.Option([], "--cache", help="Cache whose heads may join (repeat "
                                     "it) (default: the default cache and every cache of its "
                                     "dataset)."),
@@ -463,7 +482,7 @@ def ensemble(
         the_store = Store(store)
         names = [n.strip() for n in heads.split(",") if n.strip()] if heads else None
         record, sidecar = fit_ensemble(the_store, ensemble_caches(the_store, cache),
-                                       _value(method), names, name, rounds)
+                                       _value(method), names, name, rounds, replace)
     _table(MEMBER_COLUMNS, ensemble_rows(record, sidecar.stem))
     _print(ensemble_lines(record, sidecar))
 
@@ -507,6 +526,7 @@ def predict(
     output: Output = typer.Option("table", "--format", help="How results are printed."),
     batch_size: int = typer.Option(64, help="Images per backbone batch."),
     weights: Optional[str] = WeightsOption,
+    runtime: Optional[Runtime] = RuntimeOption,
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
 ) -> None:
@@ -514,12 +534,13 @@ def predict(
 
     Example: python cli.py predict photo.jpg more_photos/ 'shots/*.png' --head mlp --top 3
     """
-    from extract.predict import collect_inputs, open_predictor, predict_files
+    from endtoend.predict import collect_inputs, open_predictor, predict_files
 
     with user_errors():
         the_store = Store(store)
         paths = collect_inputs(inputs)
-        predictor = open_predictor(the_store, _chosen(the_store, cache), head, weights)
+        predictor = open_predictor(the_store, _chosen(the_store, cache), head, weights,
+                                   _value(runtime))
         err.print(f"Classifying {len(paths)} files with head {head} of cache "
                   f"{predictor.cache.name}.")
         answers = list(predict_files(predictor, paths, top, batch_size))
@@ -570,10 +591,12 @@ def serve(
                                   "without a token."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No access log line per request."),
     weights: Optional[str] = WeightsOption,
+    runtime: Optional[Runtime] = RuntimeOption,
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
 ) -> None:
-    """Serve a fitted head over HTTP: POST /predict, GET /health, /models, /docs, a page at /.
+    """Serve a fitted head over HTTP: POST /predict and /similar, GET /health, /models, /docs, a
+    page at /.
 
     Example: python cli.py serve --head mlp --port 8000
     """
@@ -587,7 +610,8 @@ def serve(
             service=ServiceSettings(max_body_bytes=int(max_body_mb * 1024 * 1024),
                                     body_timeout_s=body_timeout, token=token,
                                     batching=BatchSettings(max_batch, max_wait_ms, max_queue)),
-            insecure=insecure), announce=err.print, access_log=None if quiet else err.print)
+            insecure=insecure, runtime=_value(runtime)),
+            announce=err.print, access_log=None if quiet else err.print)
 
 
 @app.command()
@@ -609,7 +633,7 @@ def export(
 
     Example: python cli.py export --head mlp --format tflite --quantize int8
     """
-    from classifiers.export import export_head
+    from endtoend.export import export_head
 
     with user_errors():
         the_store = Store(store)
@@ -640,7 +664,7 @@ def report(
 
     Example: python cli.py report --head mlp
     """
-    from classifiers.report import write_report
+    from endtoend.report import write_report
 
     with user_errors():
         the_store = Store(store)
@@ -763,6 +787,86 @@ def heads() -> None:
         out.print(f"[bold]{kind.name}[/bold]: {kind.summary}{streams}")
         for option, default in kind.defaults().items():
             out.print(f"    {option} = {default}")
+
+
+@app.command()
+def audit(
+    head: str = typer.Option("logreg", help="Head kind trained k-fold for the out-of-fold "
+                             "probabilities of the label-issue search; see 'heads'."),
+    param: List[str] = typer.Option([], "--param", "-p", help="Head option KEY=VALUE "
+                                    "(repeatable)."),
+    folds: int = typer.Option(5, help="Folds of the out-of-fold probabilities."),
+    threshold: Optional[float] = typer.Option(None, help="Cosine similarity (whitened "
+                                              "features) from which two images are near-copy "
+                                              "candidates (default 0.5)."),
+    pixel_threshold: float = typer.Option(0.55, help="Similarity of the two images' 16x16 grey "
+                                          "high-passed thumbnails that confirms a candidate."),
+    pixel_check: bool = typer.Option(True, help="Confirm candidates on the original images' "
+                                     "pixels (--no-pixel-check: features alone)."),
+    outliers: int = typer.Option(50, help="How many of the rows farthest from their class to "
+                                 "list."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for audit.json, "
+                                           "exclude.txt and the page (default: "
+                                           "STORE/audits/<cache>)."),
+    page: bool = typer.Option(True, help="Write the HTML page with thumbnails."),
+    as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON only."),
+    cache: Optional[str] = CacheOption,
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Label issues (cleanlab on out-of-fold probabilities), near-duplicates, train/test leaks
+    and outliers of a cache, by sample id; nothing is changed.
+
+    Example: python cli.py audit --out audit/ ; then python cli.py fit --exclude audit/exclude.txt
+    """
+    from classifiers.audit_page import run_audit, summary_lines
+
+    with user_errors():
+        the_store = Store(store)
+        report = run_audit(the_store, _chosen(the_store, cache, say=not as_json), head,
+                           parse_options(param), folds, threshold, outliers, out_dir, page,
+                           pixel_threshold if pixel_check else None,
+                           progress=None if as_json else err.print)
+    if as_json:
+        print(json.dumps(report, indent=1))
+        return
+    _print(summary_lines(report))
+
+
+@app.command()
+def similar(
+    inputs: List[str] = typer.Argument(..., help="Image files, folders or globs."),
+    k: int = typer.Option(8, "--k", min=1, help="Training images to list per image."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    batch_size: int = typer.Option(64, help="Images per backbone batch."),
+    weights: Optional[str] = WeightsOption,
+    cache: Optional[str] = CacheOption,
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """The nearest cached training images of new images (the cache's backbone and
+    preprocessing), with their labels and similarity.
+
+    Example: python cli.py similar photo.jpg --k 8
+    """
+    from classifiers.audit import similar_files
+    from endtoend.predict import collect_inputs
+
+    with user_errors():
+        the_store = Store(store)
+        paths = collect_inputs(inputs)
+        chosen = _chosen(the_store, cache, say=not as_json)
+        answers = similar_files(chosen, paths, k, weights, batch_size)
+    if as_json:
+        print(json.dumps(answers, indent=1))
+        return
+    table = Table("file", "rank", "training image", "label", "similarity", box=None)
+    for answer in answers:
+        if answer["error"]:
+            table.add_row(escape(answer["file"]), "", f"[red]error: {escape(answer['error'])}[/red]",
+                          "", "")
+        for rank, match in enumerate(answer["similar"], 1):
+            table.add_row(escape(answer["file"]) if rank == 1 else "", str(rank),
+                          escape(match["id"]), escape(match["label"]), f"{match['similarity']:.3f}")
+    out.print(table)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def check_caches(store: Path, reference: Path) -> str:
 
 def heads_loadable(store: Path) -> str:
     """Every head the store lists loads (complete) — or there is none (absent)."""
-    from classifiers.persistence import load_fitted_head
+    from classifiers.saved import load_saved_head
     from store.heads import list_heads
     from store.store import Store
 
@@ -124,16 +124,14 @@ def heads_loadable(store: Path) -> str:
     cache = the_store.find_cache()
     for record in list_heads(the_store, cache):
         try:
-            load_fitted_head(the_store, cache, record["name"])
+            load_saved_head(the_store, cache, record["name"])
         except Exception as error:  # noqa: BLE001 - any failure is a finding
             return f"head {record['name']} is listed but does not load: {error}"
     return ""
 
 
 def check_heads(store: Path, reference: Path) -> str:
-    import numpy as np
-
-    from classifiers.training import record_proba
+    from classifiers.saved import load_saved_head
     from store.heads import list_heads
     from store.store import Store
 
@@ -144,8 +142,8 @@ def check_heads(store: Path, reference: Path) -> str:
     for root in (store, reference):
         the_store = Store(root)
         cache = the_store.find_cache()
-        answers.append({r["name"]: np.asarray(record_proba(the_store, r, "test")).tobytes()
-                        for r in list_heads(the_store, cache)})
+        answers.append({r["name"]: load_saved_head(the_store, cache, r["name"])
+                        .split_proba("test").tobytes() for r in list_heads(the_store, cache)})
     if answers[0].keys() != answers[1].keys():
         return f"heads {sorted(answers[0])} != reference {sorted(answers[1])}"
     if any(answers[0][k] != answers[1][k] for k in answers[0]):

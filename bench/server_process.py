@@ -58,12 +58,17 @@ def running_server(store: str, head: str, *extra: str, timeout: float = 180.0,
             time.sleep(0.5)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after `grace` seconds."""
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 #: Request number n (from 1) -> (body, the statuses expected for it, whether to time it).

@@ -15,6 +15,7 @@ validation split). Three methods:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold, cross_val_predict
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 METHODS = ("greedy", "vote", "stack")
@@ -37,7 +39,7 @@ def log_loss_of(proba: np.ndarray, y: np.ndarray) -> float:
 class EnsembleHead(ClassifierMixin, BaseEstimator):
     """Weights (greedy, vote) or a meta-learner (stack) over members' probabilities."""
 
-    def __init__(self, n_members: int = 2, method: str = "greedy", rounds: int = 50,
+    def __init__(self, n_members: int = 2, *, method: str = "greedy", rounds: int = 50,
                  folds: int = 5, C: float = 1.0, random_state: int = 0) -> None:
         self.n_members = n_members
         self.method = method
@@ -53,14 +55,20 @@ class EnsembleHead(ClassifierMixin, BaseEstimator):
         return X.reshape(n, m, width // m).transpose(1, 0, 2)
 
     def fit(self, X: Any, y: Any) -> "EnsembleHead":
-        """Choose weights or fit the meta-learner on validation probabilities X and labels y."""
+        """Choose weights or fit the meta-learner on validation probabilities X and labels y
+        (the class indices 0..C-1 of each member's C probability columns)."""
         if self.method not in METHODS:
             raise ValueError(f"Expected method in {METHODS}. Received: {self.method!r}")
         X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
         m = int(self.n_members)
         if m < 1 or X.shape[1] % m:
             raise ValueError(f"X has {X.shape[1]} columns, not n_members={m} equal blocks.")
         n_classes = X.shape[1] // m
+        if not np.isin(y, np.arange(n_classes)).all():
+            raise ValueError(f"y must hold class indices 0..{n_classes - 1}: X has n_features="
+                             f"{X.shape[1]}, n_members={m} blocks of one probability column "
+                             "per class.")
         self.classes_ = np.arange(n_classes)
         y = np.asarray(y, dtype=int)
         members = self._members(X)
@@ -72,7 +80,12 @@ class EnsembleHead(ClassifierMixin, BaseEstimator):
             self.weights_ = np.full(m, 1.0 / m)
             features = np.log(np.clip(X, EPS, 1.0))
             folds = KFold(int(self.folds), shuffle=True, random_state=int(self.random_state))
-            oof = cross_val_predict(self._meta(), features, y, cv=folds, method="predict_proba")
+            with warnings.catch_warnings():  # a fold may lack a class: cross_val_predict gives
+                # that class probability 0 in the fold's rows and says so; that is intended here
+                warnings.filterwarnings("ignore", "Number of classes in training fold",
+                                        RuntimeWarning)
+                oof = cross_val_predict(self._meta(), features, y, cv=folds,
+                                        method="predict_proba")
             self.oof_proba_ = self._spread(oof, np.unique(y), n_classes)
             self.meta_ = self._meta().fit(features, y)
         return self
@@ -101,6 +114,7 @@ class EnsembleHead(ClassifierMixin, BaseEstimator):
         return np.tensordot(self.weights_, self._members(X), axes=1)
 
     def predict(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 

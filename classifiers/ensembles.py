@@ -13,17 +13,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-import joblib
-import numpy as np
-
 from classifiers.combine import METHODS, EnsembleHead, describe
 from classifiers.evaluation import accuracy_figures
-from classifiers.persistence import ENSEMBLE_KIND
-from classifiers.sources import align_rows, check_same_dataset, dataset_key
-from classifiers.training import VALIDATION_FRACTION, record_proba, validation_mask
+from classifiers.persistence import ENSEMBLE_KIND, save_skops_head
+from classifiers.saved import load_member, member_matrix
+from classifiers.sources import check_same_dataset, dataset_key
+from classifiers.validation import VALIDATION_FRACTION, validation_mask
 from store.cache import FeatureCache
-from store.errors import HeadstartError
-from store.heads import check_head_name, list_heads, load_head_record, save_head
+from store.errors import HeadstartError, command
+from store.heads import claiming_head, check_head_name, list_heads
 from store.store import Store
 
 
@@ -62,7 +60,7 @@ def candidate_members(store: Store, caches: Sequence[FeatureCache],
         raise HeadstartError(
             f"An ensemble needs at least two fitted heads of the same dataset; found "
             f"{len(records)} ({', '.join(member_label(r) for r in records) or 'none'}). Fit more "
-            "with 'python cli.py fit --head NAME'.")
+            f"with '{command('fit --head NAME')}'.")
     first = tuple(records[0].get("classes", []))
     for record in records[1:]:
         if tuple(record.get("classes", [])) != first:
@@ -83,45 +81,34 @@ def member_label(record: dict[str, Any]) -> str:
     return f"{record['name']}@{record.get('cache_name', str(record['cache'])[:12])}"
 
 
-def member_matrix(store: Store, members: Sequence[dict[str, Any]], cache: FeatureCache,
-                  split: str, validation_only: bool = False) -> np.ndarray:
-    """Members' probabilities side by side (n × m·C), rows in `cache`'s order: every row of
-    the split, or only its validation rows."""
-    target = cache.ids(split)
-    if validation_only:
-        target = target[validation_mask(target)]
-    blocks = []
-    for record in members:
-        owner = store.finished(str(record["cache"]))
-        if owner is None:
-            raise HeadstartError(f"The cache of head {member_label(record)} is no longer in the store.")
-        ids = owner.ids(split)
-        own_mask = validation_mask(ids) if validation_only else None
-        proba = record_proba(store, record, split, own_mask)
-        order = align_rows(ids if own_mask is None else ids[own_mask], target,
-                           owner.name, cache.name)
-        blocks.append(proba if order is None else proba[order])
-    return np.hstack(blocks)
-
-
 def fit_ensemble(store: Store, caches: Sequence[FeatureCache], method: str = "greedy",
                  names: Sequence[str] | None = None, name: str | None = None,
-                 rounds: int = 50) -> tuple[dict[str, Any], Path]:
-    """Fit an ensemble of the heads of `caches` on validation rows, report it on test, save it."""
+                 rounds: int = 50, replace: bool = False) -> tuple[dict[str, Any], Path]:
+    """Fit an ensemble of the heads of `caches` on validation rows, report it on test, save it
+    (a name already fitted is refused unless `replace`)."""
     if method not in METHODS:
         raise HeadstartError(f"Unknown ensemble method {method!r}; choose one of {', '.join(METHODS)}.")
     if rounds < 1:
         raise HeadstartError(f"--rounds must be at least 1; got {rounds}.")
-    name = check_head_name(name or ("ensemble" if method == "greedy" else f"ensemble-{method}"))
+    name = check_head_name(("ensemble" if method == "greedy" else f"ensemble-{method}")
+                           if name is None else name)
     members = candidate_members(store, caches, names)
-    home = store.finished(str(members[0]["cache"]))
-    assert home is not None
+    heads = [load_member(store, record, name) for record in members]
+    home = heads[0].home
+    with claiming_head(store, home, name, replace):
+        record, estimator = _fit(heads, members, home, method, rounds)
+        return record, save_skops_head(store, home, name, estimator, record)
+
+
+def _fit(heads: list[Any], members: list[dict[str, Any]], home: FeatureCache, method: str,
+         rounds: int) -> tuple[dict[str, Any], EnsembleHead]:
+    """The combination fitted on validation rows, and its record (members' figures, weights)."""
     held_out = validation_mask(home.ids("train"))
     y_val, y_test = home.labels("train")[held_out], home.labels("test")
     started = time.perf_counter()
-    X_val = member_matrix(store, members, home, "train", validation_only=True)
-    X_test = member_matrix(store, members, home, "test")
-    estimator = EnsembleHead(n_members=len(members), method=method, rounds=rounds)
+    X_val = member_matrix(heads, home, "train", held_out)
+    X_test = member_matrix(heads, home, "test")
+    estimator = EnsembleHead(len(members), method=method, rounds=rounds)
     estimator.fit(X_val, y_val)
     n_classes = len(home.class_names)
     report = []
@@ -145,27 +132,4 @@ def fit_ensemble(store: Store, caches: Sequence[FeatureCache], method: str = "gr
                     "test": accuracy_figures(y_test, estimator.predict_proba(X_test))},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    sidecar = save_head(store, home, name, record, lambda p: joblib.dump(estimator, p), ".joblib")
-    return record, sidecar
-
-
-def ensemble_proba(store: Store, record: dict[str, Any], split: str,
-                   validation_only: bool = False) -> np.ndarray:
-    """A saved ensemble's probabilities on a split of its home cache (members reloaded)."""
-    home = store.finished(str(record["cache"]))
-    if home is None:
-        raise HeadstartError(f"The cache of ensemble {record['name']!r} is no longer in the store.")
-    _, path = load_head_record(store, home, record["name"])
-    estimator = joblib.load(path)
-    members = []
-    for member in record["members"]:
-        owner = store.finished(str(member["cache"]))
-        if owner is None:
-            raise HeadstartError(f"Member {member['name']} of ensemble {record['name']!r} lost its cache.")
-        current, _ = load_head_record(store, owner, member["name"])
-        if current.get("sha256") != member.get("sha256"):
-            raise HeadstartError(
-                f"Member {member['name']} of ensemble {record['name']!r} was refitted since the "
-                "ensemble was made; run 'python cli.py ensemble' again.")
-        members.append(current)
-    return estimator.predict_proba(member_matrix(store, members, home, split, validation_only))
+    return record, estimator

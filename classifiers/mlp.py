@@ -12,6 +12,7 @@ from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from classifiers.progress import epoch_progress
 from extract.runtime import load_keras
 
 LR_SCHEDULES = ("constant", "cosine", "plateau")
@@ -229,10 +230,12 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             if self.lr_schedule == "plateau":
                 callbacks.append(keras.callbacks.ReduceLROnPlateau(
                     monitor="val_loss", factor=0.3, patience=max(1, int(self.patience) // 2)))
+        if self.verbose:
+            callbacks.append(epoch_progress("mlp"))  # on stderr, not Keras's bar on stdout
         history = model.fit(
             train, epochs=int(self.epochs), validation_data=validation, callbacks=callbacks,
             shuffle=False,  # the dataset shuffles itself
-            class_weight=self._class_weights(encoded, n_classes), verbose=self.verbose,
+            class_weight=self._class_weights(encoded, n_classes), verbose=0,
         )
         self.model_ = model
         self.history_ = {k: [float(v) for v in values] for k, values in history.history.items()}

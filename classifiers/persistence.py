@@ -1,4 +1,4 @@
-"""Saving and loading fitted heads through the store's verified sidecars.
+"""Head model files: writing them through the store's sidecars, and reading verified ones.
 
 Keras heads are .keras files loaded with safe_mode=True. scikit-learn heads are skops files:
 loading one builds only objects of types headstart trusts (scikit-learn's and headstart's own
@@ -19,7 +19,7 @@ from classifiers.registry import HeadKind, get_head_kind
 from extract.runtime import load_keras
 from store.cache import FeatureCache
 from store.errors import HeadstartError
-from store.heads import load_head_record, save_head
+from store.heads import save_head
 from store.store import Store
 
 #: The kind recorded in an ensemble's sidecar (see classifiers.ensembles).
@@ -39,31 +39,33 @@ def save_fitted_head(store: Store, cache: FeatureCache, name: str, kind: HeadKin
             "history_": getattr(estimator, "history_", {}),
         }
         return save_head(store, cache, name, record, lambda p: estimator.model_.save(p), ".keras")
+    return save_skops_head(store, cache, name, estimator, record)
+
+
+def save_skops_head(store: Store, cache: FeatureCache, name: str, estimator: Any,
+                    record: dict[str, Any]) -> Path:
+    """Save a scikit-learn estimator (a head or an ensemble) as a skops file with its sidecar."""
     import skops.io
 
     return save_head(store, cache, name, record, lambda p: skops.io.dump(estimator, p), ".skops")
 
 
-def load_fitted_head(store: Store, cache: FeatureCache, name: str) -> tuple[Any, dict[str, Any]]:
-    """Load head `name` of `cache` after checking its fingerprint and file digest."""
-    record, path = load_head_record(store, cache, name)
-    if record["kind"] == ENSEMBLE_KIND:
-        return joblib.load(path), record
+def read_estimator(record: dict[str, Any], path: Path) -> Any:
+    """The estimator in a head's verified model file (see store.heads.load_head_record)."""
+    name = str(record["name"])
+    if path.suffix != ".keras":
+        return load_sklearn_file(path, name)
     kind = get_head_kind(str(record["kind"]))
-    if kind.file_format == "keras":
-        keras = load_keras()
-
-        estimator = kind.create({k: _text(v) for k, v in record["options"].items()})
-        try:
-            estimator.model_ = keras.saving.load_model(path, safe_mode=True)
-        except Exception as error:  # keras raises ValueError/TypeError for unsafe or bad files
-            raise HeadstartError(f"Cannot load head {name!r} from {path}: {error}") from None
-        state = record["state"]
-        estimator.classes_ = np.asarray(state["classes_"])
-        estimator.n_features_in_ = int(state["n_features_in_"])
-        estimator.history_ = state.get("history_", {})
-        return estimator, record
-    return load_sklearn_file(path, name), record
+    estimator = kind.create({k: _text(v) for k, v in record["options"].items()})
+    try:
+        estimator.model_ = load_keras().saving.load_model(path, safe_mode=True)
+    except Exception as error:  # keras raises ValueError/TypeError for unsafe or bad files
+        raise HeadstartError(f"Cannot load head {name!r} from {path}: {error}") from None
+    state = record["state"]
+    estimator.classes_ = np.asarray(state["classes_"])
+    estimator.n_features_in_ = int(state["n_features_in_"])
+    estimator.history_ = state.get("history_", {})
+    return estimator
 
 
 def load_sklearn_file(path: Path, name: str) -> Any:

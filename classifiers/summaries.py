@@ -14,19 +14,37 @@ def fitted_lines(head: str, record: dict[str, Any], sidecar: Path) -> list[str]:
     mode = "streamed" if record.get("memory", {}).get("mode") == "stream" else "in memory"
     validation = metrics.get("validation", {}).get("accuracy")
     shown = "n/a (no validation rows)" if validation is None else f"{validation:.4f}"
-    return [f"Fitted {head} ({mode}) in {record['fit_seconds']:.1f} s: validation accuracy "
-            f"{shown}, test accuracy {metrics['test']['accuracy']:.4f}.",
+    rows = record.get("rows", {})
+    views = f", with {len(record['views'])} augmented views" if record.get("views") else ""
+    trained = (f" on {rows['train']:,} training rows{views} ({rows.get('validation', 0):,} held "
+               "out for validation)" if "train" in rows else "")
+    return [f"Fitted {head} ({mode}){trained} in {record['fit_seconds']:.1f} s: validation "
+            f"accuracy {shown}, test accuracy {metrics['test']['accuracy']:.4f}.",
             f"Head saved to {sidecar}"]
 
 
 TRIAL_COLUMNS = ("trial", "val acc", "seconds", "options")
 
 
+def _accuracy(trial: dict[str, Any]) -> str:
+    value = trial.get("validation_accuracy")
+    return "skipped" if value is None else f"{value:.4f}"
+
+
 def trial_rows(results: list[dict[str, Any]], best: int) -> list[Row]:
-    """One row per tuning trial; the best is starred."""
-    return [(f"{t['trial']}{' *' if t['trial'] == best else ''}", f"{t['validation_accuracy']:.4f}",
+    """One row per tuning trial; the best is starred, skipped ones say so."""
+    return [(f"{t['trial']}{' *' if t['trial'] == best else ''}", _accuracy(t),
              f"{t['seconds']:.1f}", ", ".join(f"{k}={v}" for k, v in t["params"].items()))
             for t in results]
+
+
+def trial_line(trial: dict[str, Any]) -> str:
+    """One trial as it finishes (progress on stderr)."""
+    note = " (done before)" if trial["resumed"] else ""
+    params = ", ".join(f"{k}={v}" for k, v in trial["params"].items())
+    skipped = f" ({trial['skipped']})" if trial.get("skipped") else ""
+    return (f"trial {trial['trial']:>3}: val acc {_accuracy(trial)} {trial['seconds']:>7.1f} s  "
+            f"{params}{note}{skipped}")
 
 
 MEMBER_COLUMNS = ("member", "kind", "weight", "val acc", "test acc")

@@ -9,35 +9,25 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from sklearn.ensemble import HistGradientBoostingClassifier
 
-from classifiers.evaluation import accuracy_figures, classification_report, full_proba
+from classifiers.audit import excluded_mask
+from classifiers.boosting import fit_boosting
+from classifiers.evaluation import accuracy_figures, classification_report
 from classifiers.memory import MemoryPlan, format_size, plan_memory
 from classifiers.mlp import MLPHead
-from classifiers.persistence import ENSEMBLE_KIND, load_fitted_head, save_fitted_head
+from classifiers.persistence import save_fitted_head
 from classifiers.registry import HEADS, get_head_kind
+from classifiers.saved import load_saved_head
+from classifiers.scoring import PREDICT_BLOCK_BYTES, head_proba, source_proba
 from classifiers.sources import CacheSet
 from classifiers.streaming import (buffer_rows_for, count_ordered_batches, ordered_batches,
                                    shuffled_batches)
+from classifiers.validation import VALIDATION_FRACTION, validation_mask
 from store.cache import FeatureCache
 from store.errors import HeadstartError, command
-from store.fingerprint import unit_fraction
-from store.heads import check_head_name, list_heads, load_head_record
+from store.heads import claiming_head, check_head_name, list_heads
 from store.store import Store
-
-VALIDATION_FRACTION = 0.1
-VALIDATION_SALT = "headstart-validation:"
-PREDICT_BLOCK_BYTES = 64 * 1000**2  # features scored per predict call
-
-
-def validation_mask(ids: np.ndarray, fraction: float = VALIDATION_FRACTION) -> np.ndarray:
-    """Rows held out for validation, chosen by a hash of each sample id (same for every head)."""
-    return np.fromiter((unit_fraction(str(i), VALIDATION_SALT) < fraction for i in ids),
-                       dtype=bool, count=len(ids))
-
-
-def head_proba(estimator: Any, X: np.ndarray, n_classes: int) -> np.ndarray:
-    """A head's probabilities over all of the cache's classes."""
-    return full_proba(estimator.predict_proba(X), estimator.classes_, n_classes)
 
 
 def augmented_views(store: Store, cache: FeatureCache) -> list[FeatureCache]:
@@ -66,33 +56,29 @@ class TrainingRows:
 
 
 def training_rows(source: CacheSet, views: Sequence[FeatureCache] = (),
-                  fraction: float = VALIDATION_FRACTION) -> TrainingRows:
+                  fraction: float = VALIDATION_FRACTION,
+                  exclude: np.ndarray | None = None) -> TrainingRows:
     """Split the training rows into fit and validation rows (by sample id), in memory.
 
     Augmented `views` of the primary cache add rows for the fit images only; no view of a
-    validation image is ever trained on.
+    validation image is ever trained on. Sample ids in `exclude` are left out of the fit rows
+    (and their views); the validation rows stay the same.
     """
     X = source.features("train")
     y = source.labels("train")
     ids = source.ids("train")
     held_out = validation_mask(ids, fraction)
-    parts = [(X[~held_out], y[~held_out], ids[~held_out])]
+    fit = ~held_out if exclude is None else ~held_out & ~np.isin(ids, exclude)
+    parts = [(X[fit], y[fit], ids[fit])]
     for view in views:
         view_ids = view.ids("train")
         keep = ~validation_mask(view_ids, fraction)
+        if exclude is not None:
+            keep &= ~np.isin(view_ids, exclude)
         parts.append((view.features("train")[keep], view.labels("train")[keep], view_ids[keep]))
     X_fit, y_fit, fit_ids = (np.concatenate(column) for column in zip(*parts))
     return TrainingRows(X_fit, y_fit, fit_ids, X[held_out], y[held_out], ids[held_out], held_out,
                         [v.fingerprint for v in views])
-
-
-def source_proba(estimator: Any, source: CacheSet, split: str, mask: np.ndarray | None = None,
-                 block_bytes: int = 0) -> np.ndarray:
-    """A head's probabilities for a split's rows (where `mask` is true), read block by block."""
-    n_classes = len(source.class_names)
-    parts = [head_proba(estimator, X, n_classes) for _, X in
-             source.iter_blocks(split, mask, target_bytes=block_bytes or PREDICT_BLOCK_BYTES)]
-    return np.concatenate(parts) if parts else np.zeros((0, n_classes))
 
 
 def as_cache_set(caches: FeatureCache | CacheSet | Sequence[FeatureCache]) -> CacheSet:
@@ -106,20 +92,23 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
              kind_name: str, options: dict[str, Any] | None = None, name: str | None = None,
              verbose: int = 0, memory_budget: str | int | None = None,
              extra: dict[str, Any] | None = None, augmented: bool = False,
-             validation_fraction: float = VALIDATION_FRACTION) -> tuple[dict[str, Any], Path]:
+             validation_fraction: float = VALIDATION_FRACTION, replace: bool = False,
+             exclude: Sequence[str] = ()) -> tuple[dict[str, Any], Path]:
     """Fit one head on the training rows (minus the validation rows) of one or more caches of
     the same dataset, and save it beside the first cache.
 
     With `augmented`, the cached augmented views of the training images are trained on too.
     `validation_fraction` 0 trains on every training row (no validation figures, no early
-    stopping); a head with a fraction below the default cannot join an ensemble. Returns the
-    sidecar record and its path. Validation and test accuracy are recorded.
+    stopping); a head with a fraction below the default cannot join an ensemble. Sample ids in
+    `exclude` (e.g. an audit's exclude.txt) are left out of the fit. A name already fitted on
+    the cache is refused unless `replace`; the name is held (locked) for the whole fit.
+    Returns the sidecar record and its path. Validation and test accuracy are recorded.
     """
     if not 0.0 <= validation_fraction < 1.0:
         raise HeadstartError(
             f"--validation-fraction must be at least 0 and below 1; got {validation_fraction}.")
     kind = get_head_kind(kind_name)
-    name = check_head_name(name or kind_name)
+    name = check_head_name(kind_name if name is None else name)
     source = as_cache_set(caches)
     estimator = kind.create(options)
     if validation_fraction == 0 and isinstance(estimator, MLPHead):
@@ -141,10 +130,26 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
             f"{format_size(plan.budget or 0)}; use --head {streaming}, which train within it.")
     if kind.file_format == "keras" and verbose:
         estimator.set_params(verbose=verbose)
+    excluded = None
+    if exclude:
+        if plan.stream:
+            raise HeadstartError("--exclude trains in memory, over the memory budget here; "
+                                 "raise --memory-budget or drop --exclude.")
+        excluded = source.ids("train")[excluded_mask(source.ids("train"), exclude, source.name)]
+    with claiming_head(store, source.primary, name, replace):
+        return _fit_and_save(store, source, kind, estimator, name, options, plan, views,
+                             validation_fraction, verbose, extra, excluded)
+
+
+def _fit_and_save(store: Store, source: CacheSet, kind: Any, estimator: Any, name: str,
+                  options: dict[str, Any] | None, plan: MemoryPlan, views: Sequence[FeatureCache],
+                  validation_fraction: float, verbose: int, extra: dict[str, Any] | None,
+                  excluded: np.ndarray | None) -> tuple[dict[str, Any], Path]:
     started = time.perf_counter()
     try:
         rows, held_out, X_val = train_estimator(estimator, source, plan, views,
-                                                validation_fraction)
+                                                validation_fraction, excluded,
+                                                progress=verbose > 0)
     except ValueError as error:  # an option value the estimator refuses (parsing passed)
         if not options:
             raise
@@ -159,6 +164,7 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
         "rows": rows,
         "validation_fraction": validation_fraction,
         "views": [v.fingerprint for v in views],
+        **({"excluded": len(excluded)} if excluded is not None else {}),
         "memory": {"mode": "stream" if plan.stream else "memory", "budget_bytes": plan.budget},
         "metrics": head_metrics(estimator, source, plan.buffer_bytes if plan.stream
                                 else PREDICT_BLOCK_BYTES, held_out, X_val),
@@ -170,25 +176,45 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
 
 
 def train_estimator(estimator: Any, source: CacheSet, plan: MemoryPlan,
-                    views: Sequence[FeatureCache] = (), fraction: float = VALIDATION_FRACTION
+                    views: Sequence[FeatureCache] = (), fraction: float = VALIDATION_FRACTION,
+                    exclude: np.ndarray | None = None, progress: bool = False
                     ) -> tuple[dict[str, int], np.ndarray, np.ndarray | None]:
     """Fit on the training rows outside the validation split (plus views), in memory or streamed.
 
     Returns the row counts, the validation mask of the train split, and the validation rows'
-    features when they were read into memory (None when streamed).
+    features when they were read into memory (None when streamed). Training rows the head
+    cannot learn from (one class; fewer rows than a knn head's neighbours) are refused first.
     """
     if plan.stream:
         y = source.labels("train")
         held_out = validation_mask(source.ids("train"), fraction)
+        check_trainable(estimator, y[~held_out], source.class_names)
         fit_streaming(estimator, source, y, ~held_out, plan.buffer_bytes)
         return {"train": int((~held_out).sum()), "validation": int(held_out.sum())}, held_out, None
-    rows = training_rows(source, views, fraction)
+    rows = training_rows(source, views, fraction, exclude)
+    check_trainable(estimator, rows.y_fit, source.class_names)
     if isinstance(estimator, MLPHead):
         estimator.fit(rows.X_fit, rows.y_fit, validation_data=(rows.X_val, rows.y_val))
+    elif isinstance(estimator, HistGradientBoostingClassifier):
+        fit_boosting(estimator, rows.X_fit, rows.y_fit, progress)
     else:
         estimator.fit(rows.X_fit, rows.y_fit)
     counts = {"train": int(len(rows.y_fit)), "validation": int(len(rows.y_val))}
     return counts, rows.held_out, rows.X_val
+
+
+def check_trainable(estimator: Any, y: np.ndarray, class_names: Sequence[str]) -> None:
+    """Refuse, in one sentence, training rows a head cannot be fitted on."""
+    present = np.unique(y)
+    if len(present) < 2:
+        found = (f"only class {class_names[int(present[0])]!r}" if len(present) else "no rows")
+        raise HeadstartError(
+            f"The training rows hold {found}; a head needs examples of at least two classes.")
+    neighbours = estimator.get_params().get("kneighborsclassifier__n_neighbors")
+    if neighbours is not None and int(neighbours) > len(y):
+        raise HeadstartError(
+            f"Head knn looks at n_neighbors={neighbours} neighbours but there are only {len(y)} "
+            f"training rows; use -p n_neighbors={max(1, min(len(y), 15))} or fewer.")
 
 
 def fit_streaming(estimator: Any, source: CacheSet, y: np.ndarray, fit_rows: np.ndarray,
@@ -232,20 +258,6 @@ def head_metrics(estimator: Any, source: CacheSet, block_bytes: int = 0,
     return metrics
 
 
-def record_proba(store: Store, record: dict[str, Any], split: str,
-                 mask: np.ndarray | None = None) -> np.ndarray:
-    """Probabilities of a saved head (or ensemble) for a split of its own first cache."""
-    from classifiers.ensembles import ensemble_proba
-
-    if record.get("kind") == ENSEMBLE_KIND:
-        if mask is not None:
-            raise HeadstartError("Ensembles are scored on whole splits only.")
-        return ensemble_proba(store, record, split)
-    source = CacheSet.from_fingerprints(store, record.get("caches") or [record["cache"]])
-    estimator, _ = load_fitted_head(store, source.primary, record["name"])
-    return source_proba(estimator, source, split, mask)
-
-
 def evaluate_heads(store: Store, cache: FeatureCache, names: list[str] | None = None
                    ) -> list[dict[str, Any]]:
     """Test-split reports for the named heads (and ensembles), or for every one of the cache."""
@@ -257,8 +269,8 @@ def evaluate_heads(store: Store, cache: FeatureCache, names: list[str] | None = 
     y_test = cache.labels("test")
     reports = []
     for name in names:
-        record, _ = load_head_record(store, cache, name)
-        proba = record_proba(store, record, "test")
-        reports.append({"head": name, "kind": record["kind"], "cache": cache.name,
-                        **classification_report(y_test, proba, cache.class_names)})
+        head = load_saved_head(store, cache, name)
+        reports.append({"head": name, "kind": head.kind, "cache": cache.name,
+                        **classification_report(y_test, head.split_proba("test"),
+                                                cache.class_names)})
     return reports

@@ -13,18 +13,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 from scipy.stats import loguniform, uniform
 from sklearn.model_selection import ParameterSampler
 
 from classifiers.evaluation import accuracy_figures
 from classifiers.memory import plan_memory
 from classifiers.registry import get_head_kind
+from classifiers.scoring import source_proba
 from classifiers.sources import CacheSet
-from classifiers.training import (as_cache_set, fit_head, source_proba, train_estimator,
-                                  validation_mask)
+from classifiers.training import as_cache_set, fit_head, train_estimator
+from classifiers.validation import validation_mask
 from store.atomic import write_text
 from store.cache import FeatureCache
-from store.errors import HeadstartError
+from store.errors import HeadstartError, Interrupted
 from store.fingerprint import canonical_json, digest_text
 from store.heads import check_head_name
 from store.store import Store
@@ -86,22 +88,46 @@ def read_trials(path: Path) -> list[dict[str, Any]]:
     return trials
 
 
+def run_trial(kind: Any, options: dict[str, Any], params: dict[str, Any], source: CacheSet,
+              plan: Any, y: np.ndarray, held_out: np.ndarray) -> dict[str, Any]:
+    """Fit one trial and score it on the validation rows; a head that cannot be fitted with
+    these options is a skipped trial, with the reason."""
+    estimator = kind.create(options)
+    started = time.perf_counter()
+    try:
+        train_estimator(estimator, source, plan)
+    except HeadstartError as error:
+        return {"params": params, "validation_accuracy": None, "skipped": str(error),
+                "seconds": round(time.perf_counter() - started, 2)}
+    proba = source_proba(estimator, source, "train", held_out)
+    return {"params": params,
+            "validation_accuracy": accuracy_figures(y[held_out], proba)["accuracy"],
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
 def tune_head(store: Store, caches: FeatureCache | Sequence[FeatureCache], kind_name: str,
               trials: int = 20, seed: int = 0, fixed: dict[str, str] | None = None,
               name: str | None = None, memory_budget: str | None = None,
               on_trial: Callable[[dict[str, Any]], None] | None = None,
-              ) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
+              replace: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
     """Run (or resume) the search, then fit and save the best trial's head.
 
+    The head is saved as KIND-tuned unless named, so it never replaces a plain fit; a name
+    already fitted is refused before any trial unless `replace`. A trial the head cannot be
+    fitted with (e.g. more knn neighbours than rows) is kept as skipped, with its reason.
     Returns (every trial, the saved head's record, its sidecar path).
     """
     kind = get_head_kind(kind_name)
-    name = check_head_name(name or kind_name)
+    name = check_head_name(f"{kind_name}-tuned" if name is None else name)
     fixed = dict(fixed or {})
     kind.create(fixed)  # unknown or malformed fixed options fail before any work
     source = as_cache_set(caches)
-    plan = plan_memory(source.float32_bytes("train"), memory_budget)
     wanted = draw_trials(kind.name, trials, seed)
+    if not replace and (store.head_dir(source.primary) / f"{name}.json").is_file():
+        raise HeadstartError(
+            f"A head named {name!r} is already fitted on cache {source.primary.name}; give "
+            "--replace to replace it, or choose another --name.")
+    plan = plan_memory(source.float32_bytes("train"), memory_budget)
     path = trials_path(store, source, kind.name, name, seed, fixed)
     done = {canonical_json(t["params"]): t for t in read_trials(path)}
     y = source.labels("train")
@@ -110,20 +136,21 @@ def tune_head(store: Store, caches: FeatureCache | Sequence[FeatureCache], kind_
         key = canonical_json(params)
         resumed = key in done
         if not resumed:
-            estimator = kind.create({**fixed, **params})
-            started = time.perf_counter()
-            train_estimator(estimator, source, plan)
-            proba = source_proba(estimator, source, "train", held_out)
-            done[key] = {"params": params,
-                         "validation_accuracy": accuracy_figures(y[held_out], proba)["accuracy"],
-                         "seconds": round(time.perf_counter() - started, 2)}
+            try:
+                done[key] = run_trial(kind, {**fixed, **params}, params, source, plan, y, held_out)
+            except KeyboardInterrupt:
+                raise Interrupted(f"Interrupted. Kept {len(done)} finished trials in {path}; run "
+                                  "the same command again to resume from them.") from None
             write_text(path, "".join(json.dumps(t) + "\n" for t in done.values()))
         if on_trial:
             on_trial({**done[key], "trial": index, "resumed": resumed})
     results = [done[canonical_json(p)] | {"trial": i} for i, p in enumerate(wanted)]
-    best = max(results, key=lambda t: (t["validation_accuracy"], -t["trial"]))
+    scored = [t for t in results if t.get("validation_accuracy") is not None]
+    if not scored:
+        raise HeadstartError(f"No trial could be fitted ({results[0].get('skipped')}).")
+    best = max(scored, key=lambda t: (t["validation_accuracy"], -t["trial"]))
     record, sidecar = fit_head(store, source, kind.name, {**fixed, **best["params"]}, name,
-                               memory_budget=memory_budget,
+                               memory_budget=memory_budget, replace=replace,
                                extra={"tune": {"trials": len(results), "seed": seed,
                                                "best_trial": best["trial"],
                                                "trials_file": path.name}})

@@ -11,6 +11,8 @@ from extract.runtime import load_keras
 from store.errors import HeadstartError
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+#: What runs the backbone: TensorFlow (the default) or ONNX Runtime's CPU provider.
+RUNTIMES = ("tf", "onnx")
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,9 @@ class ComputeOptions:
 
     `precision` mixed_* computes in float16/bfloat16 (features come out as float32, then are
     stored in the cache's dtype); it changes the numbers, so it enters the fingerprint when it
-    is not float32. `xla` compiles the forward pass with XLA; `multi_gpu` splits every batch
+    is not float32. `runtime` onnx runs the converted backbone on ONNX Runtime's CPU provider
+    (extract.onnx_runtime); its numbers differ in the last bits, so it enters the fingerprint
+    when it is not tf. `xla` compiles the forward pass with XLA; `multi_gpu` splits every batch
     across the visible GPUs with `tf.distribute.MirroredStrategy`. Neither changes which cache
     is meant (like running on another device, they change the last bits only).
     """
@@ -28,11 +32,19 @@ class ComputeOptions:
     xla: bool = False
     multi_gpu: bool = False
     devices: tuple[str, ...] | None = None  # default: every visible GPU
+    runtime: str = "tf"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise HeadstartError(
                 f"Unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
+        if self.runtime not in RUNTIMES:
+            raise HeadstartError(
+                f"Unknown --runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}.")
+        if self.runtime != "tf" and (self.precision != "float32" or self.xla or self.multi_gpu):
+            raise HeadstartError(
+                "--runtime onnx runs the backbone in float32 on the CPU; drop --precision, --xla "
+                "and --distribute, or use --runtime tf.")
 
     def strategy(self) -> Any:
         """The MirroredStrategy over `devices` (every visible GPU), or None for fewer than two."""

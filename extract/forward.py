@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from extract import multiblock
 from extract.compute import ComputeOptions
 from extract.preprocessing import Preprocessing
 from extract.runtime import load_keras
@@ -15,10 +16,12 @@ MAX_TRACED_SHAPES = 4
 
 
 def forward_function(model: Any, preprocessing: Preprocessing,
-                     compute: ComputeOptions | None = None) -> Callable[[np.ndarray], np.ndarray]:
+                     compute: ComputeOptions | None = None, mirror: bool = False
+                     ) -> Callable[[np.ndarray], np.ndarray]:
     """Resize, preprocess and the model's inference pass as one compiled function: a batch of
     decoded images (uint8 N×H×W×3, any one size; see `Preprocessing.stack`) in, float32
-    features out.
+    features out. With `mirror`, those of the mirrored view: resize, mirror, preprocess
+    (`extract.multiblock.mirror_graph_inputs`).
 
     One traced `tf.function` per image size and dtype (XLA-compiled with `compute.xla`) costs
     less per batch than `model.predict_on_batch`, and resizing in the graph runs vectorized on
@@ -26,8 +29,9 @@ def forward_function(model: Any, preprocessing: Preprocessing,
     """
     keras = load_keras()
     if keras.backend.backend() != "tensorflow":
+        flip = multiblock.mirror if mirror else (lambda images: images)
         return lambda batch: np.asarray(model.predict_on_batch(
-            preprocessing.apply(preprocessing.resize_batch(batch))))
+            preprocessing.apply(flip(preprocessing.resize_batch(batch)))))
     import tensorflow as tf
 
     compute = compute or ComputeOptions()
@@ -36,7 +40,9 @@ def forward_function(model: Any, preprocessing: Preprocessing,
         if compute.xla else (lambda x: model(x, training=False))
 
     def infer(batch: Any) -> Any:
-        return tf.cast(backbone(preprocessing.graph_inputs(batch)), tf.float32)
+        inputs = (multiblock.mirror_graph_inputs(preprocessing, batch) if mirror
+                  else preprocessing.graph_inputs(batch))
+        return tf.cast(backbone(inputs), tf.float32)
 
     traced: dict[tuple[str, tuple[int, ...]], Any] = {}
 
@@ -65,3 +71,22 @@ def forward_function(model: Any, preprocessing: Preprocessing,
         return np.concatenate([np.asarray(o) for o in outputs])
 
     return distributed
+
+
+#: A batch of decoded images -> (features, features of the mirrored view or None).
+ViewsForward = Callable[[np.ndarray], tuple[np.ndarray, "np.ndarray | None"]]
+
+
+def views_forward(model: Any, preprocessing: Preprocessing, compute: ComputeOptions | None = None,
+                  tta: str | None = None, make: Callable[..., Any] = forward_function
+                  ) -> ViewsForward:
+    """The extraction pass's forward: `forward_function` for the original view and, with
+    `tta` "flip", a second compiled call for the mirrored one (so the original view's numbers
+    are those of a cache without test-time views, bit for bit). `make` builds each function."""
+    original = make(model, preprocessing, compute)
+    mirrored = make(model, preprocessing, compute, mirror=True) if tta == "flip" else None
+
+    def call(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return original(batch), None if mirrored is None else mirrored(batch)
+
+    return call

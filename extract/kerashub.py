@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 from extract.backbones import Backbone, Weights
 from extract.preprocessing import Preprocessing
-from extract.runtime import _stderr_silenced, load_keras
+from extract.runtime import load_keras, quiet_stderr
 from store.errors import HeadstartError
 from store.fingerprint import canonical_json, digest_file, digest_text
 from store.store import expand_path
@@ -320,7 +320,7 @@ def _quiet() -> Iterator[None]:
     """No library chatter: C++ start-up logs, Python warnings, download retries."""
     for name in ("keras_hub", "kagglehub", "huggingface_hub", "absl", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    with warnings.catch_warnings(), _stderr_silenced():
+    with warnings.catch_warnings(), quiet_stderr():
         warnings.simplefilter("ignore")
         yield
 

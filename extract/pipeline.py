@@ -7,14 +7,17 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
 from extract.augment import Augmentation
 from extract.backbones import build_feature_model
-from extract.forward import forward_function
+from extract.forward import ViewsForward, views_forward
+from extract.runtimes import runtime_forward
 from extract.images import BadImage
+from extract.multiblock import BlockColumns, multiblock_model
 from extract.plan import ExtractionPlan
 from store.cache import FeatureCache
 from store.errors import HeadstartError, Interrupted
@@ -60,10 +63,12 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
         partial = PartialCache.open(
             store.partial_dir(key),
             {"fingerprint": plan.fingerprint, "segment_size": plan.segment_size,
-             "inputs": plan.inputs, **({"shard": str(shard.spec)} if shard else {})},
+             "inputs": plan.inputs, **({"shard": str(shard.spec)} if shard else {}),
+             **({"mirrored": True} if plan.tta else {})},
         )
         try:
-            computed, width, seconds, cpu_seconds = _run_backbone(plan, partial, progress)
+            computed, columns, seconds, cpu_seconds = _run_backbone(plan, partial, progress,
+                                                                     store.root)
         except HeadstartError:  # e.g. weights that do not fit: no unfinished cache left behind
             if partial.is_empty():
                 partial.remove()
@@ -78,11 +83,11 @@ def extract_features(plan: ExtractionPlan, store: Store, progress: bool = True) 
         dataset = plan.dataset
         partial.assemble(
             store.cache_path(key),
-            plan.cache_attributes(),
+            plan.cache_attributes(columns),
             class_names=dataset.class_names,
             split_ids={s: dataset.splits[s].ids for s in plan.splits},
             split_labels={s: dataset.splits[s].labels for s in plan.splits},
-            width=width,
+            width=columns[-1].stop,
             dtype=plan.dtype,
             compression=plan.compression,
             source_rows=shard.rows if shard else None,
@@ -119,10 +124,20 @@ def _finished(plan: ExtractionPlan, store: Store, remove_leftovers: bool = True
     return None
 
 
-def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
-                  ) -> tuple[int, int, float, float]:
-    """Compute every missing segment; returns (images computed, feature width, seconds, CPU
-    seconds).
+def _build_model(plan: ExtractionPlan) -> tuple[Any, list[BlockColumns]]:
+    """The plan's feature model (its last `plan.blocks` blocks) and each block's columns."""
+    with plan.compute.building():
+        model = build_feature_model(plan.backbone, plan.alpha, plan.weights, plan.image_size,
+                                    plan.pooling)
+        if plan.blocks == 1:  # today's model, untouched
+            return model, [BlockColumns("output", 0, int(model.output_shape[-1]))]
+        return multiblock_model(model, plan.blocks, plan.pooling)
+
+
+def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool,
+                  store_root: Path | None = None) -> tuple[int, list[BlockColumns], float, float]:
+    """Compute every missing segment; returns (images computed, the columns of each block,
+    seconds, CPU seconds).
 
     The seconds cover the pass itself (decode, resize, backbone, segment writes), not building
     the model.
@@ -137,13 +152,18 @@ def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
         if not partial.has_segment(split, k)
     ]
     if not todo:  # every segment was finished by an earlier run: only assembly is left
-        return 0, _width_of_finished(partial, plan), 0.0, 0.0
+        if plan.blocks == 1:
+            return 0, [BlockColumns("output", 0, _width_of_finished(partial, plan))], 0.0, 0.0
+        return 0, _build_model(plan)[1], 0.0, 0.0  # the block names and widths
     total = sum(len(_segment_rows(plan, partial, split, k)) for split, k in todo)
-    with plan.compute.building():
-        model = build_feature_model(plan.backbone, plan.alpha, plan.weights, plan.image_size,
-                                    plan.pooling)
-    width = int(model.output_shape[-1])
-    forward = forward_function(model, plan.preprocessing, plan.compute)
+    model, columns = _build_model(plan)
+    width = columns[-1].stop
+
+    def make(model: Any, preprocessing: Any, compute: Any, mirror: bool = False) -> Any:
+        return runtime_forward(plan.compute.runtime, model, preprocessing, compute,
+                               store_root=store_root, inputs=plan.inputs, mirror=mirror)
+
+    forward = views_forward(model, plan.preprocessing, plan.compute, plan.tta, make=make)
     forward(_warm_up_batch(plan, todo[0][0]))  # trace before the clock starts
     from tqdm import tqdm
 
@@ -170,7 +190,7 @@ def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool
                 prefetch.cancel()
     finally:
         bar.close()
-    return computed, width, time.perf_counter() - started, time.process_time() - cpu_started
+    return computed, columns, time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def _warm_up_batch(plan: ExtractionPlan, split: str) -> np.ndarray:
@@ -257,13 +277,14 @@ class _Prefetch:
         self.window.clear()
 
 
-def _compute_segment(plan: ExtractionPlan, forward: Callable[[np.ndarray], np.ndarray],
-                     batches: Iterator[_Batch], width: int, bar: Any, split: str) -> Segment:
-    """Run the backbone over one segment's decoded (and, for views, augmented) images."""
+def _compute_segment(plan: ExtractionPlan, forward: ViewsForward, batches: Iterator[_Batch],
+                     width: int, bar: Any, split: str) -> Segment:
+    """Run the backbone over one segment's decoded (and, for views, augmented) images; with
+    `plan.tta`, over their mirrored views too."""
     rows: list[int] = []
     skipped_rows: list[int] = []
     reasons: list[str] = []
-    features: list[np.ndarray] = []
+    features: list[tuple[np.ndarray, np.ndarray | None]] = []
     held: list[np.ndarray] = []  # views: the segment's resized images, augmented together below
     for batch in batches:
         rows += batch.rows
@@ -283,18 +304,23 @@ def _compute_segment(plan: ExtractionPlan, forward: Callable[[np.ndarray], np.nd
             inputs = images[start:start + plan.batch_size]
             features.append(_features(plan, forward, inputs))
             bar.update(len(inputs))
+    empty = np.zeros((0, width), dtype=plan.dtype)
     return Segment(
-        np.concatenate(features) if features else np.zeros((0, width), dtype=plan.dtype),
+        np.concatenate([f for f, _ in features]) if features else empty,
         np.asarray(rows, dtype=np.int64),
         np.asarray(skipped_rows, dtype=np.int64),
         reasons,
+        (np.concatenate([m for _, m in features]) if features else empty)
+        if plan.tta is not None else None,
     )
 
 
-def _features(plan: ExtractionPlan, forward: Callable[[np.ndarray], np.ndarray],
-              inputs: np.ndarray) -> np.ndarray:
-    output = forward(inputs)
-    return output.reshape(len(inputs), -1).astype(plan.dtype)
+def _features(plan: ExtractionPlan, forward: ViewsForward, inputs: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stored rows of one batch: (features, mirrored features or None) in the plan's dtype."""
+    output, mirrored = forward(inputs)
+    return (output.reshape(len(inputs), -1).astype(plan.dtype),
+            None if mirrored is None else mirrored.reshape(len(inputs), -1).astype(plan.dtype))
 
 
 def _width_of_finished(plan_partial: PartialCache, plan: ExtractionPlan) -> int:

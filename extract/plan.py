@@ -13,6 +13,7 @@ from extract.augment import AUGMENT_CHUNK, Augmentation
 from extract.backbones import Backbone, Weights, check_options
 from extract.compute import ComputeOptions
 from extract.datasets import SPLITS, Dataset
+from extract.multiblock import BlockColumns
 from extract.preprocessing import Preprocessing
 from store import layout
 from store.errors import HeadstartError
@@ -25,6 +26,10 @@ MAX_SEGMENT_SIZE = 2048
 #: The largest split is cut into at least this many segments (of whole batches), so that an
 #: interruption of a small extraction loses about 1/8 of it at most, not all of it.
 SEGMENTS_PER_SPLIT = 8
+#: Test-time views a cache may also hold (`extract --tta`): "flip" is the horizontal mirror.
+TTA_MODES = ("flip",)
+#: Most blocks `extract --blocks` takes (the last N blocks of the backbone).
+MAX_BLOCKS = 8
 LIBRARIES = ("headstart", "tensorflow", "keras", "h5py", "numpy", "pillow", "scikit-learn")
 
 
@@ -49,6 +54,8 @@ class ExtractionPlan:
     base: "ExtractionPlan | None" = None  # the plan of the cache these views belong to
     lineage: dict[str, Any] | None = None  # e.g. the parent cache of a fine-tuned backbone
     compute: ComputeOptions = ComputeOptions()
+    blocks: int = 1  # the pooled outputs of the last N blocks, side by side
+    tta: str | None = None  # "flip": also the mirrored view of every image of every split
 
     def __post_init__(self) -> None:
         # A KerasHub preset is resolved to its local folder, and its weights are that folder's
@@ -62,6 +69,14 @@ class ExtractionPlan:
             )
         if not 1 <= self.batch_size <= 4096:
             raise HeadstartError(f"--batch-size must be between 1 and 4096; got {self.batch_size}.")
+        if not 1 <= self.blocks <= MAX_BLOCKS:
+            raise HeadstartError(f"--blocks must be between 1 and {MAX_BLOCKS}; got {self.blocks}.")
+        if self.blocks > 1 and self.pooling == "flatten":
+            raise HeadstartError("--blocks above 1 needs --pooling avg or max (a flattened "
+                                 "feature map takes one block only).")
+        if self.tta is not None and self.tta not in TTA_MODES:
+            raise HeadstartError(
+                f"Unknown --tta {self.tta!r}; choose one of {', '.join(TTA_MODES)}.")
         if self.augmentation is not None and self.dataset.shard is not None:
             raise HeadstartError(
                 "Augmented views are not extracted by shard (a view augments fixed chunks of the "
@@ -77,8 +92,9 @@ class ExtractionPlan:
         return ("train",) if self.augmentation else SPLITS
 
     def view_plans(self, augmentation: Augmentation, count: int) -> list["ExtractionPlan"]:
-        """Plans for views 0..count-1 of this plan's training images."""
-        return [dataclasses.replace(self, augmentation=augmentation, view=v, base=self)
+        """Plans for views 0..count-1 of this plan's training images (with its blocks; views
+        are never mirrored)."""
+        return [dataclasses.replace(self, augmentation=augmentation, view=v, base=self, tta=None)
                 for v in range(count)]
 
     @cached_property
@@ -101,6 +117,10 @@ class ExtractionPlan:
             # only when not float32, so that existing caches keep their fingerprints
             **({"precision": self.compute.precision}
                if self.compute.precision != "float32" else {}),
+            # only when not the defaults, so that existing caches keep their fingerprints
+            **({"runtime": self.compute.runtime} if self.compute.runtime != "tf" else {}),
+            **({"blocks": self.blocks} if self.blocks != 1 else {}),
+            **({"tta": self.tta} if self.tta is not None else {}),
         }
 
     @cached_property
@@ -128,8 +148,9 @@ class ExtractionPlan:
         by_rows = max(1, -(-share // self.batch_size)) * self.batch_size
         return min(MAX_SEGMENT_SIZE, batches * self.batch_size, by_rows) or self.batch_size
 
-    def cache_attributes(self) -> CacheAttributes:
-        """The root attributes of this plan's cache file (the store owns their names)."""
+    def cache_attributes(self, blocks: list[BlockColumns] | None = None) -> CacheAttributes:
+        """The root attributes of this plan's cache file (the store owns their names);
+        `blocks`, the columns of each block, are recorded when there are several."""
         views = self.augmentation is not None and self.base is not None
         shard = self.dataset.shard
         return CacheAttributes(
@@ -142,13 +163,16 @@ class ExtractionPlan:
             view=self.view if views else None,
             augmentation=self.augmentation.to_dict() if views and self.augmentation else None,
             lineage=self.lineage or None, shard=shard.info() if shard else None,
+            blocks=[{"name": b.name, "start": b.start, "stop": b.stop} for b in blocks]
+            if blocks and self.blocks != 1 else None,
+            tta=self.tta,
         )
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries that shape a cache."""
+def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
+    """Installed versions of the libraries that shape a cache (or of `names`)."""
     versions = {}
-    for name in LIBRARIES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -50,21 +50,22 @@ class RayRun:
     """What `extract_on_ray` did."""
 
     merge: MergeResult | None  # None when the finished cache was reused without Ray
-    reused: FeatureCache | None = None  # that cache
     shards: list[dict[str, Any]] = field(default_factory=list)  # one summary per shard task
     seconds: float = 0.0
     count: int = 0
+    reused: FeatureCache | None = None  # the finished cache, when it was reused
 
 
 def run_shard(settings: ExtractSettings, spec: ShardSpec, store_root: str, fingerprint: str,
-              fail_marker: str | None = None) -> dict[str, Any]:
+              fail_marker: str | None = None, fail_after: int = 0) -> dict[str, Any]:
     """Extract one shard (in a Ray worker). A user error comes back as {"error": sentence}.
 
-    `fail_marker` (tests only): the first attempt kills its own worker, so the retry is tested.
+    `fail_marker` (tests only): the first attempt kills its own worker, so the retry is tested;
+    with `fail_after` > 0 it dies only after writing that many segments (of 64 images), so the
+    retry must resume from them.
     """
     if fail_marker and not os.path.exists(fail_marker):
-        Path(fail_marker).touch()
-        os._exit(1)
+        _die_after(fail_marker, fail_after, settings.image_size)
     started = time.perf_counter()
     try:
         plan = settings.plan(spec)
@@ -78,6 +79,29 @@ def run_shard(settings: ExtractSettings, spec: ShardSpec, store_root: str, finge
         return {"shard": str(spec), "error": f"Shard {spec}: {error}"}
     return {"shard": str(spec), "host": socket.gethostname(), "computed": result.computed,
             "reused": result.reused, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _die_after(marker: str, segments: int, image_size: int) -> None:
+    """Tests only: exit this worker once `segments` segments are written (at once for 0); the
+    marker file records how many were."""
+    if segments <= 0:
+        Path(marker).touch()
+        os._exit(1)
+    import extract.plan as plan_module
+    from store.partial import PartialCache
+
+    plan_module.SEGMENT_BYTES = 64 * 3 * image_size**2  # 64-image segments (at batch size 64)
+    real_write = PartialCache.write_segment
+    written: list[int] = []
+
+    def write_then_die(self: PartialCache, split: str, index: int, segment: Any) -> None:
+        real_write(self, split, index, segment)
+        written.append(index)
+        if len(written) == segments:
+            Path(marker).write_text(str(len(written)))
+            os._exit(1)
+
+    PartialCache.write_segment = write_then_die  # type: ignore[method-assign]
 
 
 def _import_ray() -> Any:
@@ -103,7 +127,8 @@ def start_ray(address: str | None = None, local_cpus: int | None = None) -> Any:
 
 
 def extract_on_ray(settings: ExtractSettings, store: Store, options: RayOptions,
-                   progress: bool = True, fail_once: tuple[int, str] | None = None) -> RayRun:
+                   progress: bool = True, fail_once: tuple[int, str] | tuple[int, str, int] | None = None
+                   ) -> RayRun:
     """Fan the shards of `settings` out as Ray tasks, wait (showing progress), then merge."""
     started = time.perf_counter()
     dataset = settings.open_dataset()
@@ -121,7 +146,7 @@ def extract_on_ray(settings: ExtractSettings, store: Store, options: RayOptions,
         specs = [ShardSpec(i, count) for i in range(count)]
         refs = {
             task.remote(settings, spec, store_root, plan.fingerprint,
-                        fail_once[1] if fail_once and fail_once[0] == spec.index else None): spec
+                        *(fail_once[1:] if fail_once and fail_once[0] == spec.index else ())): spec
             for spec in specs
         }
         summaries = _wait(ray, refs, store, plan, dataset, count, progress, options.retries)
@@ -132,7 +157,7 @@ def extract_on_ray(settings: ExtractSettings, store: Store, options: RayOptions,
     if errors:
         raise HeadstartError(" ".join(errors))
     merged = merge_shards(store, plan.fingerprint, keep_shards=options.keep_shards)[0]
-    return RayRun(merged, summaries, time.perf_counter() - started, count)
+    return RayRun(merged, shards=summaries, seconds=time.perf_counter() - started, count=count)
 
 
 def _shard_task(ray: Any, options: RayOptions, store: Store, fingerprint: str) -> tuple[int, Any]:

@@ -7,6 +7,8 @@ from typing import Any
 
 from extract.backbones import Backbone, Weights, build_feature_model, get_backbone
 from extract.datasets import Dataset, open_dataset
+from extract.forward import ViewsForward, views_forward
+from extract.multiblock import multiblock_model
 from extract.plan import ExtractionPlan
 from extract.preprocessing import Preprocessing
 from store.cache import FeatureCache
@@ -58,10 +60,27 @@ def cache_backbone(cache: FeatureCache, weights: Weights) -> Backbone:
 
 
 def cache_feature_model(cache: FeatureCache, weights: Weights) -> Any:
-    """The frozen Keras feature model of a cache (same backbone, alpha, size and pooling)."""
+    """The frozen Keras feature model of a cache (same backbone, alpha, size and pooling, and
+    the same blocks: one output row is one cached row)."""
     inputs = cache.inputs
-    return build_feature_model(cache_backbone(cache, weights), inputs.get("alpha"), weights,
-                               cache.image_size, inputs["pooling"])
+    model = build_feature_model(cache_backbone(cache, weights), inputs.get("alpha"), weights,
+                                cache.image_size, inputs["pooling"])
+    if len(cache.blocks) == 1:
+        return model
+    model, columns = multiblock_model(model, len(cache.blocks), inputs["pooling"])
+    if [(c.name, c.start, c.stop) for c in columns] != cache.blocks:
+        raise HeadstartError(
+            f"The backbone rebuilt for cache {cache.name} has other blocks than the cache records "
+            f"({', '.join(c.name for c in columns)}); extract it again with this headstart.")
+    return model
+
+
+def cache_forward(cache: FeatureCache, weights: Weights, tta: bool = True) -> ViewsForward:
+    """The cache's forward pass, as extraction ran it: a decoded uint8 batch in, (features,
+    features of the mirrored view or None) out, float32. The mirrored view is computed when the
+    cache holds one (and `tta`)."""
+    return views_forward(cache_feature_model(cache, weights), cache_preprocessing(cache),
+                         tta=cache.tta if tta else None)
 
 
 def cache_preprocessing(cache: FeatureCache) -> Preprocessing:
@@ -103,6 +122,7 @@ def cache_plan(cache: FeatureCache, dataset: Dataset, weights: Weights, **change
         "alpha": inputs.get("alpha"), "dtype": inputs["dtype"],
         "interpolation": cache.preprocessing.get("interpolation", "bilinear"),
         "resizer": cache.preprocessing.get("resizer", "pillow"),
+        "blocks": int(inputs.get("blocks", 1)), "tta": inputs.get("tta"),
     }
     settings.update(changes)
     return ExtractionPlan(**settings)

@@ -62,7 +62,10 @@ class ExtractOutcome:
                  if self.reused else f"Extracted {self.computed} images in {self.seconds:.1f} s "
                  f"({self.images_per_second:.0f} images/s)."]
         rows = ", ".join(f"{n} {r}" for n, r in cache.split_sizes.items())
-        lines.append(f"Features: {rows} rows x {cache.width} ({cache.dtype}).")
+        extra = (f", {len(cache.blocks)} blocks ({', '.join(b[0] for b in cache.blocks)})"
+                 if len(cache.blocks) > 1 else "")
+        extra += ", each with its mirrored view" if cache.tta else ""
+        lines.append(f"Features: {rows} rows x {cache.width} ({cache.dtype}){extra}.")
         skipped = self.skipped
         if skipped:
             lines.append(f"Skipped {len(skipped)} unusable files:")

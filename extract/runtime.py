@@ -13,8 +13,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 @contextlib.contextmanager
-def _stderr_silenced() -> Iterator[None]:
-    """Point file descriptor 2 at /dev/null; C++ start-up logs go there, exceptions do not."""
+def quiet_stderr() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null: C++ logs (TensorFlow's start-up, the TFLite
+    converter's, XNNPACK's) go there; Python exceptions still reach the caller."""
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -30,7 +31,7 @@ def _stderr_silenced() -> Iterator[None]:
 @functools.lru_cache(maxsize=1)
 def load_keras() -> ModuleType:
     """Import Keras and initialise TensorFlow's devices quietly; returns the keras module."""
-    with _stderr_silenced():
+    with quiet_stderr():
         import keras
         import tensorflow as tf
 

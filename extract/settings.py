@@ -28,6 +28,9 @@ class ExtractSettings:
     distribute: bool = False  # MirroredStrategy over every visible GPU (no-op with one device)
     precision: str = "float32"
     xla: bool = False
+    blocks: int = 1  # the last N blocks of the backbone, side by side
+    tta: str | None = None  # "flip": also cache the mirrored view of every image
+    runtime: str = "tf"  # "onnx": the backbone on ONNX Runtime (CPU)
 
     def open_dataset(self) -> Dataset:
         """The dataset, listed (cheap: no file is read)."""
@@ -49,5 +52,7 @@ class ExtractSettings:
             dtype=self.dtype,
             batch_size=self.batch_size,
             workers=self.workers,
-            compute=ComputeOptions(self.precision, self.xla, self.distribute),
+            compute=ComputeOptions(self.precision, self.xla, self.distribute, runtime=self.runtime),
+            blocks=self.blocks,
+            tta=self.tta,
         )

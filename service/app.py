@@ -23,17 +23,19 @@ from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from extract.images import BadImage, UnsupportedImage
-from extract.predict import top_k
+from endtoend.predict import top_k
 from service.batching import BatchSettings, DynamicBatcher, QueueFull
 from store.errors import HeadstartError
 
 PAGE = Path(__file__).with_name("page.html")
 RAW_TYPES = ("image/", "application/octet-stream")
 MAX_TOP = 20
+#: Most training images one /similar answer lists.
+MAX_SIMILAR = 100
 
 
 class Model(Protocol):
-    """What the service needs from a predictor (see extract.predict.Predictor)."""
+    """What the service needs from a predictor (see endtoend.predict.Predictor)."""
 
     class_names: list[str]
     preprocessing: Any
@@ -175,9 +177,12 @@ PREDICT_BODY = {
 
 
 def create_app(model: Model, settings: ServiceSettings = ServiceSettings(),
-               access_log: Callable[[str], None] | None = None) -> FastAPI:
+               access_log: Callable[[str], None] | None = None,
+               similar: Callable[[np.ndarray, int], list[list[dict[str, Any]]]] | None = None
+               ) -> FastAPI:
     """The FastAPI application serving `model` (already loaded) with `settings`; `access_log`
-    hears one line per request."""
+    hears one line per request; with `similar` (a batch of pixels and k -> each image's nearest
+    training images), POST /similar too."""
     batcher = DynamicBatcher(model.proba, settings.batching)
     info = model.describe()
     started = time.time()
@@ -236,13 +241,7 @@ def create_app(model: Model, settings: ServiceSettings = ServiceSettings(),
                       top: int = Query(3, ge=1, le=MAX_TOP, description="Classes to return")
                       ) -> dict[str, Any]:
         """Classify one image sent as a multipart upload (field 'file') or as the raw body."""
-        data = await _image_bytes(request)
-        try:
-            pixels = await run_in_threadpool(model.preprocessing.load_bytes, data)
-        except UnsupportedImage as error:
-            raise ApiError(415, f"Unsupported image: {error}.") from None
-        except BadImage as error:
-            raise ApiError(422, f"Cannot decode the image: {error}.") from None
+        pixels = await _pixels(model, request)
         began = time.perf_counter()
         try:
             proba = await batcher.submit(pixels)
@@ -252,7 +251,30 @@ def create_app(model: Model, settings: ServiceSettings = ServiceSettings(),
                 "predictions": top_k(np.asarray(proba), model.class_names, top),
                 "seconds": round(time.perf_counter() - began, 4)}
 
+    if similar is not None:
+        @app.post("/similar", dependencies=[Depends(check_token)], openapi_extra=PREDICT_BODY)
+        async def similar_images(request: Request,
+                                 k: int = Query(8, ge=1, le=MAX_SIMILAR, description="Training "
+                                                "images to return")) -> dict[str, Any]:
+            """The nearest cached training images of one image (as for /predict), with labels."""
+            pixels = await _pixels(model, request)
+            began = time.perf_counter()
+            found = await run_in_threadpool(similar, pixels[None], k)
+            return {"cache": info["cache"], "similar": found[0],
+                    "seconds": round(time.perf_counter() - began, 4)}
+
     return app
+
+
+async def _pixels(model: Model, request: Request) -> np.ndarray:
+    """The request's image, decoded and resized for the model (415 or 422 when it cannot be)."""
+    data = await _image_bytes(request)
+    try:
+        return await run_in_threadpool(model.preprocessing.load_bytes, data)
+    except UnsupportedImage as error:
+        raise ApiError(415, f"Unsupported image: {error}.") from None
+    except BadImage as error:
+        raise ApiError(422, f"Cannot decode the image: {error}.") from None
 
 
 async def _image_bytes(request: Request) -> bytes:

@@ -7,7 +7,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from service.app import ServiceSettings, create_app
 from store.errors import HeadstartError
@@ -28,6 +28,7 @@ class ServerOptions:
     port: int = 8000
     service: ServiceSettings = ServiceSettings()
     insecure: bool = False  # allow a non-loopback host without a token
+    runtime: str | None = None  # None: the cache's own (extract.runtimes.checked_runtime)
 
 
 def is_loopback(host: str) -> bool:
@@ -75,20 +76,32 @@ def _reason(error: BaseException) -> str:
     return (getattr(error, "strerror", None) or str(error) or type(error).__name__).rstrip(".")
 
 
+def similar_function(predictor: Any, cache: Any) -> Callable[..., Any] | None:
+    """POST /similar's search: the cache's training features and the predictor's own forward
+    pass for the cache (None when the predictor runs no backbone of that cache)."""
+    from classifiers.audit import SimilarFinder
+
+    if cache.fingerprint not in getattr(predictor, "backbones", {}):
+        return None
+    return SimilarFinder(cache, features=lambda pixels: predictor.features(pixels)[
+        cache.fingerprint]).similar
+
+
 def serve(options: ServerOptions, announce: Callable[[str], None] = print,
           access_log: Callable[[str], None] | None = None) -> None:
     """Check the options, take the port, load the model once, then serve until interrupted."""
     import uvicorn
 
-    from extract.predict import open_predictor
+    from endtoend.predict import open_predictor
 
     check_access(options)
     sock = bind(options.host, options.port)
     try:
         store = Store(options.store)
         cache = store.find_cache(options.cache)
-        predictor = open_predictor(store, cache, options.head, options.weights)
-        app = create_app(predictor, options.service, access_log)
+        predictor = open_predictor(store, cache, options.head, options.weights, options.runtime)
+        app = create_app(predictor, options.service, access_log,
+                         similar=similar_function(predictor, cache))
         port = sock.getsockname()[1]
         announce(f"Serving head {options.head} of cache {cache.name} on "
                  f"http://{options.host}:{port}/ (API docs at /docs); Ctrl-C stops.")

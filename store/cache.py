@@ -59,6 +59,16 @@ class FeatureCache:
         self.lineage: dict[str, Any] | None = record.lineage
         #: For a shard file (kind "shard"): index, count, full split sizes and ids digest.
         self.shard: dict[str, Any] | None = record.shard
+        #: "flip" when every split also holds its mirrored view (format 1.4+), else None.
+        self.tta: str | None = record.tta
+
+    @property
+    def blocks(self) -> list[tuple[str, int, int]]:
+        """(name, start, stop) of each block's columns, bottom to top; one ("output", 0,
+        width) block for a cache without the `blocks` attribute."""
+        if not self.attributes.blocks:
+            return [("output", 0, self.width)]
+        return [(str(b["name"]), int(b["start"]), int(b["stop"])) for b in self.attributes.blocks]
 
     @property
     def image_size(self) -> int:
@@ -117,12 +127,18 @@ class FeatureCache:
         suffix = "" if weights.startswith("keras-imagenet") else (
             "-random" if weights.startswith("random") else "-" + weights.split(":")[-1][:6])
         name = f"{self.dataset}_{backbone}{suffix}_{self.image_size}_{inputs['pooling']}"
+        if inputs.get("blocks", 1) != 1:
+            name += f"_b{inputs['blocks']}"
+        if inputs.get("tta"):
+            name += f"_{inputs['tta']}"
         return name if self.view is None else f"{name}_view{self.view}"
 
-    def features(self, split: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
-        """Features of a split (or of some of its rows) as float32."""
+    def features(self, split: str, rows: np.ndarray | slice | None = None,
+                 mirrored: bool = False) -> np.ndarray:
+        """Features of a split (or of some of its rows) as float32; with `mirrored`, those of
+        the mirrored view of the same images (a cache extracted with --tta flip)."""
         with self._reading() as handle:
-            data = self._split(handle, split)["features"]
+            data = self._dataset(handle, split, mirrored)
             values = data[...] if rows is None else data[rows]
         return layout.as_float32(values)
 
@@ -142,10 +158,12 @@ class FeatureCache:
             data = self._split(handle, split)["features"]
             return int(data.chunks[0]) if data.chunks else 4096
 
-    def iter_feature_blocks(self, split: str) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, float32 block) over a split, in blocks of whole chunks (about 1 MiB)."""
+    def iter_feature_blocks(self, split: str, mirrored: bool = False
+                            ) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 block) over a split (with `mirrored`, its mirrored view), in
+        blocks of whole chunks (about 1 MiB)."""
         with self._reading() as handle:
-            data = self._split(handle, split)["features"]
+            data = self._dataset(handle, split, mirrored)
             chunk = data.chunks[0] if data.chunks else 4096
             row_bytes = max(1, data.shape[1] * data.dtype.itemsize)
             step = chunk * max(1, layout.BLOCK_BYTES // (chunk * row_bytes))
@@ -170,6 +188,16 @@ class FeatureCache:
             raise HeadstartError(f"Cache {self.name} has no {split!r} split.")
         return handle[split]
 
+    def _dataset(self, handle: h5py.File, split: str, mirrored: bool) -> h5py.Dataset:
+        """`/<split>/features`, or `/<split>/mirrored` (refused for a cache without it)."""
+        group = self._split(handle, split)
+        if not mirrored:
+            return group["features"]
+        if self.tta is None or "mirrored" not in group:
+            raise HeadstartError(f"Cache {self.name} holds no mirrored view; extract it with "
+                                 "--tta flip.")
+        return group["mirrored"]
+
     @property
     def disk_bytes(self) -> int:
         """Size of the cache file on disk."""
@@ -188,6 +216,8 @@ class FeatureCache:
             "pooling": self.inputs["pooling"],
             "width": self.width,
             "dtype": self.dtype,
+            "blocks": [name for name, _, _ in self.blocks],
+            "tta": self.tta,
             "rows": self.split_sizes,
             "classes": len(self.class_names),
             "skipped": self.skipped_count,

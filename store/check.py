@@ -20,6 +20,7 @@ def layout_problems(handle: h5py.File, attributes: CacheAttributes, classes: int
     if not splits:
         return ["holds no split"], 0
     problems = attribute_problems(attributes)
+    problems.extend(_blocks_problem(handle[splits[0]], attributes))
     rows = 0
     for split in splits:
         why, count = split_problem(handle[split], split, classes, attributes, contents)
@@ -56,14 +57,15 @@ def split_problem(group: h5py.Group, split: str, classes: int, attributes: Cache
     for key in _kind_datasets(attributes):
         if group[key].shape != (count,):
             return f"has {group[key].shape[0]} {split}/{key} for {count} rows", count
+    why = _mirrored_problem(group, split, attributes)
+    if why:
+        return why, count
     if not contents:
         return "", count
-    step = features.chunks[0] if features.chunks else 4096
-    for start in range(0, count, step):  # reading every chunk checks every checksum
-        block = np.asarray(features[start:start + step], dtype=np.float32)
-        if not np.isfinite(block).all():
-            bad = start + int(np.argwhere(~np.isfinite(block))[0][0])
-            return f"has a NaN or infinite feature in {split} row {bad}", count
+    for key in ("features", *(("mirrored",) if attributes.tta is not None else ())):
+        why = _values_problem(group[key], split, key)
+        if why:
+            return why, count
     values = np.asarray(labels[...])
     if count and (values.min() < 0 or values.max() >= classes):
         return f"has {split} labels outside 0..{classes - 1}", count
@@ -71,6 +73,53 @@ def split_problem(group: h5py.Group, split: str, classes: int, attributes: Cache
     if len(set(names.tolist())) != count:
         return f"has duplicate {split} sample ids", count
     return "", count
+
+
+def _values_problem(data: h5py.Dataset, split: str, key: str) -> str:
+    """Reads every chunk of a features dataset (checking every checksum); a non-finite value
+    is a problem."""
+    step = data.chunks[0] if data.chunks else 4096
+    for start in range(0, data.shape[0], step):
+        block = np.asarray(data[start:start + step], dtype=np.float32)
+        if not np.isfinite(block).all():
+            bad = start + int(np.argwhere(~np.isfinite(block))[0][0])
+            what = "feature" if key == "features" else "mirrored feature"
+            return f"has a NaN or infinite {what} in {split} row {bad}"
+    return ""
+
+
+def _mirrored_problem(group: h5py.Group, split: str, attributes: CacheAttributes) -> str:
+    """`/<split>/mirrored` is there exactly when `tta` is set, stored like the features."""
+    if attributes.tta is None:
+        return f"has {split}/mirrored without the tta attribute" if "mirrored" in group else ""
+    if attributes.tta != "flip":
+        return f"has tta {attributes.tta!r}, not 'flip'"
+    if "mirrored" not in group:
+        return f"has no {split}/mirrored"
+    features, mirrored = group["features"], group["mirrored"]
+    if mirrored.shape != features.shape or mirrored.dtype != features.dtype:
+        return (f"has {split}/mirrored of shape {mirrored.shape} ({mirrored.dtype}) for features "
+                f"of shape {features.shape} ({features.dtype})")
+    if features.shape[0] and not mirrored.fletcher32:
+        return f"stores {split}/mirrored without Fletcher-32 checksums"
+    return ""
+
+
+def _blocks_problem(group: h5py.Group, attributes: CacheAttributes) -> list[str]:
+    """The `blocks` attribute, when present, tiles the feature columns in order."""
+    if attributes.blocks is None:
+        return []
+    width = group["features"].shape[1] if group["features"].ndim == 2 else -1
+    try:
+        ranges = [(int(b["start"]), int(b["stop"])) for b in attributes.blocks
+                  if isinstance(b["name"], str)]
+    except (KeyError, TypeError, ValueError):
+        ranges = []
+    edges = [0] + [stop for _, stop in ranges]
+    if (not ranges or len(ranges) != len(attributes.blocks) or edges[-1] != width
+            or any(start != edges[i] or stop <= start for i, (start, stop) in enumerate(ranges))):
+        return [f"has a blocks attribute that does not tile its {width} feature columns"]
+    return []
 
 
 def _kind_datasets(attributes: CacheAttributes) -> tuple[str, ...]:

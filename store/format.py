@@ -22,13 +22,14 @@ ATTRIBUTE_NAMES = {
     "dataset": "dataset", "source": "source", "created": "created", "libraries": "libraries",
     "weights_path": "weights-path", "kind": "kind", "parent": "parent", "view": "view",
     "augmentation": "augmentation", "lineage": "lineage", "shard": "shard", "merged": "merged",
+    "blocks": "blocks", "tta": "tta",
 }
 #: Attributes stored as JSON text.
 JSON_FIELDS = frozenset({"inputs", "preprocessing", "source", "libraries", "augmentation",
-                         "lineage", "shard", "merged"})
+                         "lineage", "shard", "merged", "blocks"})
 #: Attributes a reader may find missing (older files, or another kind of cache).
 OPTIONAL_FIELDS = frozenset({"source", "weights_path", "kind", "parent", "view", "augmentation",
-                             "lineage", "shard", "merged"})
+                             "lineage", "shard", "merged", "blocks", "tta"})
 KINDS = ("features", "views", "shard")
 
 
@@ -58,6 +59,9 @@ class CacheAttributes:
     lineage: dict[str, Any] | None = None  # e.g. the parent cache of a fine-tuned backbone
     shard: dict[str, Any] | None = None  # 1.2, shard files: index, count, totals, ids digest
     merged: dict[str, Any] | None = None  # 1.2, a cache made by merge: how many shards
+    #: 1.4: each block's columns, bottom to top ({"name", "start", "stop"}); None: one block
+    blocks: list[dict[str, Any]] | None = None
+    tta: str | None = None  # 1.4: "flip" when every split also holds /<split>/mirrored
     #: Attributes this version does not know (a newer minor version's), kept when rewritten.
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 

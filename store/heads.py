@@ -10,10 +10,11 @@ absent, and a file that does not match its sidecar is refused before it is loade
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from store.atomic import atomic_path, write_text
 from store.cache import FeatureCache
@@ -58,6 +59,29 @@ def save_head(
     if previous and previous.get("file") not in (None, model_path.name):
         (directory / previous["file"]).unlink(missing_ok=True)
     return sidecar
+
+
+@contextlib.contextmanager
+def claiming_head(store: Store, cache: FeatureCache, name: str, replace: bool = False
+                  ) -> Iterator[None]:
+    """Hold head `name` of `cache` for a whole fit: a second process fitting the same name gets
+    a sentence at once, and a name already fitted is refused unless `replace`."""
+    directory = store.head_dir(cache)
+    made = [d for d in (directory, store.heads_dir) if not d.is_dir()]
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        with store.locked(directory / f".{check_head_name(name)}.lock",
+                          f"Another headstart process is fitting head {name!r} of cache "
+                          f"{cache.name} right now; wait for it, or choose another --name."):
+            if not replace and (directory / f"{name}.json").is_file():
+                raise HeadstartError(
+                    f"A head named {name!r} is already fitted on cache {cache.name}; give "
+                    "--replace to replace it, or choose another --name.")
+            yield
+    finally:
+        for folder in made:  # a fit that saved nothing leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def load_head_record(store: Store, cache: FeatureCache, name: str) -> tuple[dict[str, Any], Path]:

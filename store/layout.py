@@ -1,6 +1,6 @@
 """Constants and numeric helpers of the cache layout; the format itself is docs/format.md.
 
-Format `headstart.feature-cache`, version 1.3. Readers MUST refuse a different major version
+Format `headstart.feature-cache`, version 1.4. Readers MUST refuse a different major version
 and MAY read any minor version of their own.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 ENCODING_TYPE = "headstart.feature-cache"
-ENCODING_VERSION = "1.3"
+ENCODING_VERSION = "1.4"
 SPLITS = ("train", "test")
 FEATURE_DTYPES = ("float16", "float32")
 #: Target size of one features chunk. 64 KiB measured best (bench/results, "Storage choices"):

@@ -32,6 +32,7 @@ class Segment:
     rows: np.ndarray  # (n_ok,) sample indices within the split
     skipped_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     skipped_reasons: list[str] = field(default_factory=list)
+    mirrored: np.ndarray | None = None  # (n_ok, D): the mirrored view of each row (--tta flip)
 
 
 class PartialCache:
@@ -62,6 +63,11 @@ class PartialCache:
         return cls(directory, manifest)
 
     @property
+    def mirrored(self) -> bool:
+        """True when segments hold the mirrored view too (the manifest says so)."""
+        return bool(self.manifest.get("mirrored"))
+
+    @property
     def segment_size(self) -> int:
         """Samples per segment, fixed when the partial cache was started."""
         return int(self.manifest["segment_size"])
@@ -82,7 +88,8 @@ class PartialCache:
         try:
             with np.load(path, allow_pickle=False) as data:
                 return Segment(data["features"], data["rows"], data["skipped_rows"],
-                               [str(r) for r in data["skipped_reasons"]])
+                               [str(r) for r in data["skipped_reasons"]],
+                               data["mirrored"] if self.mirrored else None)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             path.unlink(missing_ok=True)
             return None
@@ -92,7 +99,8 @@ class PartialCache:
         path = self.segment_path(split, index)
         try:
             with np.load(path, allow_pickle=False) as data:
-                return set(data.files) >= {"features", "rows", "skipped_rows", "skipped_reasons"}
+                return set(data.files) >= {"features", "rows", "skipped_rows", "skipped_reasons",
+                                           *(("mirrored",) if self.mirrored else ())}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             return False
 
@@ -110,6 +118,7 @@ class PartialCache:
                     rows=np.asarray(segment.rows, dtype=np.int64),
                     skipped_rows=np.asarray(segment.skipped_rows, dtype=np.int64),
                     skipped_reasons=np.asarray(segment.skipped_reasons, dtype=str),
+                    **({"mirrored": segment.mirrored} if segment.mirrored is not None else {}),
                 )
 
     def assemble(
@@ -145,7 +154,9 @@ class PartialCache:
                             dtype=dtype, labels=split_labels[split][rows],
                             ids=np.asarray(split_ids[split], dtype=object)[rows].tolist(),
                             compression=compression,
-                            source_rows=None if source_rows is None else source_rows[split][rows])
+                            source_rows=None if source_rows is None else source_rows[split][rows],
+                            mirrored=(s.mirrored for s in segments)
+                            if attributes.tta is not None else None)
             cache.skipped(skipped, None if source_rows is None else skipped_source)
 
     def _segments(self, split: str, rows: int) -> list[Segment]:

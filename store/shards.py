@@ -387,9 +387,13 @@ def write_merged(target: Path, shards: list[FeatureCache]) -> None:
                 offsets = np.cumsum([0] + [len(h[split]["labels"]) if split in h else 0
                                            for h in handles])
                 sources = [h[split]["features"] if split in h else None for h in handles]
+                mirrored = [h[split]["mirrored"] if split in h else None for h in handles] \
+                    if attributes.tta is not None else []
                 out.split(split, _copy_rows(plan, sources, width, dtype), rows=len(plan.owner),
                           width=width, dtype=dtype, labels=labels[offsets[plan.owner] + plan.local],
-                          ids=plan.ids.tolist(), compression=compression)
+                          ids=plan.ids.tolist(), compression=compression,
+                          mirrored=_copy_rows(plan, mirrored, width, dtype)
+                          if attributes.tta is not None else None)
                 skipped.extend((split, sample_id, reason) for _, sample_id, reason in plan.skipped)
             out.skipped(skipped)
 

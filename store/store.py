@@ -64,6 +64,9 @@ class Store:
         self.root = expand_path(root) if root else default_store_root()
         if self.root.exists() and not self.root.is_dir():
             raise HeadstartError(f"Store {self.root} is a file, not a folder.")
+        above = next((p for p in self.root.parents if p.exists()), None)
+        if above is not None and not above.is_dir():  # it could never be made
+            raise HeadstartError(f"Store {self.root} cannot be a folder: {above} is a file.")
 
     @property
     def caches_dir(self) -> Path:
@@ -120,7 +123,7 @@ class Store:
         """Give `cache` a name every command accepts for it; a name another cache has is
         refused (rename that one first)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with self._locked(self.root / "cache-names.lock", "Another headstart process is "
+        with self.locked(self.root / "cache-names.lock", "Another headstart process is "
                           "naming a cache right now; try again in a moment."):
             self.check_cache_name(name, cache.fingerprint)
             names = self.aliases()
@@ -279,7 +282,7 @@ class Store:
     def remove_stale_lock(self, path: Path) -> bool:
         """Delete a lock file if no process holds it (under the lock itself); True if removed."""
         try:
-            with self._locked(path, wait_message=None):
+            with self.locked(path, wait_message=None):
                 return True
         except (HeadstartError, OSError):
             return False
@@ -290,7 +293,7 @@ class Store:
         self.caches_dir.mkdir(parents=True, exist_ok=True)
         message = (f"Another headstart process is writing cache {fingerprint[:12]} right now; "
                    "wait for it to finish (its work will be reused).")
-        with self._locked(self.lock_path(fingerprint), message):
+        with self.locked(self.lock_path(fingerprint), message):
             try:
                 # Only a killed writer of this cache can have left its temporary files.
                 for stale in self.caches_dir.glob(f".{fingerprint}.tmp-*"):
@@ -306,7 +309,7 @@ class Store:
                 ) from None
 
     @contextlib.contextmanager
-    def _locked(self, path: Path, wait_message: str | None) -> Iterator[None]:
+    def locked(self, path: Path, wait_message: str | None) -> Iterator[None]:
         """Hold an exclusive flock on `path`, and remove the file when done (while still
         holding it). A lock taken on a file another process has just removed is retried, so
         two writers never hold locks on different files of one name."""

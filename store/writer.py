@@ -30,27 +30,40 @@ class CacheWriter:
 
     def split(self, name: str, blocks: Iterable[np.ndarray], *, rows: int, width: int, dtype: str,
               labels: np.ndarray, ids: Sequence[str], compression: str | None = None,
-              source_rows: np.ndarray | None = None) -> None:
+              source_rows: np.ndarray | None = None,
+              mirrored: Iterable[np.ndarray] | None = None) -> None:
         """`/<name>/`: features from `blocks` (in row order, `rows` in all), labels and ids;
-        `views` for a views cache, and `rows` (each row's index in the full split) for a shard.
+        `views` for a views cache, `rows` (each row's index in the full split) for a shard, and
+        `mirrored` (the mirrored view of each row, stored like the features) when the cache's
+        `tta` attribute is set.
         """
+        if (mirrored is None) != (self.attributes.tta is None):
+            raise ValueError("/<split>/mirrored is written exactly when the tta attribute is set")
         group = self.handle.create_group(name)
-        features = group.create_dataset(
-            "features", shape=(rows, width), dtype=dtype,
-            chunks=(layout.rows_per_chunk(width, np.dtype(dtype).itemsize, max(1, rows)), width)
-            if rows else None,
-            fletcher32=bool(rows), compression=compression,
-        )
-        start = 0
-        for block in blocks:
-            features[start:start + len(block)] = block
-            start += len(block)
+        for key, values in (("features", blocks), ("mirrored", mirrored)):
+            if values is not None:
+                self._features(group, key, values, rows, width, dtype, compression)
         group.create_dataset("labels", data=np.asarray(labels).astype(np.int32))
         group.create_dataset("ids", data=list(ids), dtype=TEXT)
         if self.attributes.kind == "views":
             group.create_dataset("views", data=np.full(rows, self.attributes.view, np.int32))
         if source_rows is not None:
             group.create_dataset("rows", data=np.asarray(source_rows, np.int64))
+
+    @staticmethod
+    def _features(group: h5py.Group, key: str, blocks: Iterable[np.ndarray], rows: int,
+                  width: int, dtype: str, compression: str | None) -> None:
+        """One (rows, width) features dataset: whole-row chunks with Fletcher-32 checksums."""
+        data = group.create_dataset(
+            key, shape=(rows, width), dtype=dtype,
+            chunks=(layout.rows_per_chunk(width, np.dtype(dtype).itemsize, max(1, rows)), width)
+            if rows else None,
+            fletcher32=bool(rows), compression=compression,
+        )
+        start = 0
+        for block in blocks:
+            data[start:start + len(block)] = block
+            start += len(block)
 
     def skipped(self, entries: Sequence[tuple[str, str, str]],
                 source_rows: Sequence[int] | None = None) -> None:

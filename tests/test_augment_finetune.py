@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from classifiers.finetune import FinetuneSettings, application_model, finetune
-from classifiers.training import (as_cache_set, augmented_views, fit_head, training_rows,
-                                  validation_mask)
+from classifiers.training import as_cache_set, augmented_views, fit_head, training_rows
+from classifiers.validation import validation_mask
 from cli import app
+from endtoend.finetune import FinetuneSettings, application_model, finetune
 from extract import pipeline, plan as plan_module
 from extract.augment import Augmentation
 from extract.backbones import Weights, get_backbone

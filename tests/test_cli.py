@@ -48,11 +48,14 @@ def test_store_from_the_environment(tmp_path: Path, mini_store: Path,
 def test_end_to_end(fitted_store: tuple[Path, dict]) -> None:
     store, fits = fitted_store
     cache = Store(store).find_cache()
+    from classifiers.validation import validation_mask
+
+    held_out = int(validation_mask(cache.ids("train")).sum())
     for head in ("logreg", "mlp"):
         output = fits[head].output
-        assert f"Fitting {head} on cache {cache.name} ({cache.short_id}), 400 training rows x 256." \
-            in output
-        assert f"Fitted {head} (in memory) in" in output and "test accuracy" in output
+        assert f"Fitting {head} on cache {cache.name} ({cache.short_id}) (256 features)." in output
+        assert (f"Fitted {head} (in memory) on {400 - held_out} training rows ({held_out} held out "
+                "for validation) in") in output and "test accuracy" in output
         assert _printed_path(output, "Head saved to ") == store / "heads" / \
             cache.fingerprint[:16] / f"{head}.json"
 
@@ -162,9 +165,10 @@ ERRORS = {
                                  ["epochs='many'", "int"]),
     "bad hidden sizes": (["fit", "--head", "mlp", "-p", "hidden=256,big"],
                          ["comma-separated ints"]),
-    "option out of range": (["fit", "--head", "mlp", "-p", "dropout=1.5"], ["dropout"]),
-    "unknown schedule": (["fit", "--head", "mlp", "-p", "lr_schedule=warp"], ["lr_schedule"]),
-    "negative C": (["fit", "--head", "logreg", "-p", "C=-1"], ["C"]),
+    # --replace: the store has these heads, and the option, not the name, is what is wrong
+    "option out of range": (["fit", "--head", "mlp", "-p", "dropout=1.5", "--replace"], ["dropout"]),
+    "unknown schedule": (["fit", "--head", "mlp", "-p", "lr_schedule=warp", "--replace"], ["lr_schedule"]),
+    "negative C": (["fit", "--head", "logreg", "-p", "C=-1", "--replace"], ["C"]),
     "unknown cache": (["evaluate", "--cache", "feedbeef"], ["No cache matches 'feedbeef'"]),
     "unknown head name": (["evaluate", "--head", "forest"], ["No head named 'forest'"]),
 }
@@ -234,16 +238,17 @@ def test_fixed_choices_are_the_librarys() -> None:
     """The CLI's enums (what --help lists and typer checks) are the library's own tuples."""
     import cli
     from classifiers.combine import METHODS
-    from classifiers.export import FORMATS, QUANTIZATIONS
+    from endtoend.export import FORMATS, QUANTIZATIONS
     from extract.backbones import POOLINGS
     from extract.compute import PRECISIONS
+    from extract.plan import TTA_MODES
     from extract.run import ENGINES
     from store.layout import FEATURE_DTYPES
 
     for enum, values in ((cli.Pooling, POOLINGS), (cli.Dtype, FEATURE_DTYPES),
                          (cli.Precision, PRECISIONS), (cli.Engine, ENGINES),
                          (cli.Method, METHODS), (cli.ExportFormat, FORMATS),
-                         (cli.Quantization, QUANTIZATIONS)):
+                         (cli.Quantization, QUANTIZATIONS), (cli.Tta, TTA_MODES)):
         assert tuple(e.value for e in enum) == tuple(values), enum
 
 

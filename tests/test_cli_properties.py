@@ -17,7 +17,7 @@ from tests.conftest import MINI, WEIGHTS
 from tests.reliability_support import tree_digest
 
 runner = CliRunner()
-TRIED = {"commands": 0}
+TRIED: dict = {"commands": 0, "refused": 0, "file names": set()}
 #: Examples per property; HEADSTART_CLI_EXAMPLES=500 for a long run outside the suite.
 SETTINGS = settings(max_examples=int(os.environ.get("HEADSTART_CLI_EXAMPLES", "40")), deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -62,6 +62,7 @@ def refused(store: Path, args: list[str]) -> None:
     else:  # click's usage error (exit 2): one message in its box
         assert result.exit_code == 2 and usage, (args, output)
     assert tree_digest(store) == before, args
+    TRIED["refused"] += 1
 
 
 EXTRACT_BASE = [str(MINI), "--backbone", "mobilenet", "--alpha", "0.25", "--weights",
@@ -176,15 +177,35 @@ def test_predict_verify_list_bad_values(store: Path, fingerprint: str, data: st.
     refused(store, args)
 
 
+def file_name(text: str) -> str:
+    """A drawn text as a file name the file system takes (no '/', no NUL, at most 200 bytes)."""
+    name = text.replace("/", "_").replace("\x00", "_")
+    while len(os.fsencode(name)) > 200:
+        name = name[:-1]
+    return name if name not in ("", ".", "..") else f"a-file{name}"
+
+
 @SETTINGS
 @given(path=odd_paths)
 def test_store_that_is_not_a_folder(path: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    afile = tmp_path_factory.getbasetemp() / "a-file"
+    """--store naming a file (its name drawn), or a path below that file: one sentence each."""
+    folder = tmp_path_factory.mktemp("not-a-folder", numbered=True)
+    afile = folder / file_name(path)
     afile.write_text("not a store")
-    result = runner.invoke(app, ["list", "--store", str(afile)])
-    assert result.exit_code == 1 and "is a file, not a folder" in result.output
+    for store in (afile, afile / "below"):
+        result = runner.invoke(app, ["list", "--store", str(store)])
+        TRIED["commands"] += 1
+        assert result.exit_code == 1, (store, result.output)
+        assert "Traceback" not in result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1, (store, result.output)
+        TRIED["refused"] += 1
+    assert afile.read_text() == "not a store"  # never written to
+    TRIED["file names"].add(afile.name)
 
 
 def test_tried_figure() -> None:
-    """Not a check: prints how many bad command lines the property tests ran."""
-    print(f"\nCLI properties: {TRIED['commands']} bad command lines, all refused cleanly")
+    """Not a check: prints what the property tests ran, from their counters."""
+    print(f"\nCLI properties: {TRIED['commands']} bad command lines run, {TRIED['refused']} "
+          f"refused with one sentence and the store unchanged; {len(TRIED['file names'])} "
+          "distinct file names tried as --store")

@@ -10,6 +10,7 @@ from sklearn.base import clone
 from sklearn.utils.estimator_checks import (check_class_weight_classifiers,
                                             check_classifiers_train, parametrize_with_checks)
 
+from classifiers.combine import METHODS, EnsembleHead
 from classifiers.mlp import MLPHead
 from classifiers.registry import HEADS
 
@@ -17,9 +18,25 @@ SHORT_TRAINING = ("3 epochs (kept short so this file stays fast) do not reach th
                   "bar; test_accuracy_checks_at_the_default_epochs runs it with the defaults")
 PIPELINE_IN_PLACE = ("the logreg head is scikit-learn's own Pipeline, which by design fits the "
                      "estimators held in its `steps` parameter in place")
+PROBABILITY_BLOCKS = ("the check fits 3 classes on 2 feature columns (or string labels), and an "
+                      "ensemble's X is n_members blocks of one probability column per class "
+                      "index, so it refuses such data with a ValueError; "
+                      "test_ensemble_head_keeps_the_estimator_contract covers the same ground on "
+                      "data it accepts")
+NO_PRIOR = ("greedy and vote average the members' columns, read as class probabilities; with one "
+            "label in y they still answer the argmax of those columns (here random features), "
+            "they learn no class prior")
+BLOCK_CHECKS = ("check_classifier_data_not_an_array", "check_classifiers_classes",
+                "check_classifiers_train", "check_estimators_fit_returns_self",
+                "check_estimators_overwrite_params", "check_readonly_memmap_input")
 
 
 def expected_failures(estimator: object) -> dict[str, str]:
+    if isinstance(estimator, EnsembleHead):
+        failures = dict.fromkeys(BLOCK_CHECKS, PROBABILITY_BLOCKS)
+        if estimator.method != "stack":
+            failures["check_classifiers_one_label"] = NO_PRIOR
+        return failures
     if isinstance(estimator, MLPHead):
         return {"check_classifiers_train": SHORT_TRAINING,
                 "check_class_weight_classifiers": SHORT_TRAINING}
@@ -27,12 +44,32 @@ def expected_failures(estimator: object) -> dict[str, str]:
             "check_dont_overwrite_parameters": PIPELINE_IN_PLACE}
 
 
-@parametrize_with_checks([MLPHead(epochs=3), HEADS["logreg"].build()],
+@parametrize_with_checks([MLPHead(epochs=3), HEADS["logreg"].build(),
+                          *(EnsembleHead(1, method=method) for method in METHODS)],
                          expected_failed_checks=expected_failures)
 def test_sklearn_compatible(estimator: object, check: object) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         check(estimator)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ensemble_head_keeps_the_estimator_contract(method: str) -> None:
+    """What the checks listed above test, on members' probabilities: fit returns self and
+    leaves the parameters alone, read-only arrays and lists work, predictions are classes."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 120)
+    X = np.hstack([np.eye(3)[y] * 0.6 + 0.4 * rng.dirichlet(np.ones(3), 120) for _ in range(2)])
+    head = EnsembleHead(2, method=method)
+    before = head.get_params()
+    assert head.fit(X, y) is head
+    assert head.get_params() == before
+    X.setflags(write=False)
+    np.testing.assert_array_equal(head.predict(X), clone(head).fit(X.tolist(), y.tolist())
+                                  .predict(X.tolist()))
+    assert set(head.predict(X)) <= set(head.classes_) and head.score(X, y) > 0.9
+    with pytest.raises(ValueError, match="class indices"):
+        clone(head).fit(X, np.array(["a", "b", "c"] * 40))
 
 
 @pytest.mark.parametrize("check", [check_classifiers_train, check_class_weight_classifiers])

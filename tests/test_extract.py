@@ -50,14 +50,14 @@ class CountingForward:
 def counting(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Install CountingForward around the pipeline's forward function; returns a function to
     set it up."""
-    real = pipeline.forward_function
+    real = pipeline.runtime_forward
     built: list[CountingForward] = []
 
     def install(interrupt_after: int | None = None) -> list[CountingForward]:
         def make(*args: Any, **kwargs: Any) -> CountingForward:
             built.append(CountingForward(real(*args, **kwargs), interrupt_after))
             return built[-1]
-        monkeypatch.setattr(pipeline, "forward_function", make)
+        monkeypatch.setattr(pipeline, "runtime_forward", make)
         return built
     return install
 
@@ -123,11 +123,11 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
         "import extract.pipeline as p\n"
         "import extract.plan\n"
         "extract.plan.MAX_SEGMENT_SIZE = 64\n"
-        "real = p.forward_function\n"
+        "real = p.runtime_forward\n"
         "def slow(*a, **k):\n"
         "    f = real(*a, **k)\n"
         "    return lambda b: (time.sleep(0.3), f(b))[1]\n"
-        "p.forward_function = slow\n"
+        "p.runtime_forward = slow\n"
         "from cli import app\n"
         "app()\n"
     )

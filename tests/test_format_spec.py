@@ -62,7 +62,7 @@ def test_every_attribute_survives_a_round_trip() -> None:
         dataset="toy", created="2026-01-01T00:00:00+00:00", libraries={"h5py": "3"},
         source={"kind": "arrays"}, weights_path="w.h5", kind="views", parent="p" * 64, view=2,
         augmentation={"seed": 0}, lineage={"parent": "q"}, shard={"index": 0}, merged={"shards": 2},
-        extra={"future-attribute": "kept"})
+        blocks=[{"name": "b", "start": 0, "stop": 3}], tta="flip", extra={"future-attribute": "kept"})
     attrs = record.to_attrs()
     assert set(attrs) == set(ATTRIBUTE_NAMES.values()) | {"future-attribute"}
     again = CacheAttributes.from_attrs(attrs)

@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from classifiers.persistence import load_fitted_head
-from classifiers.training import evaluate_heads, validation_mask
-from tests.helpers import assert_clean_error, copy_store, run_cli, snapshot
+from classifiers.saved import load_saved_head
+from classifiers.training import evaluate_heads
+from classifiers.validation import validation_mask
+from tests.helpers import assert_clean_error, copy_store, held_out_by_hand, run_cli, snapshot
 from store.errors import HeadstartError
 from store.fingerprint import digest_file
 from store.heads import list_heads, load_head_record
@@ -39,7 +40,7 @@ def test_sidecar_records_the_cache_the_file_and_the_metrics(heads_store: Store, 
     assert record["cache"] == cache.fingerprint and record["kind"] == name
     assert record["classes"] == cache.class_names
     assert record["rows"]["train"] + record["rows"]["validation"] == 400
-    assert record["rows"]["validation"] == int(validation_mask(cache.ids("train")).sum()) > 0
+    assert record["rows"]["validation"] == sum(map(held_out_by_hand, cache.ids("train"))) > 0
     assert set(record["metrics"]) == {"validation", "test"}
     assert {"accuracy", "top5_accuracy"} <= set(record["metrics"]["test"])
     assert record["fit_seconds"] > 0
@@ -50,7 +51,8 @@ def test_sidecar_records_the_cache_the_file_and_the_metrics(heads_store: Store, 
 @pytest.mark.parametrize("name", ["logreg", "mlp"])
 def test_loaded_head_reproduces_its_recorded_test_accuracy(heads_store: Store, name: str) -> None:
     cache = heads_store.find_cache()
-    estimator, record = load_fitted_head(heads_store, cache, name)
+    head = load_saved_head(heads_store, cache, name)
+    estimator, record = head.estimator, head.record
     predicted = estimator.predict(cache.features("test"))
     accuracy = float(np.mean(predicted == cache.labels("test")))
     assert accuracy == pytest.approx(record["metrics"]["test"]["accuracy"])
@@ -98,7 +100,7 @@ def test_refitting_replaces_the_model_file(heads_store: Store) -> None:
     directory = _sidecar(heads_store, "mlp").parent
     old = json.loads(_sidecar(heads_store, "mlp").read_text())["file"]
     result = run_cli("fit", "--head", "mlp", "-p", "epochs=1", "-p", "hidden=32", "--quiet",
-                     "--store", str(heads_store.root))
+                     "--replace", "--store", str(heads_store.root))  # asked: see test_nothing_lost
     assert result.exit_code == 0, result.output
     new = json.loads(_sidecar(heads_store, "mlp").read_text())
     assert new["options"]["hidden"] == [32] and new["file"] != old

@@ -4,7 +4,9 @@ or skipped with its reason, and an extraction over the folder finishes and lists
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -87,6 +89,10 @@ def _check_colour(expected: tuple[int, int, int], where: str = "all"):
     return check
 
 
+def _check_size(image: Image.Image, size: tuple[int, int]) -> None:
+    assert image.size == size, image.size
+
+
 #: name -> (bytes, expected reason substring, or a check of the decoded RGB image)
 GOOD_BYTES = _good()
 CASES: dict[str, tuple[bytes, object]] = {
@@ -96,7 +102,8 @@ CASES: dict[str, tuple[bytes, object]] = {
     "text.jpg": (b"this is not an image\n" * 20, "not an image file Pillow can read"),
     "bomb.png": (_png_claiming(100_000, 100_000), "too large to decode safely"),
     "huge-allowed.png": (_encode(Image.new("L", (6000, 6000), 128), "PNG"),
-                         lambda im: im.size == (6000, 6000) and None),
+                         lambda im: (_check_size(im, (6000, 6000)),
+                                     _check_colour((128, 128, 128))(im))),
     "cmyk.jpg": (_encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG"),
                  _check_colour(RED)),
     "grey16.png": (_grey16(), lambda im: (_check_colour((0, 0, 0), "left")(im),
@@ -173,25 +180,50 @@ def test_each_hostile_file_is_decoded_correctly_or_refused_with_its_reason(tortu
             expectation(image)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only needed when the suite runs as root")
-def test_unreadable_file_is_refused_for_a_normal_user(torture) -> None:
-    """As root, mode 000 does not stop reading; run the check again as 'nobody'."""
-    root, _ = torture
-    path = root / "train" / "hostile" / "unreadable.png"
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
-            "from extract.images import read_pixels, BadImage\n"
-            f"try:\n    read_pixels(Path({str(path)!r})); print('decoded')\n"
-            "except BadImage as e:\n    print(e)")
+#: Run as root, then drop to user nobody (65534) before reading: nobody cannot start Python
+#: itself here (the interpreter lives under /root, mode 700), so everything is imported first.
+AS_NOBODY = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from PIL import Image
+Image.init()
+from extract.images import BadImage, read_pixels
+read_pixels(Path(sys.argv[2]))  # warm up every lazy import while still root
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+answers = {"uid": os.geteuid()}
+for name in sys.argv[2:]:
     try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              user=65534, group=65534, timeout=60)
-    except (OSError, subprocess.SubprocessError) as error:
-        pytest.skip(f"cannot switch to user nobody here ({error})")
-    if "denied" not in done.stdout and "decoded" not in done.stdout:
-        pytest.skip(f"nobody cannot reach the test folder: {done.stdout or done.stderr[-200:]}")
-    if "decoded" in done.stdout:  # a parent folder is not traversable... or no enforcement
-        pytest.skip("permissions are not enforced for user nobody here")
-    assert "cannot be read (permission denied)" in done.stdout
+        answers[name] = "decoded %s" % (read_pixels(Path(name)).shape,)
+    except BadImage as error:
+        answers[name] = str(error)
+print(json.dumps(answers))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="run as a normal user, the torture test covers it")
+def test_unreadable_file_is_refused_for_a_normal_user(tmp_path_factory) -> None:
+    """As root, mode 000 does not stop reading; read it again as user nobody, in a folder that
+    nobody can reach (pytest's own temporary folders are mode 700), beside a readable file."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="headstart-nobody-", dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        readable, unreadable = folder / "readable.png", folder / "unreadable.png"
+        readable.write_bytes(GOOD_BYTES)
+        unreadable.write_bytes(GOOD_BYTES)
+        readable.chmod(0o644)
+        unreadable.chmod(0)
+        done = subprocess.run([sys.executable, "-c", AS_NOBODY, str(ROOT), str(readable),
+                               str(unreadable)], capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answers["uid"] == 65534
+    assert answers[str(readable)] == "decoded (32, 32, 3)"  # the folder is reachable for nobody
+    assert "cannot be read (permission denied)" in answers[str(unreadable)], answers
 
 
 def test_extract_over_the_torture_folder_finishes_and_lists_every_skip(torture, tmp_path) -> None:

@@ -95,7 +95,7 @@ def test_features_equal_the_backbone_on_the_converters_output(
 
 
 def test_fit_evaluate_predict_list_work_on_a_preset_cache(hub_store: Path) -> None:
-    from extract.predict import Predictor, predict_files
+    from endtoend.predict import open_predictor as Predictor, predict_files
 
     store = Store(hub_store)
     cache = store.find_cache()
@@ -151,7 +151,7 @@ def test_a_moved_or_changed_preset_is_refused_in_one_sentence(hub_store: Path, t
 def test_ctrl_c_then_resume_gives_the_same_cache(hub_store: Path, tiny_preset: Path,
                                                  tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    real, calls = pipeline.forward_function, []
+    real, calls = pipeline.runtime_forward, []
 
     def interrupting(*args: Any, **kwargs: Any) -> Any:
         forward = real(*args, **kwargs)
@@ -163,13 +163,13 @@ def test_ctrl_c_then_resume_gives_the_same_cache(hub_store: Path, tiny_preset: P
             return forward(batch)
         return call
 
-    monkeypatch.setattr(pipeline, "forward_function", interrupting)
+    monkeypatch.setattr(pipeline, "runtime_forward", interrupting)
     store = tmp_path / "store"
     args = ["extract", str(MINI), "--backbone", f"preset:{tiny_preset}", "--pooling", "cls+mean",
             "--dtype", "float32", "--batch-size", "32", "--quiet", "--store", str(store)]
     result = run_cli(*args)
     assert result.exit_code == 130 and "run the same command again" in result.output
-    monkeypatch.setattr(pipeline, "forward_function", real)
+    monkeypatch.setattr(pipeline, "runtime_forward", real)
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
     assert "Extracted 536 images" in result.output  # 64 rows were kept
@@ -225,8 +225,9 @@ def test_bad_backbones_are_one_sentence(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_export_keras_holds_the_converter_and_matches_the_cache(hub_store: Path,
                                                                 tmp_path: Path) -> None:
-    from classifiers.export import load_exported, split_pixels
-    from extract.predict import Predictor
+    from endtoend.export import split_pixels
+    from endtoend.keras_heads import load_exported
+    from endtoend.predict import open_predictor as Predictor
 
     result = run_cli("export", "--head", "logreg", "--format", "keras", "--out", str(tmp_path),
                      "--store", str(hub_store))
@@ -243,7 +244,7 @@ def test_export_keras_holds_the_converter_and_matches_the_cache(hub_store: Path,
 
 def test_finetune_trains_the_last_transformer_layers_and_refreshes_the_cache(
         hub_store: Path, tmp_path: Path) -> None:
-    from classifiers.finetune import FinetuneSettings, finetune
+    from endtoend.finetune import FinetuneSettings, finetune
     from extract.blocks import unfreeze_top
     from extract.rebuild import cache_feature_model, cache_weights
     from tests.helpers import copy_store
@@ -271,7 +272,7 @@ def test_serve_answers_as_the_cache_does(hub_store: Path) -> None:
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from extract.predict import Predictor
+    from endtoend.predict import open_predictor as Predictor
     from service.app import ServiceSettings, create_app
 
     store = Store(hub_store)

@@ -15,7 +15,7 @@ import joblib
 import pytest
 from typer.testing import CliRunner
 
-from classifiers.persistence import load_fitted_head
+from classifiers.saved import load_saved_head
 from cli import app
 from store.errors import HeadstartError
 from store.fingerprint import digest_file
@@ -66,11 +66,11 @@ def test_crafted_skops_file_with_a_matching_sidecar_is_refused(store: Store,
     shutil.copy(control, model)
     sidecar.write_text(json.dumps({**record, "sha256": digest_file(model)}))  # forged to match
     with pytest.raises(HeadstartError, match="types headstart does not trust"):
-        load_fitted_head(store, store.find_cache(), "logreg")
+        load_saved_head(store, store.find_cache(), "logreg")
     model.write_bytes(b"PK\x03\x04 not really a zip")
     sidecar.write_text(json.dumps({**record, "sha256": digest_file(model)}))
     with pytest.raises(HeadstartError, match="not a readable skops file"):
-        load_fitted_head(store, store.find_cache(), "logreg")
+        load_saved_head(store, store.find_cache(), "logreg")
     assert not marker.exists()
 
 
@@ -112,7 +112,7 @@ def test_crafted_pickle_is_refused_before_it_runs(store: Store, tmp_path: Path) 
     joblib.dump(Exploit(marker), model)  # swapped in under the recorded name
     cache = store.find_cache()
     with pytest.raises(HeadstartError, match="does not match its recorded SHA-256"):
-        load_fitted_head(store, cache, "logreg")
+        load_saved_head(store, cache, "logreg")
     result = CliRunner().invoke(app, ["evaluate", "--head", "logreg", "--store", str(store.root)])
     assert result.exit_code == 1 and "refusing to load it" in result.output
     assert not marker.exists()  # nothing ran
@@ -128,12 +128,12 @@ def test_sidecar_cannot_point_outside_the_store_or_through_a_link(store: Store,
     for file_name in (str(evil), "../../../" + evil.name):
         sidecar.write_text(json.dumps({**record, "file": file_name, "sha256": digest_file(evil)}))
         with pytest.raises(HeadstartError, match="missing or does not match"):
-            load_fitted_head(store, cache, "logreg")
+            load_saved_head(store, cache, "logreg")
     link = sidecar.parent / "logreg.linked.joblib"
     link.symlink_to(evil)
     sidecar.write_text(json.dumps({**record, "file": link.name, "sha256": digest_file(evil)}))
     with pytest.raises(HeadstartError, match="symbolic link"):
-        load_fitted_head(store, cache, "logreg")
+        load_saved_head(store, cache, "logreg")
     assert not marker.exists()
 
 
@@ -163,7 +163,7 @@ def test_keras_head_with_a_python_lambda_is_refused(store: Store, tmp_path: Path
         "sha256": digest_file(target),
         "state": {"classes_": list(range(10)), "n_features_in_": 256, "history_": {}}}))
     with pytest.raises(HeadstartError, match="safe_mode"):
-        load_fitted_head(store, cache, "mlp")
+        load_saved_head(store, cache, "mlp")
     assert not marker.exists()
 
 
@@ -172,4 +172,4 @@ def test_pickle_protocol_is_not_reachable_through_sidecars(store: Store) -> None
     sidecar, _ = sidecar_of(store)
     sidecar.write_bytes(pickle.dumps({"format": "headstart.head"}))
     with pytest.raises(HeadstartError, match="Cannot read"):
-        load_fitted_head(store, store.find_cache(), "logreg")
+        load_saved_head(store, store.find_cache(), "logreg")

@@ -37,10 +37,16 @@ def test_ray_shards_retry_and_merge_to_one_extraction(local_ray, mini_store, sha
     marker = tmp_path / "shard-1-crashed-once"
     run = extract_on_ray(settings, Store(tmp_path / "s"),
                          RayOptions(shards=2, cpus_per_shard=1, retries=1),
-                         progress=False, fail_once=(1, str(marker)))
-    assert marker.exists()  # shard 1's first worker died; Ray ran it again
+                         progress=False, fail_once=(1, str(marker), 2))
+    # shard 1's first worker died after writing 2 segments of 64 images; Ray ran it again, and
+    # the retry computed only the rest of the shard
+    assert marker.read_text() == "2"
     assert run.count == 2 and sorted(s["shard"] for s in run.shards) == ["0/2", "1/2"]
     assert not any("error" in s for s in run.shards)
+    full = Store(mini_store).find_cache()
+    total = sum(full.split_sizes.values()) + len(full.skipped)
+    computed = {s["shard"]: s["computed"] for s in run.shards}
+    assert computed["0/2"] + computed["1/2"] == total - 2 * 64, computed
     assert run.merge is not None and run.merge.shards == 2
     assert_same_cache(Store(tmp_path / "s").find_cache(), Store(mini_store).find_cache())
 

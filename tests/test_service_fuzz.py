@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from typing import Any, Iterator
 
 import numpy as np
@@ -27,7 +28,7 @@ TOKEN = "fuzz-token"
 
 class StubModel:
     """The service's real decoding and preprocessing, with a constant head (fast; the fuzz is
-    about the HTTP layer; tests/test_service_http.py covers the real model)."""
+    about the HTTP layer; a shorter fuzz below runs over the real MobileNet predictor)."""
 
     class_names = CLASSES
 
@@ -56,18 +57,43 @@ def client() -> Iterator[TestClient]:
         yield c
 
 
-REQUESTS = {"sent": 0}
+#: (model, status code) -> answers, for the figure at the end
+ANSWERS: Counter[tuple[str, int]] = Counter()
+EXAMPLES = int(os.environ.get("HEADSTART_FUZZ_EXAMPLES", "40"))
+
+
+def call_both_ways(case, model: str) -> None:
+    """The case without and with the token: never a 5xx."""
+    for headers in ({}, {"Authorization": f"Bearer {TOKEN}"}):
+        response = case.call(headers=headers)
+        ANSWERS[model, response.status_code] += 1
+        assert response.status_code < 500, (response.status_code, response.text,
+                                            case.as_curl_command())
 
 
 @schema.parametrize()
-@settings(max_examples=int(os.environ.get("HEADSTART_FUZZ_EXAMPLES", "40")), deadline=None,
-          suppress_health_check=list(HealthCheck))
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_never_answers_500(case) -> None:
-    for headers in ({}, {"Authorization": f"Bearer {TOKEN}"}):
-        response = case.call(headers=headers)
-        REQUESTS["sent"] += 1
-        assert response.status_code < 500, (response.status_code, response.text,
-                                            case.as_curl_command())
+    call_both_ways(case, "stub")
+
+
+@pytest.fixture(scope="module")
+def real_schema():
+    """The same API over the real MobileNet predictor of the mini set (tests/service_support)."""
+    from tests.service_support import predictor
+
+    app = create_app(predictor("mlp"), ServiceSettings(max_body_bytes=64_000, token=TOKEN))
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
+real = schemathesis.pytest.from_fixture("real_schema")
+
+
+@real.parametrize()
+@settings(max_examples=max(5, EXAMPLES // 4), deadline=None,
+          suppress_health_check=list(HealthCheck))
+def test_api_over_the_real_model_never_answers_500(case) -> None:
+    call_both_ways(case, "mobilenet")
 
 
 def test_fuzz_sent_real_images_too(client: TestClient) -> None:
@@ -86,7 +112,7 @@ def test_fuzz_sent_real_images_too(client: TestClient) -> None:
                                      headers={**auth, "content-type": kind}).status_code)
             codes.append(client.post("/predict", headers=auth,
                                      files={"file": ("x", body, kind or None)}).status_code)
-    REQUESTS["sent"] += len(codes)
+    ANSWERS.update(("stub", code) for code in codes)
     assert set(codes) <= {200, 413, 415, 422}, codes
     assert codes.count(200) >= 16
 
@@ -169,5 +195,9 @@ def test_oversized_bodies_are_refused_declared_or_chunked(server: tuple[str, int
 
 
 def test_requests_sent_figure() -> None:
-    """Not a check: prints how many fuzz requests this run sent (for the report)."""
-    print(f"\nservice fuzz: {REQUESTS['sent']} requests sent, 0 answered 5xx")
+    """Not a check: prints what the fuzz sent and how it was answered, from the counters."""
+    for model in ("stub", "mobilenet"):
+        codes = {code: n for (m, code), n in sorted(ANSWERS.items()) if m == model}
+        errors = sum(n for code, n in codes.items() if code >= 500)
+        print(f"\nservice fuzz ({model} model): {sum(codes.values())} requests, answers {codes}, "
+              f"{errors} answered 5xx")

@@ -102,10 +102,14 @@ class BlockingModel:
 
     def __init__(self) -> None:
         self.gate = threading.Event()
+        self.started = threading.Event()
         self.calls = 0
+        self.sizes: list[int] = []
 
     def proba(self, pixels: np.ndarray) -> np.ndarray:
         self.calls += 1
+        self.sizes.append(len(pixels))
+        self.started.set()
         self.gate.wait(10)
         return np.tile([0.25, 0.75], (len(pixels), 1))
 
@@ -119,9 +123,8 @@ def test_full_queue_answers_503_and_recovers() -> None:
     with TestClient(create_app(model, settings)) as c, ThreadPoolExecutor(8) as pool:
         post = lambda: c.post("/predict", content=png_bytes(8), headers={"content-type": "image/png"})  # noqa: E731
         first = pool.submit(post)  # taken by the worker, blocks on the gate
+        assert model.started.wait(10)
         deadline = time.monotonic() + 10
-        while model.calls == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
         queued = [pool.submit(post) for _ in range(2)]  # fill the queue
         while c.app.state.batcher.waiting < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -133,17 +136,27 @@ def test_full_queue_answers_503_and_recovers() -> None:
     assert answers[0].json()["predictions"][0]["label"] == "b"
 
 
-def test_concurrent_requests_are_batched(client: TestClient) -> None:
-    data = cache_test_images(1)[0].read_bytes()
-    batcher = client.app.state.batcher
-    before_batches, before_images = batcher.batches, batcher.images
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda _: client.post(
-            "/predict", content=data, headers={"content-type": "image/jpeg"}), range(16)))
-    assert all(a.status_code == 200 for a in answers)
-    assert len({a.json()["predictions"][0]["label"] for a in answers}) == 1
-    assert batcher.images - before_images == 16
-    assert batcher.batches - before_batches <= 16
+def test_concurrent_requests_are_batched() -> None:
+    """Hold the worker on one request, queue N more, release: they run as ceil(N / max_batch)
+    batches (a server that ran one image per batch would need N)."""
+    model = BlockingModel()
+    queued, max_batch = 10, 4
+    settings = ServiceSettings(batching=BatchSettings(max_batch=max_batch, max_wait_ms=0))
+    with TestClient(create_app(model, settings)) as c, ThreadPoolExecutor(queued + 1) as pool:
+        batcher = c.app.state.batcher
+        post = lambda: c.post("/predict", content=png_bytes(8), headers={"content-type": "image/png"})  # noqa: E731
+        first = pool.submit(post)
+        assert model.started.wait(10), "the first request never reached the model"
+        rest = [pool.submit(post) for _ in range(queued)]
+        deadline = time.monotonic() + 10
+        while batcher.waiting < queued and time.monotonic() < deadline:
+            time.sleep(0.01)  # polls a counter; nothing else signals a queued request
+        assert batcher.waiting == queued
+        model.gate.set()
+        answers = [first.result(10), *[f.result(10) for f in rest]]
+    assert [a.status_code for a in answers] == [200] * (queued + 1)
+    assert model.sizes == [1, 4, 4, 2]  # ceil(10 / 4) = 3 batches after the held one
+    assert batcher.batches == 1 + -(-queued // max_batch) and batcher.images == queued + 1
 
 
 @pytest.mark.parametrize("blank", ["", "   "])

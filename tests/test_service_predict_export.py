@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from classifiers.export import (TFLiteRunner, end_to_end_model, load_exported, split_pixels,
-                                tflite_bytes)
-from extract.predict import collect_inputs, predict_files
+from endtoend.export import TFLiteRunner, end_to_end_model, split_pixels, tflite_bytes
+from endtoend.keras_heads import load_exported
+from endtoend.predict import collect_inputs, predict_files
 from tests.service_support import cache_test_images, predictor, service_store
 from store.errors import HeadstartError
 
@@ -102,7 +102,7 @@ def test_tflite_variants_load_and_answer(tmp_path, test_pixels) -> None:
 def test_non_linear_heads_are_refused() -> None:
     from sklearn.ensemble import RandomForestClassifier
 
-    from classifiers.export import keras_head
+    from endtoend.keras_heads import keras_head
 
     X = predictor("mlp").cache.features("train", slice(0, 40))
     forest = RandomForestClassifier(n_estimators=2).fit(X, np.arange(40) % 10)
@@ -113,10 +113,9 @@ def test_non_linear_heads_are_refused() -> None:
 def test_predict_with_an_ensemble_matches_the_ensemble_on_cached_features() -> None:
     from typer.testing import CliRunner
 
-    from classifiers.training import record_proba
+    from classifiers.saved import load_saved_head
     from cli import app
-    from extract.predict import EnsemblePredictor, open_predictor
-    from store.heads import load_head_record
+    from endtoend.predict import open_predictor
     from store.store import Store
 
     store = Store(service_store())
@@ -125,11 +124,10 @@ def test_predict_with_an_ensemble_matches_the_ensemble_on_cached_features() -> N
     assert result.exit_code == 0, result.output
     cache = store.find_cache()
     model = open_predictor(store, cache, "ens")
-    assert isinstance(model, EnsemblePredictor) and len(model.members) == 2
+    assert model.head.kind == "ensemble" and len(model.head.members) == 2
     paths = cache_test_images(40)
     answers = list(predict_files(model, paths, top=1, batch_size=16))
-    record, _ = load_head_record(store, cache, "ens")
-    cached = record_proba(store, record, "test")[:40]
+    cached = load_saved_head(store, cache, "ens").split_proba("test")[:40]
     assert [model.class_names.index(a.top[0]["label"]) for a in answers] == \
         cached.argmax(axis=1).tolist()
     assert [a.top[0]["probability"] for a in answers] == pytest.approx(

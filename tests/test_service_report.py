@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from tests.service_support import service_store
-from store.store import Store
+from tests.service_support import ENSEMBLES, ensemble_store, service_store
 
 
 def test_report_writes_valid_pngs_and_a_page(tmp_path) -> None:
@@ -27,20 +25,14 @@ def test_report_writes_valid_pngs_and_a_page(tmp_path) -> None:
         assert name in page
 
 
-def test_report_of_an_ensemble_compares_members(tmp_path) -> None:
-    """A head whose sidecar lists members gets a members-vs-ensemble figure."""
-    store = Store(service_store())
-    cache = store.find_cache()
-    sidecar = store.head_dir(cache) / "logreg.json"
-    record = json.loads(sidecar.read_text())
-    record["members"] = ["mlp", "logreg"]
-    copy = store.head_dir(cache) / "members-demo.json"
-    copy.write_text(json.dumps({**record, "name": "members-demo"}))
-    try:
-        result = CliRunner().invoke(app, ["report", "--head", "members-demo", "--out", str(tmp_path),
-                                          "--store", str(service_store())])
-    finally:
-        copy.unlink()
+@pytest.mark.parametrize("head", ENSEMBLES)
+def test_report_of_an_ensemble_compares_members(tmp_path, head: str) -> None:
+    """A real ensemble (made by `ensemble`, every method, and one across two caches) gets a
+    members-vs-ensemble figure."""
+    store, first = ensemble_store()
+    result = CliRunner().invoke(app, ["report", "--head", head, "--cache", first, "--out",
+                                      str(tmp_path), "--store", str(store)])
     assert result.exit_code == 0, result.output
     with Image.open(tmp_path / "members.png") as image:
         image.verify()
+    assert "members.png" in (tmp_path / "index.html").read_text()

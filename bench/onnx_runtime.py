@@ -1,0 +1,237 @@
+"""TensorFlow vs ONNX Runtime on the CPU, side by side in one run (issue 17, "measure first").
+
+For each backbone of the registry's set (MobileNet alpha 0.25 with the shared ImageNet weights at
+128 and 224 px; ResNet50 and VGG16 with --weights none at 128 px): the feature model with its
+preprocessing converted to ONNX (tf2onnx, as `--runtime onnx` does; and Keras's own
+`model.export(format="onnx")` of the bare backbone, for comparison), then batches of 64 timed
+alternately under each runtime (median of pairs), forward-only (images already at the input size)
+and with the resize (32 px CIFAR-sized images, as `extract` hands them over), plus the max abs
+difference of the features. Writes bench/results/onnx.json and onnx.md.
+
+    python bench/onnx_runtime.py [--pairs 3] [--only mobilenet-128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from common import RESULTS, WEIGHTS, log, machine, median, save_json, subset
+
+CONFIGS = {
+    "mobilenet-128": {"backbone": "mobilenet", "alpha": 0.25, "weights": str(WEIGHTS),
+                      "image_size": 128},
+    "mobilenet-224": {"backbone": "mobilenet", "alpha": 0.25, "weights": str(WEIGHTS),
+                      "image_size": 224},
+    "resnet50-128": {"backbone": "resnet50", "alpha": None, "weights": "none", "image_size": 128},
+    "vgg16-128": {"backbone": "vgg16", "alpha": None, "weights": "none", "image_size": 128,
+                  "batch": 32},
+}
+BATCH = 64  # per batch, unless the config says (VGG16: 32, as in the issue)
+
+
+def _pairs(first: Callable[[], Any], second: Callable[[], Any], pairs: int,
+           sample_s: float = 1.0) -> tuple[float, float]:
+    """Median seconds per call of each of two calls, timed in alternating pairs (one warm-up
+    each); each timing repeats the call for about `sample_s` seconds, so that a busy machine's
+    hiccups spread over many batches."""
+    started = time.perf_counter()
+    first(), second()
+    repeats = max(1, round(2 * sample_s / (time.perf_counter() - started)))
+    a, b = [], []
+    for _ in range(pairs):
+        for fn, out in ((first, a), (second, b)):
+            started = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            out.append((time.perf_counter() - started) / repeats)
+    return median(a), median(b)
+
+
+def _keras_export(model: Any, folder: Path) -> dict[str, Any]:
+    """Keras's own ONNX export of the bare backbone: whether it works, how long it takes."""
+    from extract.runtime import quiet_stderr
+
+    path = folder / "keras-export.onnx"
+    started = time.perf_counter()
+    try:
+        with quiet_stderr():
+            model.export(str(path), format="onnx", verbose=False)
+    except Exception as error:  # report, do not stop the run
+        return {"ok": False, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+    return {"ok": True, "seconds": time.perf_counter() - started, "path": path}
+
+
+def measure(name: str, settings: dict[str, Any], pairs: int, folder: Path) -> dict[str, Any]:
+    from extract.backbones import Weights, build_feature_model, get_backbone
+    from extract.forward import forward_function
+    from extract.onnx_runtime import convert, cpu_threads, onnx_forward_function, session
+
+    spec = get_backbone(settings["backbone"])
+    size = settings["image_size"]
+    preprocessing = spec.preprocessing(size)
+    model = build_feature_model(spec, settings["alpha"], Weights.parse(settings["weights"]), size,
+                                "avg")
+    tf_forward = forward_function(model, preprocessing)
+    started = time.perf_counter()
+    data = convert(model, preprocessing)
+    conversion = time.perf_counter() - started
+    onnx_forward = onnx_forward_function(session(data), preprocessing)
+
+    batch_size = settings.get("batch", BATCH)
+    rng = np.random.default_rng(0)
+    at_size = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    small = rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)
+    row: dict[str, Any] = {"model": name, "threads": cpu_threads(), "onnx_bytes": len(data),
+                           "conversion_s": conversion, "batch": batch_size}
+    for label, batch in (("forward", at_size), ("resize", small)):
+        diff = float(np.abs(tf_forward(batch) - onnx_forward(batch)).max())
+        tf_s, onnx_s = _pairs(lambda: tf_forward(batch), lambda: onnx_forward(batch), pairs)
+        row[label] = {"tf_ips": batch_size / tf_s, "onnx_ips": batch_size / onnx_s,
+                      "ratio": tf_s / onnx_s, "max_abs_diff": diff}
+        log(f"{name} {label}: TF {batch_size / tf_s:.0f} img/s, ONNX Runtime "
+            f"{batch_size / onnx_s:.0f} img/s ({tf_s / onnx_s:.2f}x), max abs diff {diff:.2e}")
+
+    exported = _keras_export(model, folder)
+    if exported.get("ok"):
+        runner = session(Path(exported.pop("path")))
+        inputs = preprocessing.apply(at_size)
+        feed = {runner.get_inputs()[0].name: inputs}
+        tf_s, keras_s = _pairs(lambda: tf_forward(at_size), lambda: runner.run(None, feed),
+                               pairs if name.startswith("mobilenet") else 1)
+        difference = np.abs(runner.run(None, feed)[0] - tf_forward(at_size)).max()
+        exported.update(onnx_ips=batch_size / keras_s, ratio=tf_s / keras_s,
+                        max_abs_diff=float(difference))
+    row["keras_export"] = exported
+    log(f"{name} keras export: {exported}")
+    return row
+
+
+def extraction(name: str, settings: dict[str, Any], images: int, pairs: int, folder: Path,
+               ceiling: float) -> dict[str, Any]:
+    """`extract_features` end to end (decode, resize, backbone, writes) under each runtime, in
+    alternating pairs on fresh caches of `images` CIFAR-10 files; the ONNX model converted once."""
+    import shutil
+
+    from extract.pipeline import extract_features
+    from extract.settings import ExtractSettings
+    from store.store import Store
+
+    data = subset(images)
+    store = Store(folder / f"store-{name}")
+    seconds: dict[str, list[float]] = {"tf": [], "onnx": []}
+    for run in range(pairs + 1):  # the first pair warms up (and converts)
+        for runtime in ("tf", "onnx"):
+            plan = ExtractSettings(str(data), settings["backbone"], settings["weights"],
+                                   settings["alpha"], settings["image_size"], dtype="float16",
+                                   runtime=runtime).plan()
+            result = extract_features(plan, store, progress=False)
+            if run:
+                seconds[runtime].append(result.seconds / result.computed)
+            shutil.rmtree(store.caches_dir)
+    tf_s, onnx_s = median(seconds["tf"]), median(seconds["onnx"])
+    row = {"model": name, "images": images, "tf_ips": 1 / tf_s, "onnx_ips": 1 / onnx_s,
+           "ratio": tf_s / onnx_s, "of_onnx_ceiling": (1 / onnx_s) / ceiling}
+    log(f"{name} extract: TF {1 / tf_s:.0f} img/s, ONNX Runtime {1 / onnx_s:.0f} img/s "
+        f"({tf_s / onnx_s:.2f}x; {row['of_onnx_ceiling']:.2f} of ONNX's forward ceiling)")
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], extracts: list[dict[str, Any]], facts: dict[str, Any],
+             command: str, date: str) -> str:
+    lines = [
+        "# TensorFlow vs ONNX Runtime on the CPU",
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {date}  ",
+        f"Machine: {facts['cores']} cores ({facts['cpu']}), load average {facts['load_average']} "
+        f"at the start, Python {facts['python']}, TensorFlow {facts['libraries']['tensorflow']}, "
+        f"Keras {facts['libraries']['keras']}, numpy {facts['libraries']['numpy']}; "
+        f"{facts['converter']}; commit {facts['commit']}.",
+        "",
+        f"Batch {BATCH} (VGG16: 32), float32, the feature model with its preprocessing (avg "
+        "pooling). TF is "
+        "`extract.forward.forward_function` (the extraction pass's traced function); ONNX Runtime "
+        "is `extract.onnx_runtime` (tf2onnx, opset 17, CPUExecutionProvider, intra-op threads = "
+        "the cores this process may use, no spin-waiting). Median of alternating pairs in one run, "
+        "each timing about a second of batches. *forward*: "
+        "uint8 images already at the input size (each runtime's forward ceiling); *with resize*: "
+        "32 px images (CIFAR-sized, as extract hands them over), resized by TensorFlow in both "
+        "(in the traced graph for TF, `Preprocessing.resize_batch` before the session for ONNX). "
+        "Max abs diff: features of the same batch under both runtimes.",
+        "",
+        "| model | TF forward img/s | ONNX forward img/s | ratio | TF with resize img/s | "
+        "ONNX with resize img/s | ratio | max abs diff | conversion s | ONNX MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        f, z = r["forward"], r["resize"]
+        lines.append(
+            f"| {r['model']} | {f['tf_ips']:,.0f} | {f['onnx_ips']:,.0f} | {f['ratio']:.2f}x | "
+            f"{z['tf_ips']:,.0f} | {z['onnx_ips']:,.0f} | {z['ratio']:.2f}x | "
+            f"{max(f['max_abs_diff'], z['max_abs_diff']):.1e} | {r['conversion_s']:.1f} | "
+            f"{r['onnx_bytes'] / 1e6:.1f} |")
+    if extracts:
+        lines += ["", "`extract` end to end (decode, resize, backbone, segment writes; the "
+                  "pass's own clock, model build and conversion excluded), CIFAR-10 files, "
+                  "median of alternating pairs:", "",
+                  "| model | images | TF img/s | ONNX img/s | ratio | of ONNX forward ceiling |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for e in extracts:
+            lines.append(f"| {e['model']} | {e['images']:,} | {e['tf_ips']:,.0f} | "
+                         f"{e['onnx_ips']:,.0f} | {e['ratio']:.2f}x | {e['of_onnx_ceiling']:.2f} |")
+    lines += ["", "Keras's own `model.export(path, format=\"onnx\")` of the bare backbone "
+              "(preprocessed float inputs; forward only; one pair for ResNet50 and VGG16; the "
+              "session as above):", "",
+              "| model | works | export s | ONNX img/s | ratio vs TF | max abs diff |",
+              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        k = r["keras_export"]
+        if k.get("ok"):
+            lines.append(f"| {r['model']} | yes | {k['seconds']:.1f} | {k['onnx_ips']:,.0f} | "
+                         f"{k['ratio']:.2f}x | {k['max_abs_diff']:.1e} |")
+        else:
+            lines.append(f"| {r['model']} | no: {k['error']} | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--only", nargs="*", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--extract", type=int, default=2048, help="CIFAR-10 images for the "
+                        "end-to-end extract rows (MobileNet only; 0: none)")
+    args = parser.parse_args()
+    from extract.onnx_runtime import converter_versions
+
+    facts = machine()
+    versions = converter_versions()
+    from importlib import metadata
+    facts["converter"] = (f"onnxruntime {metadata.version('onnxruntime')}, tf2onnx "
+                          f"{versions['tf2onnx']}, onnx {versions['onnx']}")
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    rows, extracts = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.only:
+            rows.append(measure(name, CONFIGS[name], args.pairs, Path(folder)))
+            if args.extract and name.startswith("mobilenet"):
+                extracts.append(extraction(name, CONFIGS[name], args.extract,
+                                           max(1, args.pairs // 2), Path(folder),
+                                           rows[-1]["forward"]["onnx_ips"]))
+    command = "python " + " ".join(["bench/onnx_runtime.py", *sys.argv[1:]])
+    save_json("onnx.json", {"machine": facts, "date": date, "command": command, "rows": rows,
+                            "extract": extracts})
+    text = markdown(rows, extracts, facts, command, date)
+    (RESULTS / "onnx.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

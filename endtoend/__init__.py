@@ -1,0 +1,1 @@
+"""End to end, from images: predict, fine-tune the backbone, export, and the HTML report."""

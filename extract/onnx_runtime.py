@@ -1,0 +1,243 @@
+"""The backbone on ONNX Runtime: conversion (tf2onnx, once per model, kept in the store), the
+inference session (CPUExecutionProvider, threads from the machine), and a forward function
+with `extract.forward.forward_function`'s contract: uint8 N×H×W×3 (any one size) in, float32
+features out.
+
+The converted graph holds the backbone's `preprocess_input` and the backbone, and takes
+float32 images (0..255 values) at the cache's input size, so uint8 batches and float batches
+(augmented views) give the numbers TensorFlow gives. A batch of another size is first resized by
+`Preprocessing.resize_batch`, TensorFlow's own resize, rounded to uint8 as in the graph, so the
+images the backbone sees are the same arrays under either runtime (tf2onnx cannot convert the
+antialiased resize, ScaleAndTranslate, and ONNX's Resize rounds differently).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from extract.plan import library_versions
+from extract.preprocessing import Preprocessing
+from extract.runtime import quiet_stderr, load_keras
+from store.errors import HeadstartError
+from store.fingerprint import fingerprint
+from store.runtimes import model_path, write_model
+
+#: ONNX opset the backbones are converted to (onnxruntime 1.17+ runs it).
+OPSET = 17
+#: Libraries whose versions decide the converted file (part of its key).
+CONVERTER_LIBRARIES = ("tf2onnx", "onnx", "tensorflow", "keras")
+#: The fingerprint inputs that decide the backbone a cache ran (its key's model part).
+MODEL_INPUTS = ("backbone", "alpha", "weights", "image_size", "pooling", "preprocessing")
+INPUT_NAME = "images"
+
+
+def available() -> bool:
+    """Whether onnxruntime and tf2onnx are installed."""
+    try:
+        metadata.version("onnxruntime")
+        metadata.version("tf2onnx")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def require() -> None:
+    """Refuse the ONNX runtime, in one sentence, where its libraries are missing."""
+    if not available():
+        raise HeadstartError("--runtime onnx needs onnxruntime and tf2onnx; install them with "
+                             "pip install -e '.[onnx]'.")
+
+
+def converter_versions() -> dict[str, str]:
+    """Versions of the libraries that decide the converted model, and the opset."""
+    return {"opset": str(OPSET), **library_versions(CONVERTER_LIBRARIES)}
+
+
+def model_key(inputs: dict[str, Any]) -> str:
+    """The store key of a backbone's converted model, from a cache's (or plan's) fingerprint
+    inputs: the backbone settings and weights identity plus the converter versions."""
+    return fingerprint({"model": {k: inputs.get(k) for k in MODEL_INPUTS},
+                        "converter": converter_versions()})
+
+
+@functools.lru_cache(maxsize=1)
+def _quiet_converter() -> Any:
+    """tf2onnx, imported without TensorFlow's or its own chatter."""
+    load_keras()
+    with quiet_stderr():
+        import tf2onnx
+    for name in ("tf2onnx", "onnx", "onnxruntime"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return tf2onnx
+
+
+def convert(model: Any, preprocessing: Preprocessing, opset: int = OPSET) -> bytes:
+    """The Keras feature model with its preprocessing, as serialized ONNX: float32 (0..255)
+    N×S×S×3 in (S the input size), float32 features out."""
+    return convert_function(
+        lambda images: model(preprocessing.graph_inputs(images), training=False),
+        preprocessing.image_size, opset)
+
+
+def convert_function(function: Callable[[Any], Any], size: int, opset: int = OPSET) -> bytes:
+    """A TensorFlow-traceable function of float32 N×S×S×3 images (its output cast to float32)
+    as serialized ONNX, converted by tf2onnx without a line on stderr."""
+    tf2onnx = _quiet_converter()
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, size, size, 3], tf.float32, name=INPUT_NAME)
+
+    @tf.function(input_signature=[spec])
+    def traced(images: Any) -> Any:
+        return tf.cast(function(images), tf.float32)
+
+    with quiet_stderr():
+        proto, _ = tf2onnx.convert.from_function(traced, input_signature=[spec], opset=opset)
+    return proto.SerializeToString()
+
+
+def quantize_int8(model: bytes, calibration: np.ndarray, target: Path) -> Path:
+    """A static int8 variant of a converted model (QDQ; uint8 activations, per-channel int8
+    weights, after onnxruntime's pre-processing folds batch norms into the convolutions), its
+    activation ranges calibrated on `calibration` (float32 N×S×S×3 images as the model takes
+    them). The quantizer's advice on the root logger is kept off stderr."""
+    require()
+    import tempfile
+
+    import onnx
+
+    name = onnx.load_model_from_string(model).graph.input[0].name
+    with quiet_stderr(), _logging_off():
+        from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                              quantize_static)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        class Images(CalibrationDataReader):  # one image per calibration step
+            def __init__(self) -> None:
+                self.rows = iter(calibration)
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                row = next(self.rows, None)
+                return None if row is None else {name: row[None].astype(np.float32)}
+
+        with tempfile.TemporaryDirectory(prefix="headstart-quantize-") as folder:
+            source = Path(folder) / "float32.onnx"
+            source.write_bytes(model)
+            prepared, quantized = Path(folder) / "prepared.onnx", Path(folder) / "int8.onnx"
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            quantize_static(str(prepared), str(quantized), Images(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            per_channel=True)
+            write_model(target, quantized.read_bytes())
+    return target
+
+
+def converted_model(root: Path, inputs: dict[str, Any], model: Any | Callable[[], Any],
+                    preprocessing: Preprocessing) -> Path:
+    """The store's converted model for these fingerprint inputs, converting it the first time.
+    `model` is the Keras feature model, or a function that builds it (called only to convert)."""
+    require()
+    path = model_path(root, model_key(inputs))
+    if not path.is_file():
+        keras_model = model() if callable(model) and not hasattr(model, "layers") else model
+        try:
+            data = convert(keras_model, preprocessing)
+        except Exception as error:  # tf2onnx raises many types, with long messages
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise HeadstartError(f"Cannot convert backbone {inputs.get('backbone')} to ONNX "
+                                 f"({first.rstrip('.')}); use --runtime tf.") from None
+        write_model(path, data)
+    return path
+
+
+@contextlib.contextmanager
+def _logging_off() -> Iterator[None]:
+    """No Python log record below ERROR (onnxruntime's quantizer warns on the root logger)."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def cpu_threads() -> int:
+    """CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def session(model: Path | bytes, threads: int | None = None) -> Any:
+    """An onnxruntime session on the CPU provider, `threads` intra-op threads (all cores)."""
+    require()
+    with quiet_stderr():
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or cpu_threads()
+        options.inter_op_num_threads = 1
+        # No spin-waiting between batches: the decoding threads need those cores (measured:
+        # extraction at about half speed on 2 cores with spinning on).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        source = str(model) if isinstance(model, Path) else model
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def open_session(path: Path, model: Any, preprocessing: Preprocessing, root: Path,
+                 inputs: dict[str, Any]) -> Any:
+    """The session of the store's converted model; a file onnxruntime cannot load (damaged
+    by hand, say) is converted again once."""
+    try:
+        return session(path)
+    except Exception:  # onnxruntime raises its own exception types for a bad file
+        path.unlink(missing_ok=True)
+        return session(converted_model(root, inputs, model, preprocessing))
+
+
+def onnx_forward_function(runner: Any, preprocessing: Preprocessing
+                          ) -> Callable[[np.ndarray], np.ndarray]:
+    """`forward_function`'s contract on an onnxruntime session: a batch of decoded images
+    (uint8 N×H×W×3, any one size) in, float32 features out."""
+    name = runner.get_inputs()[0].name
+    size = preprocessing.image_size
+
+    def call(batch: np.ndarray) -> np.ndarray:
+        if batch.shape[1:3] != (size, size):
+            batch = preprocessing.resize_batch(batch)
+        images = np.ascontiguousarray(batch, dtype=np.float32)
+        return runner.run(None, {name: images})[0].astype(np.float32, copy=False)
+
+    return call
+
+
+def export_variants(model: Any, size: int, calibration: np.ndarray, folder: Path, stem: str,
+                    int8: bool = True) -> list[tuple[str, Path]]:
+    """`export --format onnx`: a fixed-size end-to-end Keras model (float32 0..255 pixels
+    N×S×S×3 → probabilities) as STEM_float32.onnx and, with `int8`, its static int8 variant
+    calibrated on `calibration` images; returns (variant name, path) pairs."""
+    require()
+    data = convert_function(lambda images: model(images, training=False), size)
+    made = [("onnx-float32", write_model(folder / f"{stem}_float32.onnx", data))]
+    if int8:
+        made.append(("onnx-int8", quantize_int8(data, calibration, folder / f"{stem}_int8.onnx")))
+    return made
+
+
+def run_batches(path: Path, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """An exported model's outputs for float32 (or uint8) images, in batches."""
+    runner = session(path)
+    name = runner.get_inputs()[0].name
+    return np.concatenate([runner.run(None, {name: images[i:i + batch_size].astype(np.float32)})[0]
+                           for i in range(0, len(images), batch_size)]).astype(np.float64)

@@ -1,0 +1,65 @@
+"""The forward function of a runtime: one seam for extraction, predict and serve.
+
+`tf` is `extract.forward.forward_function` (the traced TensorFlow pass); `onnx` is the same
+feature model converted once to ONNX, kept in the store, and run on ONNX Runtime's CPU provider
+(`extract.onnx_runtime`). Both take uint8 N×H×W×3 batches (any one size) and give float32
+features. A cache records its runtime in its fingerprint inputs only when it is not tf.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from extract.compute import RUNTIMES, ComputeOptions
+from extract.preprocessing import Preprocessing
+from store.errors import HeadstartError
+
+DEFAULT_RUNTIME = "tf"
+
+
+def cache_runtime(inputs: dict[str, Any]) -> str:
+    """The runtime that made a cache, from its fingerprint inputs (tf when not recorded)."""
+    return str(inputs.get("runtime", DEFAULT_RUNTIME))
+
+
+def checked_runtime(cache_name: str, inputs: dict[str, Any], asked: str | None) -> str:
+    """The runtime a head of this cache answers with: the cache's own. Another one is refused:
+    its features differ in the last bits from those the head was fitted on."""
+    own = cache_runtime(inputs)
+    if asked is not None and asked not in RUNTIMES:
+        raise HeadstartError(f"Unknown --runtime {asked!r}; choose one of {', '.join(RUNTIMES)}.")
+    if asked is not None and asked != own:
+        raise HeadstartError(
+            f"Cache {cache_name} was extracted with --runtime {own}, so its heads answer with "
+            f"{own} only (other runtimes' features differ in the last bits); drop --runtime, or "
+            f"extract a cache with --runtime {asked} and fit the head on it.")
+    return own
+
+
+def runtime_forward(runtime: str, model: Any, preprocessing: Preprocessing,
+                    compute: ComputeOptions | None = None, *, store_root: Path | None = None,
+                    inputs: dict[str, Any] | None = None, mirror: bool = False
+                    ) -> Callable[[np.ndarray], np.ndarray]:
+    """The forward function of `runtime` for a Keras feature model (of the mirrored images
+    with `mirror`, tf only). For onnx, `store_root` and the cache's (or plan's) fingerprint
+    `inputs` locate the converted model in the store."""
+    if runtime == "tf":
+        from extract.forward import forward_function
+
+        return forward_function(model, preprocessing, compute, mirror=mirror)
+    if mirror:
+        raise HeadstartError("The onnx runtime does not make mirrored views yet; extract with "
+                             "--runtime tf for --tta flip.")
+    if runtime != "onnx":
+        raise HeadstartError(f"Unknown --runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}.")
+    if store_root is None or inputs is None:
+        raise ValueError("the onnx runtime needs the store and the fingerprint inputs")
+    from extract import onnx_runtime
+
+    path = onnx_runtime.converted_model(store_root, inputs, model, preprocessing)
+    return onnx_runtime.onnx_forward_function(onnx_runtime.open_session(path, model, preprocessing,
+                                                                        store_root, inputs),
+                                              preprocessing)
