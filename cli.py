@@ -80,7 +80,7 @@ def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
 
 
 # The library's own tuples (tests/test_cli.py checks that these match them).
-Pooling = _choices("Pooling", ("avg", "max", "flatten"))
+Pooling = _choices("Pooling", ("avg", "max", "flatten", "cls", "mean", "cls+mean"))
 Dtype = _choices("Dtype", ("float16", "float32"))
 Precision = _choices("Precision", ("float32", "mixed_float16", "mixed_bfloat16"))
 Engine = _choices("Engine", ("local", "ray"))
@@ -197,12 +197,17 @@ def _value(choice: Optional[Enum]) -> Optional[str]:
 def extract(
     dataset: str = typer.Argument(..., help="A Keras dataset (cifar10, cifar100, mnist, "
                                   "fashion_mnist) or an image folder."),
-    backbone: str = typer.Option("vgg16", help="Backbone name; see 'backbones'."),
+    backbone: str = typer.Option("vgg16", help="Backbone name (see 'backbones'), or "
+                                 "preset:NAME_OR_DIR for a KerasHub preset (a name, kaggle:// "
+                                 "or hf:// handle, or a local preset folder)."),
     weights: str = typer.Option("imagenet", help="'imagenet', 'none' (random) or a weights file."),
     alpha: Optional[float] = typer.Option(None, help="Width multiplier (MobileNet family)."),
     image_size: Optional[int] = typer.Option(None, help="Input size (default: the backbone's "
                                              "native size; 32 reproduces the paper)."),
-    pooling: Pooling = typer.Option("avg", help="flatten is the paper's Flatten."),
+    pooling: Optional[Pooling] = typer.Option(None, help="CNNs: avg (default), max or flatten "
+                                              "(the paper's Flatten); vision transformers: cls, "
+                                              "mean (of patch tokens) or cls+mean (default for "
+                                              "DINO models).", show_default=False),
     dtype: Dtype = typer.Option("float16", help="Stored feature type."),
     batch_size: int = typer.Option(64, help="Images per backbone batch."),
     test_fraction: float = typer.Option(0.2, help="Test share for DIR/<class>/* folders "
@@ -762,20 +767,26 @@ def use(
 
 @app.command()
 def backbones(store: Optional[Path] = StoreOption) -> None:
-    """List the registered backbones: input sizes, feature width (per alpha) and preprocessing.
+    """List the registered backbones: input sizes, feature width (per alpha), preprocessing,
+    poolings and where the weights come from (nothing is downloaded to list them).
 
-    Every command takes --store; this one lists what any store can use.
+    Any other KerasHub image backbone preset: --backbone preset:NAME_OR_DIR. Every command
+    takes --store; this one lists what any store can use.
     """
     from extract.backbones import backbone_names, get_backbone
 
-    table = Table("backbone", "native size", "min size", "avg/max width (per alpha)",
-                  "preprocess_input")
+    table = Table("backbone", "native size", "min size", "width (per alpha)", "preprocessing",
+                  "poolings", "weights")
     for name in backbone_names():
         b = get_backbone(name)
         widths = (", ".join(f"{b.feature_width(a)} (a={a})" for a in b.alphas) if b.alphas
                   else str(b.width))
-        table.add_row(name, str(b.native_size), str(b.min_size), widths,
-                      b.preprocessing(b.native_size).preprocess_input)
+        hub = b.module == "keras_hub"
+        preprocessing = ("the preset's image converter" if hub
+                         else b.preprocessing(b.native_size).preprocess_input)
+        size = f"{b.min_size} (patch; sizes are multiples)" if hub else str(b.min_size)
+        table.add_row(name, str(b.native_size), size, widths + (" per token" if hub else ""),
+                      preprocessing, ", ".join(b.poolings), b.source)
     out.print(table)
 
 

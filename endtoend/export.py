@@ -45,19 +45,28 @@ def end_to_end_model(predictor: Predictor, fixed_size: bool = False) -> Any:
     head = saved_keras_head(predictor.head, predictor.cache.features("train", slice(0, 64)))
     inputs = keras.Input((size, size, 3) if fixed_size else (None, None, 3), name="pixels")
     x = inputs
-    if not fixed_size:
+    if pre.converter is not None:  # a KerasHub preset: its own converter layer (serialisable)
+        from extract.kerashub import converter_layer
+
+        x = converter_layer(pre, resize=not fixed_size)(x)
+    elif not fixed_size:
         x = keras.layers.Resizing(size, size, interpolation=KERAS_INTERPOLATION[pre.interpolation],
                                   antialias=True, name="resize")(x)
-    outputs = head(predictor.backbone(preprocess_layer(pre.preprocess_input)(x)),
-                   training=False)  # dropout off in every exported form
+
+    def features(images: Any) -> Any:  # a KerasHub converter has already preprocessed x
+        if pre.converter is None:
+            images = preprocess_layer(pre.preprocess_input)(images)
+        return predictor.backbone(images)
+
+    outputs = head(features(x), training=False)  # dropout off in every exported form
     if predictor.views:  # the head's answer averages the image and its mirror
         if predictor.head.members:
             raise HeadstartError(
                 f"Ensemble {predictor.head_name!r} has members fitted with test-time views; "
                 "exporting it is not supported yet (export its members, or fit them with "
                 "--no-tta).")
-        mirrored = predictor.backbone(preprocess_layer(pre.preprocess_input)(mirror_layer()(x)))
-        outputs = keras.layers.Average(name="views")([outputs, head(mirrored, training=False)])
+        mirrored = head(features(mirror_layer()(x)), training=False)
+        outputs = keras.layers.Average(name="views")([outputs, mirrored])
     return keras.Model(inputs, outputs, name=f"headstart_{predictor.head_name}")
 
 

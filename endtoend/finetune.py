@@ -38,6 +38,7 @@ from extract.preprocessing import Preprocessing
 from extract.rebuild import (cache_dataset, cache_feature_model, cache_plan, cache_preprocessing,
                              cache_weights)
 from extract.backbones import Weights
+from extract.kerashub import save_finetuned_preset
 from extract.runtime import load_keras
 from store.atomic import write_text
 from store.cache import FeatureCache
@@ -185,10 +186,14 @@ def finetune(store: Store, cache: FeatureCache, head_name: str, settings: Finetu
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{cache.short_id}"
     run_dir = store.root / "finetune" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    weights_path = run_dir / "backbone.weights.h5"
-    base.save_weights(str(weights_path))
+    # a KerasHub backbone is saved as a preset folder (its converter beside it), others as weights
+    saved = save_finetuned_preset(feature_model, preprocessing, run_dir / "preset")
+    if saved is None:
+        base.save_weights(str(run_dir / "backbone.weights.h5"))
+        saved = Weights("file", (run_dir / "backbone.weights.h5").resolve())
+    weights_path = saved.path
 
-    plan = cache_plan(cache, dataset, Weights("file", weights_path.resolve()),
+    plan = cache_plan(cache, dataset, saved,
                       lineage={"parent": cache.fingerprint, "finetune_run": str(run_dir)})
     refreshed = extract_features(plan, store, progress=verbose > 0).cache
     head_kind = get_head_kind(head_record["kind"])

@@ -74,6 +74,9 @@ def preprocess_layer(function: str) -> Any:
 def load_exported(path: Any) -> Any:
     """Load an exported .keras model (registers headstart's layers first)."""
     _layer_classes()
+    from extract.kerashub import register_for_loading
+
+    register_for_loading(path)  # KerasHub's layers, when the model holds them
     return load_keras().saving.load_model(path, safe_mode=True)
 
 

@@ -1,7 +1,10 @@
-"""A small registry of frozen feature extractors from `keras.applications`.
+"""The one registry of frozen feature extractors: CNNs from `keras.applications`, and vision
+transformers from KerasHub presets (extract/kerashub.py; `--backbone preset:NAME_OR_DIR` for any
+other KerasHub image backbone preset).
 
-Each entry carries its own preprocessing, native input size and feature width. Nothing here
-imports Keras until a model is actually built, so listing and cache look-ups stay fast.
+Each entry carries its own preprocessing, native input size, feature width, pooling choices and
+where its weights come from. Nothing here imports Keras (or KerasHub) until a model is actually
+built, so listing and cache look-ups stay fast.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from store.errors import HeadstartError
 from store.fingerprint import digest_file
 from store.store import expand_path
 
-POOLINGS = ("avg", "max", "flatten")
+#: Every pooling: the CNNs' (avg, max, flatten), then the vision transformers' (cls, mean,
+#: cls+mean; see extract/kerashub.py). Each backbone accepts its own `poolings`.
+CNN_POOLINGS = ("avg", "max", "flatten")
+POOLINGS = (*CNN_POOLINGS, "cls", "mean", "cls+mean")
 
 #: Flatten is refused above this many features per image (ResNet50 at 224 would give 100,352).
 MAX_FLATTEN_WIDTH = 32_768
@@ -47,6 +53,36 @@ class Backbone:
             interpolation=interpolation,
             resizer=resizer,
         )
+
+    @property
+    def poolings(self) -> tuple[str, ...]:
+        """The --pooling choices this backbone accepts."""
+        return CNN_POOLINGS
+
+    @property
+    def default_pooling(self) -> str:
+        return "avg"
+
+    @property
+    def source(self) -> str:
+        """Where the weights come from (as `backbones` lists them)."""
+        return "keras.applications ImageNet (downloaded by Keras), or --weights FILE"
+
+    def resolved(self) -> "Backbone":
+        """The backbone ready to plan with (a KerasHub preset is downloaded here)."""
+        return self
+
+    def weights(self, weights: "Weights") -> "Weights":
+        """The weights to plan with (a KerasHub preset's are its own)."""
+        return weights
+
+    def check_pooling(self, pooling: str | None) -> None:
+        """Refuse a pooling this backbone does not offer (None: its default)."""
+        if pooling is not None and pooling not in self.poolings:
+            raise HeadstartError(
+                f"Backbone {self.name} pools with {', '.join(self.poolings)}; got --pooling "
+                f"{pooling}" + (" (a KerasHub vision transformers' pooling)."
+                                if pooling in POOLINGS else "."))
 
     def feature_width(self, alpha: float | None) -> int:
         """Pooled feature width; the MobileNet family scales it with alpha."""
@@ -82,30 +118,51 @@ for _entry in (
     Backbone("densenet121", "densenet", "DenseNet121", 224, 32, 1024),
     Backbone("efficientnet_b0", "efficientnet", "EfficientNetB0", 224, 32, 1280),
     Backbone("convnext_tiny", "convnext", "ConvNeXtTiny", 224, 32, 768),
+    Backbone("efficientnet_v2_b0", "efficientnet_v2", "EfficientNetV2B0", 224, 32, 1280),
+    Backbone("efficientnet_v2_s", "efficientnet_v2", "EfficientNetV2S", 384, 32, 1280),
 ):
     register(_entry)
 
 
+def _register_kerashub() -> None:
+    """Add the named KerasHub presets after the CNNs (once; lazily, since extract.kerashub
+    builds on this module)."""
+    if "dinov2_small" not in _REGISTRY:
+        from extract.kerashub import NAMED_PRESETS
+
+        for entry in NAMED_PRESETS:
+            register(entry)
+
+
 def backbone_names() -> list[str]:
     """Registered backbone names, in registry order."""
+    _register_kerashub()
     return list(_REGISTRY)
 
 
 def get_backbone(name: str) -> Backbone:
-    """Look a backbone up by name; unknown names fail with the list of known ones."""
+    """Look a backbone up by name (or `preset:NAME_OR_DIR`, a KerasHub preset); unknown names
+    fail with the list of known ones."""
+    if name.startswith("preset:"):
+        from extract.kerashub import PRESET_PREFIX, preset_backbone
+
+        return preset_backbone(name[len(PRESET_PREFIX):])
+    _register_kerashub()
     try:
         return _REGISTRY[name]
     except KeyError:
         raise HeadstartError(
-            f"Unknown backbone {name!r}; known backbones: {', '.join(_REGISTRY)}."
+            f"Unknown backbone {name!r}; known backbones: {', '.join(_REGISTRY)}, or "
+            "preset:NAME_OR_DIR for a KerasHub preset."
         ) from None
 
 
 @dataclass(frozen=True)
 class Weights:
-    """Where a backbone's weights come from: 'imagenet', a local .h5/.keras file, or 'none'."""
+    """Where a backbone's weights come from: 'imagenet', a local .h5/.keras file, or 'none';
+    for a KerasHub preset, 'preset' (its local folder, whose files' digest is the identity)."""
 
-    source: str  # "imagenet" | "file" | "none"
+    source: str  # "imagenet" | "file" | "none" | "preset"
     path: Path | None = None
 
     @classmethod
@@ -126,6 +183,11 @@ class Weights:
 
     def identity(self, backbone: Backbone, alpha: float | None) -> str:
         """What the fingerprint records: the file's digest, or the Keras weights id."""
+        if self.source == "preset":
+            from extract.kerashub import preset_identity
+
+            assert self.path is not None
+            return preset_identity(self.path)
         if self.source == "file":
             assert self.path is not None
             return f"file-sha256:{digest_file(self.path)}"
@@ -142,8 +204,13 @@ class Weights:
 
 def check_options(backbone: Backbone, alpha: float | None, image_size: int, pooling: str) -> None:
     """Refuse option combinations the backbone cannot honour, before any work starts."""
+    from extract.kerashub import HubBackbone
+
+    if isinstance(backbone, HubBackbone):
+        return backbone.check(alpha, image_size, pooling)
     if pooling not in POOLINGS:
         raise HeadstartError(f"Unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}.")
+    backbone.check_pooling(pooling)
     if alpha is not None and not backbone.alphas:
         raise HeadstartError(f"Backbone {backbone.name} takes no --alpha.")
     if alpha is not None and alpha not in backbone.alphas:
@@ -162,6 +229,10 @@ def build_feature_model(
     backbone: Backbone, alpha: float | None, weights: Weights, image_size: int, pooling: str
 ) -> Any:
     """Build the frozen Keras model: preprocessed S×S×3 images in, one feature vector out."""
+    from extract.kerashub import HubBackbone, build_hub_feature_model
+
+    if isinstance(backbone, HubBackbone):
+        return build_hub_feature_model(backbone, weights, image_size, pooling)
     keras = load_keras()
 
     check_options(backbone, alpha, image_size, pooling)

@@ -43,8 +43,14 @@ def backbone_blocks(base: Any) -> list[list[Any]]:
 def unfreeze_top(base: Any, count: int | None) -> list[str]:
     """Make the top `count` blocks trainable (all when None); BatchNorm stays frozen.
 
-    Returns the names of the layers that became trainable.
+    Returns the names of the layers that became trainable. A KerasHub vision transformer's
+    blocks are its transformer layers (extract/kerashub.py; LayerNorms stay frozen).
     """
+    from extract.kerashub import unfreeze_hub_top
+
+    hub = unfreeze_hub_top(base, count)
+    if hub is not None:
+        return hub
     blocks = backbone_blocks(base)
     chosen = blocks if count is None else blocks[len(blocks) - count:] if count else []
     trainable = {id(layer) for block in chosen for layer in block if not is_batch_norm(layer)}

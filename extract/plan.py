@@ -58,6 +58,10 @@ class ExtractionPlan:
     tta: str | None = None  # "flip": also the mirrored view of every image of every split
 
     def __post_init__(self) -> None:
+        # A KerasHub preset is resolved to its local folder, and its weights are that folder's
+        # files: the fingerprint takes their digest (Weights.identity), never the preset's name.
+        object.__setattr__(self, "backbone", self.backbone.resolved())
+        object.__setattr__(self, "weights", self.backbone.weights(self.weights))
         check_options(self.backbone, self.alpha, self.image_size, self.pooling)
         if self.dtype not in layout.FEATURE_DTYPES:
             raise HeadstartError(

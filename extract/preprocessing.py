@@ -9,6 +9,11 @@ images at their own size, and the resize runs vectorized on every core beside th
 `pillow` (caches of format 1.2 and older) resizes each image with Pillow before batching. Either
 way the resized image is rounded to uint8, so a resized image is the same array wherever it
 was made: one image at a time (`load_file`, uploads) or a batch in the graph.
+
+A KerasHub preset's preprocessing is its image converter (`converter`: the serialised layer,
+resizer `keras_hub`): KerasHub's own layer, rebuilt from the stored definition, resizes (in the
+graph, like the tensorflow resizer) and rescales, exactly as `converter(images)` does on
+decoded uint8 images: its resize of uint8 images is rounded to uint8 too (extract/kerashub.py).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from extract.images import RESAMPLING, pixels_of_bytes, read_pixels, to_rgb
 from extract.images import resize as pillow_resize
 from extract.runtime import load_keras, load_tensorflow
 
-RESIZERS = ("tensorflow", "pillow")
+RESIZERS = ("tensorflow", "pillow", "keras_hub")
 #: tf.image.resize's name for each interpolation.
 TF_METHODS = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic",
               "lanczos": "lanczos3"}
@@ -48,9 +53,12 @@ class Preprocessing:
     color: str = "RGB"
     decoder: str = "pillow"
     resizer: str = "pillow"  # the default of stored definitions written before the field existed
+    converter: dict[str, Any] | None = None  # a KerasHub image converter (resizer keras_hub)
 
     def __post_init__(self) -> None:
-        if self.interpolation not in RESAMPLING:
+        if (self.converter is None) != (self.resizer != "keras_hub"):
+            raise ValueError("The keras_hub resizer goes with a KerasHub converter, and only it.")
+        if self.interpolation not in RESAMPLING and self.converter is None:
             raise ValueError(
                 f"Unknown interpolation {self.interpolation!r}; known: {', '.join(RESAMPLING)}."
             )
@@ -62,6 +70,8 @@ class Preprocessing:
         values = dataclasses.asdict(self)
         if self.resizer == "pillow":
             del values["resizer"]
+        if self.converter is None:  # definitions without one stay as they were
+            del values["converter"]
         return values
 
     @classmethod
@@ -150,6 +160,10 @@ class Preprocessing:
         height, width = images.shape[1], images.shape[2]
         if (height, width) == (size, size):
             return images
+        if self.converter is not None:
+            from extract.kerashub import converter_ops
+
+            return converter_ops(self.converter).resize(images)
         shrinking = height is None or width is None or height > size or width > size
         resized = tf.round(tf.image.resize(images, (size, size),
                                            method=TF_METHODS[self.interpolation],
@@ -161,8 +175,13 @@ class Preprocessing:
     # --- to backbone inputs ---------------------------------------------------------------------
 
     def function(self) -> Callable[[Any], Any]:
-        """The backbone's own `preprocess_input` (imports Keras)."""
+        """The backbone's own `preprocess_input` (imports Keras); a KerasHub converter's scale
+        and offset."""
         load_keras()  # quietly, before the keras.applications module
+        if self.converter is not None:
+            from extract.kerashub import converter_ops
+
+            return converter_ops(self.converter).rescale
         module_name, _, attribute = self.preprocess_input.rpartition(".")
         return getattr(importlib.import_module(module_name), attribute)
 

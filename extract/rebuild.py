@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from extract.backbones import Weights, build_feature_model, get_backbone
+from extract.backbones import Backbone, Weights, build_feature_model, get_backbone
 from extract.datasets import Dataset, open_dataset
 from extract.forward import ViewsForward, views_forward
 from extract.multiblock import multiblock_model
@@ -23,6 +23,10 @@ def cache_weights(cache: FeatureCache, override: str | None = None) -> Weights:
     when the file has moved); otherwise the path the cache recorded is used.
     """
     identity = str(cache.inputs["weights"])
+    if identity.startswith("kerashub-preset-sha256:"):  # the preset folder, checked by digest
+        from extract.kerashub import cache_preset_weights
+
+        return cache_preset_weights(cache, override)
     if identity.startswith("random:"):
         return Weights("none")
     if identity.startswith("keras-imagenet:"):
@@ -46,11 +50,20 @@ def cache_weights(cache: FeatureCache, override: str | None = None) -> Weights:
     return weights
 
 
+def cache_backbone(cache: FeatureCache, weights: Weights) -> Backbone:
+    """The backbone of a cache; a KerasHub preset is read from its folder (`cache_weights`)."""
+    if weights.source == "preset":
+        from extract.kerashub import preset_at
+
+        return preset_at(weights.path, cache.inputs["backbone"])
+    return get_backbone(cache.inputs["backbone"])
+
+
 def cache_feature_model(cache: FeatureCache, weights: Weights) -> Any:
     """The frozen Keras feature model of a cache (same backbone, alpha, size and pooling, and
     the same blocks: one output row is one cached row)."""
     inputs = cache.inputs
-    model = build_feature_model(get_backbone(inputs["backbone"]), inputs.get("alpha"), weights,
+    model = build_feature_model(cache_backbone(cache, weights), inputs.get("alpha"), weights,
                                 cache.image_size, inputs["pooling"])
     if len(cache.blocks) == 1:
         return model
@@ -104,7 +117,7 @@ def cache_plan(cache: FeatureCache, dataset: Dataset, weights: Weights, **change
     """An extraction plan with the cache's settings (some of them changed)."""
     inputs = cache.inputs
     settings: dict[str, Any] = {
-        "dataset": dataset, "backbone": get_backbone(inputs["backbone"]), "weights": weights,
+        "dataset": dataset, "backbone": cache_backbone(cache, weights), "weights": weights,
         "image_size": cache.image_size, "pooling": inputs["pooling"],
         "alpha": inputs.get("alpha"), "dtype": inputs["dtype"],
         "interpolation": cache.preprocessing.get("interpolation", "bilinear"),

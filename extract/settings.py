@@ -20,7 +20,7 @@ class ExtractSettings:
     weights: str = "imagenet"
     alpha: float | None = None
     image_size: int | None = None
-    pooling: str = "avg"
+    pooling: str | None = None  # None: the backbone's default (avg; cls+mean for DINO models)
     dtype: str = "float16"
     batch_size: int = 64
     test_fraction: float = 0.2
@@ -40,12 +40,14 @@ class ExtractSettings:
         """The extraction plan of the whole dataset, or of one shard of it."""
         dataset = dataset or self.open_dataset()
         spec = get_backbone(self.backbone)
+        spec.check_pooling(self.pooling)  # before a KerasHub preset is downloaded
+        spec = spec.resolved()
         return ExtractionPlan(
             dataset=dataset.sharded(shard) if shard else dataset,
             backbone=spec,
-            weights=Weights.parse(self.weights),
+            weights=spec.weights(Weights.parse(self.weights)),
             image_size=spec.native_size if self.image_size is None else self.image_size,
-            pooling=self.pooling,
+            pooling=self.pooling or spec.default_pooling,
             alpha=self.alpha,
             dtype=self.dtype,
             batch_size=self.batch_size,

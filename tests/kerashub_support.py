@@ -1,0 +1,43 @@
+"""Tiny random KerasHub presets, made and saved with KerasHub's own classes (tests and bench):
+what a downloaded preset folder holds (config.json, model.weights.h5, image_converter.json,
+metadata.json), only a few kilobytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: ImageNet mean/std as a DINOv2 converter applies them to 0..255 pixels.
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def make_tiny_preset(folder: Path, *, registers: int = 0, seed: int = 0, image_size: int = 28,
+                     patch_size: int = 4, width: int = 32, layers: int = 2, heads: int = 2,
+                     mlp_ratio: int = 2, interpolation: str = "bilinear",
+                     antialias: bool = True) -> Path:
+    """A 2-layer DINOv2 of width 32 with its image converter, saved as a preset in `folder`
+    (other sizes for the bench: DINOv2-S/14 is 12 layers, width 384, 6 heads, mlp_ratio 4)."""
+    from extract.kerashub import load_keras_hub
+
+    hub = load_keras_hub()
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    backbone = hub.models.DINOV2Backbone(
+        patch_size=patch_size, num_layers=layers, hidden_dim=width, num_heads=heads,
+        intermediate_dim=mlp_ratio * width, num_register_tokens=registers,
+        image_shape=(image_size, image_size, 3),
+        position_embedding_shape=(max(32, image_size), max(32, image_size), 3))
+    converter = hub.layers.DINOV2ImageConverter(
+        image_size=(image_size, image_size), scale=[1 / (255 * s) for s in STD],
+        offset=[-m / s for m, s in zip(MEAN, STD)], interpolation=interpolation,
+        antialias=antialias)
+    folder = Path(folder)
+    backbone.save_to_preset(str(folder))
+    converter.save_to_preset(str(folder))
+    return folder
+
+
+if __name__ == "__main__":  # python -m tests.kerashub_support DIR
+    import sys
+
+    print(make_tiny_preset(Path(sys.argv[1]), registers=int(sys.argv[2]) if len(sys.argv) > 2 else 0))
