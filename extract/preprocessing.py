@@ -161,7 +161,7 @@ class Preprocessing:
         if (height, width) == (size, size):
             return images
         if self.converter is not None:
-            from extract.kerashub import converter_ops
+            from extract.hub_support import converter_ops
 
             return converter_ops(self.converter).resize(images)
         shrinking = height is None or width is None or height > size or width > size
@@ -179,7 +179,7 @@ class Preprocessing:
         and offset."""
         load_keras()  # quietly, before the keras.applications module
         if self.converter is not None:
-            from extract.kerashub import converter_ops
+            from extract.hub_support import converter_ops
 
             return converter_ops(self.converter).rescale
         module_name, _, attribute = self.preprocess_input.rpartition(".")
