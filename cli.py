@@ -552,13 +552,20 @@ def predict(
         paths = collect_inputs(inputs)
         predictor = open_predictor(the_store, _chosen(the_store, cache), head, weights,
                                    _value(runtime), views=not no_tta)
-        err.print(f"Classifying {len(paths)} files with head {head} of cache "
+        top = min(top, len(predictor.class_names))  # no more classes than there are
+        err.print(f"Classifying {_count(len(paths), 'file')} with head {head} of cache "
                   f"{predictor.cache.name}.")
         answers = list(predict_files(predictor, paths, top, batch_size))
     _print_predictions(answers, _value(output), top)
     failed = sum(1 for a in answers if a.error)
     err.print(f"{len(answers) - failed} classified, {failed} could not be read; results went "
               "to stdout.")
+    if failed:  # the rest were classified; a script still learns that some were not
+        raise typer.Exit(1)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _print_predictions(answers: list, output: str, top: int) -> None:

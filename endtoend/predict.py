@@ -139,7 +139,8 @@ def collect_inputs(specs: Iterable[str]) -> list[Path]:
     """Files, folders (image files below them, sorted) and globs → a list of paths, in order.
 
     A path or glob that names nothing is an error before any work starts; files that turn out
-    not to be images are reported per file later.
+    not to be images are reported per file later. A file named twice (directly, through its
+    folder or by a glob) is classified once, where it first appears.
     """
     found: list[Path] = []
     for spec in specs:
@@ -159,7 +160,14 @@ def collect_inputs(specs: Iterable[str]) -> list[Path]:
             raise HeadstartError(f"More than {MAX_INPUTS:,} input files; predict them in parts.")
     if not found:
         raise HeadstartError("No image files found in the given paths.")
-    return found
+    seen: set[Path] = set()
+    unique = []
+    for path in found:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
 
 
 def predict_files(predictor: Predictor, paths: list[Path], top: int = 3,

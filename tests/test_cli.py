@@ -379,3 +379,22 @@ def test_caches_take_readable_names(tmp_path: Path) -> None:
     renamed = run_cli(*base, "--image-size", "32", "--name", "mini-small")  # reused, renamed
     assert renamed.exit_code == 0 and "Reused cache mini-small" in renamed.output
     assert run_cli("evaluate", "--cache", "mini-small", "--store", str(store)).exit_code == 0
+
+
+def test_predict_counts_each_file_once_clamps_top_and_fails_on_unread_files(
+        fitted_store, tmp_path: Path) -> None:
+    store, _ = fitted_store
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    image = next((MINI / "test" / "cat").glob("*.jpg"))
+    (folder / "cat.jpg").write_bytes(image.read_bytes())
+    once = run_cli("predict", str(folder / "cat.jpg"), str(folder), str(folder / "*.jpg"),
+                   "--head", "logreg", "--top", "50", "--format", "json", "--store", str(store))
+    assert once.exit_code == 0, once.output
+    assert "Classifying 1 file with" in once.output
+    answers = json.loads(once.output[once.output.index("["):once.output.rindex("]") + 1])
+    assert len(answers) == 1 and len(answers[0]["predictions"]) == 10  # 10 classes, not 50
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    mixed = run_cli("predict", str(folder), "--head", "logreg", "--store", str(store))
+    assert mixed.exit_code == 1 and "Traceback" not in mixed.output
+    assert "1 classified, 1 could not be read" in mixed.output
