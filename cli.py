@@ -489,7 +489,8 @@ def ensemble(
         the_store = Store(store)
         names = [n.strip() for n in heads.split(",") if n.strip()] if heads else None
         record, sidecar = fit_ensemble(the_store, ensemble_caches(the_store, cache),
-                                       _value(method), names, name, rounds, replace)
+                                       _value(method), names, name, rounds, replace,
+                                       say=err.print)
     _table(MEMBER_COLUMNS, ensemble_rows(record, sidecar.stem))
     _print(ensemble_lines(record, sidecar))
 
@@ -659,7 +660,8 @@ def export(
         the_store = Store(store)
         variants, folder = export_head(
             the_store, _chosen(the_store, cache).fingerprint, head, [_value(f) for f in formats or list(ExportFormat)],
-            [_value(q) for q in quantize or list(Quantization)], out_dir, weights, evaluate)
+            [_value(q) for q in quantize or list(Quantization)], out_dir, weights, evaluate,
+            say=err.print)
     table = Table("variant", "size", "test acc", "agreement", "max |dp|", "ms/image", "file",
                   box=None)
     number = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from classifiers.combine import METHODS, EnsembleHead, describe
 from classifiers.evaluation import accuracy_figures
@@ -83,7 +83,8 @@ def member_label(record: dict[str, Any]) -> str:
 
 def fit_ensemble(store: Store, caches: Sequence[FeatureCache], method: str = "greedy",
                  names: Sequence[str] | None = None, name: str | None = None,
-                 rounds: int = 50, replace: bool = False) -> tuple[dict[str, Any], Path]:
+                 rounds: int = 50, replace: bool = False,
+                 say: Callable[[str], None] = lambda line: None) -> tuple[dict[str, Any], Path]:
     """Fit an ensemble of the heads of `caches` on validation rows, report it on test, save it
     (a name already fitted is refused unless `replace`)."""
     if method not in METHODS:
@@ -93,6 +94,7 @@ def fit_ensemble(store: Store, caches: Sequence[FeatureCache], method: str = "gr
     name = check_head_name(("ensemble" if method == "greedy" else f"ensemble-{method}")
                            if name is None else name)
     members = candidate_members(store, caches, names)
+    say(f"Scoring {len(members)} members on the validation and test rows.")
     heads = [load_member(store, record, name) for record in members]
     home = heads[0].home
     with claiming_head(store, home, name, replace):

@@ -157,8 +157,10 @@ def split_pixels(predictor: Predictor, split: str, limit: int | None = None,
 def export_head(store: Store, cache_selector: str | None, head: str, formats: list[str],
                 quantizations: list[str], out_dir: Path | None = None,
                 weights: str | None = None, evaluate: bool = True,
-                test_limit: int | None = None) -> tuple[list[Variant], Path]:
-    """Write the requested formats; returns the variants (with test figures) and the folder."""
+                test_limit: int | None = None, say: Callable[[str], None] = lambda line: None
+                ) -> tuple[list[Variant], Path]:
+    """Write the requested formats; returns the variants (with test figures) and the folder.
+    `say` hears each step as it starts (conversions take tens of seconds)."""
     unknown = [f for f in formats if f not in FORMATS] + [q for q in quantizations
                                                           if q not in QUANTIZATIONS]
     if unknown:
@@ -172,11 +174,18 @@ def export_head(store: Store, cache_selector: str | None, head: str, formats: li
     folder.mkdir(parents=True, exist_ok=True)
     model = end_to_end_model(predictor)
     variants: list[Variant] = []
+    started = time.perf_counter()
+
+    def step(text: str) -> None:
+        say(f"[{time.perf_counter() - started:5.1f} s] {text}")
+
     if "keras" in formats:
+        step("writing the .keras model")
         path = folder / f"{head}.keras"
         model.save(path)
         variants.append(Variant("keras", str(path), path.stat().st_size))
     if "savedmodel" in formats:
+        step("writing the SavedModel")
         path = folder / f"{head}_savedmodel"
         model.export(path, format="tf_saved_model", verbose=False)
         variants.append(Variant("savedmodel", str(path), _tree_bytes(path)))
@@ -186,6 +195,7 @@ def export_head(store: Store, cache_selector: str | None, head: str, formats: li
     if "onnx" in formats:  # float32 and static int8 calibrated on cache images (onnxruntime)
         from extract.onnx_runtime import export_variants
 
+        step("converting to ONNX (float32" + (", int8)" if "int8" in quantizations else ")"))
         for name, path in export_variants(fixed, predictor.preprocessing.image_size, sample,
                                           folder, head, "int8" in quantizations):
             variants.append(Variant(name, str(path), path.stat().st_size))
@@ -195,11 +205,13 @@ def export_head(store: Store, cache_selector: str | None, head: str, formats: li
                 yield [image[None].astype(np.float32)]
 
         for quantize in quantizations:
+            step(f"converting to TFLite ({'float32' if quantize == 'none' else quantize})")
             path = folder / f"{head}_{'float32' if quantize == 'none' else quantize}.tflite"
             path.write_bytes(tflite_bytes(fixed, quantize, representative))
             variants.append(Variant(f"tflite-{quantize if quantize != 'none' else 'float32'}",
                                     str(path), path.stat().st_size))
     if evaluate:
+        step(f"scoring {len(variants)} variant(s) on the test split")
         _evaluate(predictor, model, variants, test_limit)
     (folder / "export.json").write_text(json.dumps(
         {"head": head, "cache": cache.name, "fingerprint": cache.fingerprint,
