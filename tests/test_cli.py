@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import urllib.error
 from pathlib import Path
@@ -398,3 +399,21 @@ def test_predict_counts_each_file_once_clamps_top_and_fails_on_unread_files(
     mixed = run_cli("predict", str(folder), "--head", "logreg", "--store", str(store))
     assert mixed.exit_code == 1 and "Traceback" not in mixed.output
     assert "1 classified, 1 could not be read" in mixed.output
+
+
+def test_show_augment_prints_no_library_lines(tmp_path: Path) -> None:
+    """A fresh process: TensorFlow's C++ start-up lines (absl, oneDNN, cuInit) never reach the
+    user; stdout has the one result line, stderr nothing."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "show-augment", str(MINI),
+                           "--image-size", "32", "--count", "2", "--views", "1",
+                           "--out", str(tmp_path / "grid.png")],
+                          capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "", done.stderr
+    assert done.stdout.startswith("Augmentation grid (2 images x 1 views) written to")

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from tests.conftest import MINI, WEIGHTS
+from store.store import Store
 from tests.reliability_support import tree_digest
 
 runner = CliRunner()
@@ -209,3 +210,54 @@ def test_tried_figure() -> None:
     print(f"\nCLI properties: {TRIED['commands']} bad command lines run, {TRIED['refused']} "
           f"refused with one sentence and the store unchanged; {len(TRIED['file names'])} "
           "distinct file names tried as --store")
+
+
+@pytest.fixture(scope="module")
+def ensemble_store(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the module's store with a greedy ensemble of its logreg and mlp, made by the
+    ensemble command."""
+    copy = tmp_path_factory.mktemp("ensemble-props") / "store"
+    shutil.copytree(store, copy)
+    made = runner.invoke(app, ["ensemble", "--store", str(copy)])
+    assert made.exit_code == 0, made.output
+    return copy
+
+
+known_heads = ("mlp", "logreg", "ensemble")
+blank = st.text(st.sampled_from(" \t"), min_size=0, max_size=4)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_report_ensemble_tune_serve_use_bad_values(ensemble_store: Path, data: st.DataObject
+                                                   ) -> None:
+    """Over a store that holds an ensemble: every drawn bad value of report, ensemble, tune,
+    serve's start-up options and use is one sentence (or a usage error), nothing changed, and
+    no server ever starts."""
+    fingerprint = Store(ensemble_store).find_cache().fingerprint
+    bad_head = texts.filter(lambda t: t not in known_heads)
+    choice = data.draw(st.sampled_from(["report", "ensemble-heads", "ensemble-rounds", "tune",
+                                        "serve-port", "serve-token", "serve-host", "use"]))
+    if choice == "report":
+        args = ["report", "--head", data.draw(bad_head)]
+    elif choice == "ensemble-heads":
+        names = data.draw(st.lists(bad_head.filter(lambda t: "," not in t and t.strip()),
+                                   min_size=1, max_size=3))
+        args = ["ensemble", "--heads", ",".join(["logreg", *names])]
+    elif choice == "ensemble-rounds":
+        args = ["ensemble", "--rounds", str(data.draw(st.integers(max_value=0))), "--replace"]
+    elif choice == "tune":
+        args = ["tune", "--head", "logreg", "--trials", str(data.draw(st.integers(max_value=0)))]
+    elif choice == "serve-port":
+        port = data.draw(st.one_of(st.integers(max_value=-1), st.integers(min_value=65536)))
+        args = ["serve", "--head", "logreg", "--port", str(port)]
+    elif choice == "serve-token":
+        args = ["serve", "--head", "logreg", "--token", data.draw(blank), "--port", "1"]
+    elif choice == "serve-host":
+        host = data.draw(st.sampled_from(["0.0.0.0", "10.1.2.3", "192.168.0.9", "::"]))
+        args = ["serve", "--head", "logreg", "--host", host, "--port", "1"]
+    else:
+        args = ["use", data.draw(texts.filter(
+            lambda t: t.strip() and not fingerprint.startswith(t.lower())
+            and not t.startswith("cifar10-mini")))]
+    refused(ensemble_store, args)
