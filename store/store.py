@@ -25,11 +25,10 @@ from typing import Iterator
 from store.atomic import write_text
 from store.cache import FeatureCache
 from store.errors import HeadstartError, command
-from store.selection import matching
+from store.selection import HEX_PREFIX, matching
 
 STORE_ENV = "HEADSTART_STORE"
 CACHE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-FINGERPRINT_PREFIX = re.compile(r"[0-9a-fA-F]{4,64}")
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -110,7 +109,7 @@ class Store:
 
     def check_cache_name(self, name: str, fingerprint: str | None = None) -> None:
         """Refuse a name that is not allowed, or that another cache than `fingerprint` has."""
-        if not CACHE_NAME.fullmatch(name) or FINGERPRINT_PREFIX.fullmatch(name):
+        if not CACHE_NAME.fullmatch(name) or HEX_PREFIX.fullmatch(name):
             raise HeadstartError(
                 f"Cache name {name!r} is not allowed; use up to 64 letters, digits, '_', '.' or "
                 "'-', not only hex digits (those name fingerprints).")

@@ -89,7 +89,9 @@ def verify_store(store: Store, selector: str | None = None, fix: bool = False,
         if fix and problem.remove:
             for target in problem.remove:
                 say(f"  --fix: removing {target}")
-                if target.is_dir() and not target.is_symlink():
+                if target.suffix == ".lock":  # under the lock: a writer that took it since
+                    store.remove_stale_lock(target)  # the check keeps it
+                elif target.is_dir() and not target.is_symlink():
                     shutil.rmtree(target)
                 else:
                     target.unlink(missing_ok=True)
