@@ -548,18 +548,6 @@ def read_id_file(path: Path) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def excluded_mask(ids: np.ndarray, exclude: Sequence[str], cache_name: str) -> np.ndarray:
-    """True for the training rows whose ids are in `exclude`; an id that is not a training id
-    of the cache is refused (a typo would otherwise be silently ignored)."""
-    wanted = np.asarray(list(exclude), dtype=str)
-    unknown = wanted[~np.isin(wanted, ids)]
-    if len(unknown):
-        raise HeadstartError(
-            f"{len(unknown)} of the {len(wanted)} ids to exclude are not training ids of cache "
-            f"{cache_name} (the first: {unknown[0]!r}).")
-    return np.isin(ids, wanted)
-
-
 # --- similar images --------------------------------------------------------------------------
 
 

@@ -11,7 +11,6 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
 
-from classifiers.audit import excluded_mask
 from classifiers.boosting import fit_boosting
 from classifiers.evaluation import accuracy_figures, classification_report
 from classifiers.memory import MemoryPlan, format_size, plan_memory
@@ -19,7 +18,7 @@ from classifiers.mlp import MLPHead
 from classifiers.persistence import save_fitted_head
 from classifiers.registry import HEADS, get_head_kind
 from classifiers.saved import load_saved_head
-from classifiers.scoring import PREDICT_BLOCK_BYTES, head_proba, source_proba
+from classifiers.scoring import PREDICT_BLOCK_BYTES, head_proba, source_proba, views_proba
 from classifiers.sources import CacheSet, choose_blocks
 from classifiers.streaming import (buffer_rows_for, count_ordered_batches, ordered_batches,
                                    shuffled_batches)
@@ -82,6 +81,18 @@ def training_rows(source: CacheSet, views: Sequence[FeatureCache] = (),
     X_fit, y_fit, fit_ids = (np.concatenate(column) for column in zip(*parts))
     return TrainingRows(X_fit, y_fit, fit_ids, X[held_out], y[held_out], ids[held_out], held_out,
                         [v.fingerprint for v in views])
+
+
+def excluded_mask(ids: np.ndarray, exclude: Sequence[str], cache_name: str) -> np.ndarray:
+    """True for the training rows whose ids are in `exclude`; an id that is not a training id
+    of the cache is refused (a typo would otherwise be silently ignored)."""
+    wanted = np.asarray(list(exclude), dtype=str)
+    unknown = wanted[~np.isin(wanted, ids)]
+    if len(unknown):
+        raise HeadstartError(
+            f"{len(unknown)} of the {len(wanted)} ids to exclude are not training ids of cache "
+            f"{cache_name} (the first: {unknown[0]!r}).")
+    return np.isin(ids, wanted)
 
 
 def as_cache_set(caches: FeatureCache | CacheSet | Sequence[FeatureCache]) -> CacheSet:
@@ -152,7 +163,8 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
         if plan.stream:
             raise HeadstartError("--exclude trains in memory, over the memory budget here; "
                                  "raise --memory-budget or drop --exclude.")
-        excluded = source.ids("train")[excluded_mask(source.ids("train"), exclude, source.name)]
+        ids = source.ids("train")
+        excluded = ids[excluded_mask(ids, exclude, source.name)]
     with claiming_head(store, source.primary, name, replace):
         return _fit_and_save(store, source, kind, estimator, name, options, plan, views,
                              validation_fraction, verbose, extra, excluded, views_on)
@@ -281,11 +293,9 @@ def head_metrics(estimator: Any, source: CacheSet, block_bytes: int = 0,
         metrics = {"test": accuracy_figures(y_test, (single + mirrored) / 2),
                    "test_single_view": metrics["test"]}
     if held_out.any():  # a very small training split may hash no row into validation
-        proba = (source_proba(estimator, source, "train", held_out, block_bytes)
-                 if X_val is None or views else head_proba(estimator, X_val, len(source.class_names)))
-        if views:
-            proba = (proba + source_proba(estimator, source.mirror(), "train", held_out,
-                                          block_bytes)) / 2
+        proba = (head_proba(estimator, X_val, len(source.class_names))
+                 if X_val is not None and not views
+                 else views_proba(estimator, source, "train", held_out, block_bytes, views))
         metrics["validation"] = accuracy_figures(y[held_out], proba)
     return metrics
 
