@@ -551,18 +551,6 @@ def read_id_file(path: Path) -> list[str]:
 # --- similar images --------------------------------------------------------------------------
 
 
-def nearest_training(cache: FeatureCache, features: np.ndarray, k: int = 8
-                     ) -> list[list[dict[str, Any]]]:
-    """For each feature row, its k most similar training images: id, label, similarity."""
-    if k < 1:
-        raise HeadstartError(f"--k must be at least 1; got {k}.")
-    space = SimilaritySpace.of(cache.features("train"))
-    ids, y, classes = cache.ids("train"), cache.labels("train"), cache.class_names
-    found, sims = top_k(space.project(features), space.train, k)
-    return [[{"id": str(ids[i]), "label": classes[y[i]], "similarity": round(float(s), 6)}
-             for i, s in zip(row, row_s)] for row, row_s in zip(found, sims)]
-
-
 class SimilarFinder:
     """The cache's training features (and its backbone and preprocessing, loaded once, unless
     `features` is given: e.g. a serving predictor's own forward pass): the nearest cached

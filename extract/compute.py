@@ -15,6 +15,13 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 RUNTIMES = ("tf", "onnx")
 
 
+def check_runtime(name: str) -> str:
+    """`name` if it is a runtime headstart has, else one sentence listing them."""
+    if name not in RUNTIMES:
+        raise HeadstartError(f"Unknown --runtime {name!r}; choose one of {', '.join(RUNTIMES)}.")
+    return name
+
+
 @dataclass(frozen=True)
 class ComputeOptions:
     """How the backbone runs (the GPU path). The defaults are what the CPU tests and CI use.
@@ -38,9 +45,7 @@ class ComputeOptions:
         if self.precision not in PRECISIONS:
             raise HeadstartError(
                 f"Unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
-        if self.runtime not in RUNTIMES:
-            raise HeadstartError(
-                f"Unknown --runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}.")
+        check_runtime(self.runtime)
         if self.runtime != "tf" and (self.precision != "float32" or self.xla or self.multi_gpu):
             raise HeadstartError(
                 "--runtime onnx runs the backbone in float32 on the CPU; drop --precision, --xla "

@@ -84,9 +84,6 @@ class HubBackbone(Backbone):
     def feature_width(self, alpha: float | None) -> int:
         return self.width
 
-    def pooled_width(self, pooling: str) -> int:
-        return 2 * self.width if pooling == "cls+mean" else self.width
-
     def resolved(self) -> "HubBackbone":
         """This preset with its local folder (downloaded by KerasHub if needed)."""
         if self.location:
@@ -421,10 +418,3 @@ def register_for_loading(path: Path) -> None:
         return
     if uses:
         load_keras_hub()
-
-
-def converter_of(preprocessing: Preprocessing) -> Any:
-    """The stored converter as KerasHub's own layer (resize + rescale), e.g. for tests."""
-    assert preprocessing.converter is not None
-    return converter_ops(preprocessing.converter).converter
-

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from extract.compute import RUNTIMES, ComputeOptions
+from extract.compute import ComputeOptions, check_runtime
 from extract.preprocessing import Preprocessing
 from store.errors import HeadstartError
 
@@ -29,8 +29,8 @@ def checked_runtime(cache_name: str, inputs: dict[str, Any], asked: str | None) 
     """The runtime a head of this cache answers with: the cache's own. Another one is refused:
     its features differ in the last bits from those the head was fitted on."""
     own = cache_runtime(inputs)
-    if asked is not None and asked not in RUNTIMES:
-        raise HeadstartError(f"Unknown --runtime {asked!r}; choose one of {', '.join(RUNTIMES)}.")
+    if asked is not None:
+        check_runtime(asked)
     if asked is not None and asked != own:
         raise HeadstartError(
             f"Cache {cache_name} was extracted with --runtime {own}, so its heads answer with "
@@ -46,15 +46,13 @@ def runtime_forward(runtime: str, model: Any, preprocessing: Preprocessing,
     """The forward function of `runtime` for a Keras feature model (of the mirrored images
     with `mirror`, tf only). For onnx, `store_root` and the cache's (or plan's) fingerprint
     `inputs` locate the converted model in the store."""
-    if runtime == "tf":
+    if check_runtime(runtime) == "tf":
         from extract.forward import forward_function
 
         return forward_function(model, preprocessing, compute, mirror=mirror)
     if mirror:
         raise HeadstartError("The onnx runtime does not make mirrored views yet; extract with "
                              "--runtime tf for --tta flip.")
-    if runtime != "onnx":
-        raise HeadstartError(f"Unknown --runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}.")
     if store_root is None or inputs is None:
         raise ValueError("the onnx runtime needs the store and the fingerprint inputs")
     from extract import onnx_runtime
