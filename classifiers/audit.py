@@ -22,6 +22,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -576,8 +577,20 @@ class SimilarFinder:
                 return forward(pixels).reshape(len(pixels), -1).astype(np.float32)
 
         self.features = features
-        self.space = SimilaritySpace.of(cache.features("train"))
-        self.ids, self.labels = cache.ids("train"), cache.labels("train")
+
+    @cached_property
+    def space(self) -> "SimilaritySpace":
+        """The training features' search space, built on the first search (not at a server's
+        start-up: every training row is read for it)."""
+        return SimilaritySpace.of(self.cache.features("train"))
+
+    @cached_property
+    def ids(self) -> np.ndarray:
+        return self.cache.ids("train")
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        return self.cache.labels("train")
 
     def similar(self, pixels: np.ndarray, k: int = 8) -> list[list[dict[str, Any]]]:
         """uint8 batch (N x S x S x 3, resized) -> each image's k nearest training images."""
