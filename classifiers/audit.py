@@ -95,23 +95,31 @@ class SimilaritySpace:
 
     @classmethod
     def of(cls, X_train: np.ndarray) -> "SimilaritySpace":
+        """The space of these training rows."""
+        return cls.whitening(X_train)[0]
+
+    @classmethod
+    def whitening(cls, X_train: np.ndarray) -> tuple["SimilaritySpace", np.ndarray]:
+        """The space of these training rows, and the rows whitened (not unit length): the
+        whitening is computed once for both."""
         X_train = np.asarray(X_train, dtype=np.float32)
         mean = X_train.mean(axis=0, dtype=np.float64).astype(np.float32)
-        covariance = np.zeros((X_train.shape[1],) * 2)
-        for start in range(0, len(X_train), 8192):
-            centred = X_train[start:start + 8192] - mean
-            covariance += (centred.T @ centred).astype(np.float64)
-        covariance /= max(1, len(X_train) - 1)
         if len(X_train) < WHITEN_MIN_ROWS * X_train.shape[1]:  # too few rows for a covariance
             basis = np.eye(X_train.shape[1], dtype=np.float32)
         else:
+            covariance = np.zeros((X_train.shape[1],) * 2)
+            for start in range(0, len(X_train), 8192):
+                centred = X_train[start:start + 8192] - mean
+                covariance += (centred.T @ centred).astype(np.float64)
+            covariance /= max(1, len(X_train) - 1)
             variances, vectors = np.linalg.eigh(covariance)
             variances = np.maximum(variances, 0.0)
             ridge = WHITEN_RIDGE * max(float(variances.max()), 1e-12)
             basis = (vectors / np.sqrt(variances + ridge)).astype(np.float32)
         space = cls(mean, basis, np.zeros((0, X_train.shape[1]), dtype=np.float32))
-        space.train = space.project(X_train)
-        return space
+        white = space.whiten(X_train)
+        space.train = unit_rows(white, 0.0)  # = project(X_train), row by row
+        return space, white
 
     @property
     def kind(self) -> str:
@@ -376,8 +384,7 @@ def audit_cache(cache: FeatureCache, head: str = "logreg", options: dict[str, An
     seconds["read"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    space = SimilaritySpace.of(X)
-    white = space.whiten(X)
+    space, white = SimilaritySpace.whitening(X)
     del X
     seconds["whiten"] = time.perf_counter() - started
 
