@@ -435,12 +435,16 @@ def tune(
     name: Optional[str] = typer.Option(None, help="Save the best head under this name "
                                        "(default: KIND-tuned)."),
     replace: bool = typer.Option(False, "--replace", help="Replace a head of that name."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Trials train on the "
+                                       "mirrored views and are scored with them (default: "
+                                       "when the cache holds them)."),
     cache: List[str] = CachesOption,
     memory_budget: Optional[str] = BudgetOption,
     store: Optional[Path] = StoreOption,
 ) -> None:
     """Random search of a head's options, scored on the validation split; saves the best head.
 
+    On a multi-block cache each trial also draws how many of the last blocks it uses.
     Resumable: finished trials are kept beside the heads and not rerun.
     Example: python cli.py tune --head mlp --trials 20 -p epochs=15
     """
@@ -456,7 +460,7 @@ def tune(
         err.print(f"Tuning {head} on {source.name}: {trials} trials, seed {seed}.")
         results, record, sidecar = tune_head(the_store, source, head, trials, seed,
                                              parse_options(param), name, memory_budget, show,
-                                             replace)
+                                             replace, tta)
     _table(TRIAL_COLUMNS, trial_rows(results, record["tune"]["best_trial"]),
            "Trials (validation split)")
     out.print(f"Best: trial {record['tune']['best_trial']}. Trials kept in "

@@ -35,12 +35,38 @@ def index_batches(n_rows: int, batch_size: int, seed: int | None = None) -> Any:
     return rows.batch(batch_size)
 
 
+def column_moments(blocks: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's mean and variance over row blocks, in float64 (Chan et al.'s pairwise
+    update, so blocks of float16 rows with large means lose no precision)."""
+    count, mean, m2 = 0, None, None
+    for block in blocks:
+        block = np.asarray(block, dtype=np.float64)
+        if not len(block):
+            continue
+        n, block_mean = len(block), block.mean(axis=0)
+        block_m2 = ((block - block_mean) ** 2).sum(axis=0)
+        if mean is None:
+            count, mean, m2 = n, block_mean, block_m2
+            continue
+        delta, total = block_mean - mean, count + n
+        mean = mean + delta * (n / total)
+        m2 = m2 + block_m2 + delta**2 * (count * n / total)
+        count = total
+    if mean is None:
+        raise ValueError("No rows to standardize.")
+    return mean.astype(np.float32), (m2 / count).astype(np.float32)
+
+
 class MLPHead(ClassifierMixin, BaseEstimator):
     """A Keras multilayer perceptron on feature vectors.
 
     The defaults are the paper's recipe: one hidden layer of 256 ReLU units, dropout 0.5,
     softmax output, Adam (learning rate 1e-3), cross-entropy, batch 128, 10 epochs. Early
     stopping watches the validation loss and restores the best weights.
+
+    With `standardize`, the model's first layer scales every column to zero mean and unit
+    variance over the training rows (a Keras Normalization layer, so an exported or
+    fine-tuned model carries it): blocks of different widths and scales then count alike.
 
     `fit` takes `validation_data=(X_val, y_val)`; without it, `validation_fraction` of the
     training rows is held out (stratified, seeded) when early stopping is on.
@@ -61,6 +87,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         batch_size: int = 128,
         early_stopping: bool = True,
         patience: int = 3,
+        standardize: bool = False,
         validation_fraction: float = 0.1,
         random_state: int = 0,
         verbose: int = 0,
@@ -77,6 +104,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.batch_size = batch_size
         self.early_stopping = early_stopping
         self.patience = patience
+        self.standardize = standardize
         self.validation_fraction = validation_fraction
         self.random_state = random_state
         self.verbose = verbose
@@ -94,11 +122,15 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         if any(int(units) < 1 for units in self.hidden):
             raise ValueError(f"Expected hidden sizes >= 1. Received: hidden={self.hidden}")
 
-    def _build(self, n_features: int, n_classes: int, steps: int) -> Any:
+    def _build(self, n_features: int, n_classes: int, steps: int,
+               moments: tuple[np.ndarray, np.ndarray] | None) -> Any:
         keras = load_keras()
 
         regularizer = keras.regularizers.L2(self.l2) if self.l2 else None
         layers: list[Any] = [keras.Input(shape=(n_features,))]
+        if moments is not None:
+            layers.append(keras.layers.Normalization(mean=moments[0], variance=moments[1],
+                                                     name="standardize"))
         for units in self.hidden:
             layers.append(keras.layers.Dense(int(units), activation=None if self.batch_norm else "relu",
                                              kernel_regularizer=regularizer))
@@ -152,7 +184,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             class_weights = self._class_weights(encoded, n_classes)
             if class_weights is not None:  # early stopping watches the loss being minimised
                 validation += (np.array([class_weights[c] for c in y_val], dtype=np.float32),)
-        return self._train((X, keras.utils.to_categorical(encoded, n_classes)), validation, encoded)
+        moments = column_moments([X]) if self.standardize else None
+        return self._train((X, keras.utils.to_categorical(encoded, n_classes)), validation, encoded,
+                           moments)
 
     def _batches(self, columns: tuple[np.ndarray, ...], shuffle: bool) -> Any:
         """A dataset of batches of in-memory float rows, reshuffled every epoch when `shuffle`.
@@ -180,7 +214,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         `batches(epoch)` yields (features, labels) batches of one epoch; `labels` are all the
         training labels (for the classes, class weights and schedule length); `validation()`
         yields the validation rows' `validation_batches` batches, for early stopping. An epoch
-        must yield exactly ceil(len(labels) / batch_size) batches.
+        must yield exactly ceil(len(labels) / batch_size) batches. With `standardize`, the
+        column moments come from one more pass, `batches(-1)` (any order).
         """
         load_keras()
         import tensorflow as tf
@@ -209,9 +244,11 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         if validation is not None and validation_batches:
             val = tf.data.Dataset.from_generator(lambda: encoded(validation()), output_signature=spec)
             val = val.apply(tf.data.experimental.assert_cardinality(validation_batches))
-        return self._train(train, val, self.label_encoder_.transform(labels))
+        moments = column_moments(X for X, _ in batches(-1)) if self.standardize else None
+        return self._train(train, val, self.label_encoder_.transform(labels), moments)
 
-    def _train(self, train: Any, validation: Any, encoded: np.ndarray) -> "MLPHead":
+    def _train(self, train: Any, validation: Any, encoded: np.ndarray,
+               moments: tuple[np.ndarray, np.ndarray] | None = None) -> "MLPHead":
         """Build and fit the model on (X, Y) arrays or a dataset of batches."""
         keras = load_keras()
 
@@ -221,7 +258,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             validation = None if validation is None else self._batches(validation, shuffle=False)
         n_classes = len(self.classes_)
         steps = int(self.epochs) * -(-len(encoded) // int(self.batch_size))
-        model = self._build(int(self.n_features_in_), n_classes, steps)
+        model = self._build(int(self.n_features_in_), n_classes, steps, moments)
         callbacks: list[Any] = []
         if validation is not None:
             if self.early_stopping:

@@ -20,8 +20,8 @@ from sklearn.model_selection import ParameterSampler
 from classifiers.evaluation import accuracy_figures
 from classifiers.memory import plan_memory
 from classifiers.registry import get_head_kind
-from classifiers.scoring import source_proba
-from classifiers.sources import CacheSet
+from classifiers.scoring import views_proba
+from classifiers.sources import CacheSet, choose_blocks
 from classifiers.training import as_cache_set, fit_head, train_estimator
 from classifiers.validation import validation_mask
 from store.atomic import write_text
@@ -40,6 +40,7 @@ SPACES: dict[str, dict[str, Any]] = {
         "label_smoothing": [0.0, 0.05, 0.1],
         "batch_norm": [False, True],
         "lr_schedule": ["constant", "cosine", "plateau"],
+        "standardize": [False, True],
     },
     "logreg": {"C": loguniform(1e-3, 10.0)},
     "svm": {"C": loguniform(1e-4, 1.0)},
@@ -57,14 +58,35 @@ def plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def draw_trials(kind: str, trials: int, seed: int) -> list[dict[str, Any]]:
-    """The first `trials` parameter sets of the seeded search (same seed, same sets)."""
+#: The trial parameter naming the blocks a trial trains on (`--use-blocks`: the last N blocks).
+USE_BLOCKS = "use_blocks"
+
+
+def draw_trials(kind: str, trials: int, seed: int, blocks: int = 1) -> list[dict[str, Any]]:
+    """The first `trials` parameter sets of the seeded search (same seed, same sets). On a
+    cache of several `blocks`, every trial also draws how many of the last blocks it uses."""
     if kind not in SPACES:
         raise HeadstartError(f"Head {kind} has no search space; tune one of {', '.join(SPACES)}.")
     if trials < 1:
         raise HeadstartError(f"--trials must be at least 1; got {trials}.")
-    sampler = ParameterSampler(SPACES[kind], n_iter=trials, random_state=seed)
+    space = dict(SPACES[kind])
+    if blocks > 1:
+        space[USE_BLOCKS] = list(range(1, blocks + 1))
+    sampler = ParameterSampler(space, n_iter=trials, random_state=seed)
     return [{k: plain(v) for k, v in sorted(params.items())} for params in sampler]
+
+
+def trial_source(source: CacheSet, params: dict[str, Any]) -> CacheSet:
+    """The caches a trial trains on: all their blocks, or the last `use_blocks` of them."""
+    if USE_BLOCKS not in params:
+        return source
+    return CacheSet(source.caches, [choose_blocks(c, str(params[USE_BLOCKS]))
+                                    for c in source.caches])
+
+
+def head_options(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's head options (its parameters without the block choice)."""
+    return {k: v for k, v in params.items() if k != USE_BLOCKS}
 
 
 def trials_path(store: Store, source: CacheSet, kind: str, name: str, seed: int,
@@ -89,17 +111,21 @@ def read_trials(path: Path) -> list[dict[str, Any]]:
 
 
 def run_trial(kind: Any, options: dict[str, Any], params: dict[str, Any], source: CacheSet,
-              plan: Any, y: np.ndarray, held_out: np.ndarray) -> dict[str, Any]:
+              plan: Any, y: np.ndarray, held_out: np.ndarray,
+              views: bool = False) -> dict[str, Any]:
     """Fit one trial and score it on the validation rows; a head that cannot be fitted with
-    these options is a skipped trial, with the reason."""
-    estimator = kind.create(options)
+    these options is a skipped trial, with the reason. With `views`, the trial trains on the
+    mirrored views of its fit images too and is scored averaged over each validation image and
+    its mirror, as `fit` would train and judge it."""
+    estimator = kind.create(head_options(options))
+    source = trial_source(source, params)
     started = time.perf_counter()
     try:
-        train_estimator(estimator, source, plan)
+        train_estimator(estimator, source, plan, mirrored=views)
     except HeadstartError as error:
         return {"params": params, "validation_accuracy": None, "skipped": str(error),
                 "seconds": round(time.perf_counter() - started, 2)}
-    proba = source_proba(estimator, source, "train", held_out)
+    proba = views_proba(estimator, source, "train", held_out, views=views)
     return {"params": params,
             "validation_accuracy": accuracy_figures(y[held_out], proba)["accuracy"],
             "seconds": round(time.perf_counter() - started, 2)}
@@ -109,26 +135,39 @@ def tune_head(store: Store, caches: FeatureCache | Sequence[FeatureCache], kind_
               trials: int = 20, seed: int = 0, fixed: dict[str, str] | None = None,
               name: str | None = None, memory_budget: str | None = None,
               on_trial: Callable[[dict[str, Any]], None] | None = None,
-              replace: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
+              replace: bool = False, tta: bool | None = None
+              ) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
     """Run (or resume) the search, then fit and save the best trial's head.
 
     The head is saved as KIND-tuned unless named, so it never replaces a plain fit; a name
     already fitted is refused before any trial unless `replace`. A trial the head cannot be
-    fitted with (e.g. more knn neighbours than rows) is kept as skipped, with its reason.
-    Returns (every trial, the saved head's record, its sidecar path).
+    fitted with (e.g. more knn neighbours than rows) is kept as skipped, with its reason. On a
+    cache of several blocks each trial also draws how many of the last blocks it trains on;
+    with `tta` (default: when the caches hold mirrored views) trials train on the mirrored
+    views and are scored with them, as `fit` does. Returns (every trial, the saved head's
+    record, its sidecar path).
     """
     kind = get_head_kind(kind_name)
     name = check_head_name(f"{kind_name}-tuned" if name is None else name)
     fixed = dict(fixed or {})
     kind.create(fixed)  # unknown or malformed fixed options fail before any work
     source = as_cache_set(caches)
-    wanted = draw_trials(kind.name, trials, seed)
+    views = source.has_views if tta is None else bool(tta)
+    if views and not source.has_views:
+        raise HeadstartError(f"Cache {source.name} holds no mirrored views; extract it with "
+                             "--tta flip, or tune with --no-tta.")
+    wanted = draw_trials(kind.name, trials, seed, min(len(c.blocks) for c in source.caches))
     if not replace and (store.head_dir(source.primary) / f"{name}.json").is_file():
         raise HeadstartError(
             f"A head named {name!r} is already fitted on cache {source.primary.name}; give "
             "--replace to replace it, or choose another --name.")
-    plan = plan_memory(source.float32_bytes("train"), memory_budget)
-    path = trials_path(store, source, kind.name, name, seed, fixed)
+    plan = plan_memory(source.float32_bytes("train") * (1 + views), memory_budget)
+    if plan.stream and views:
+        raise HeadstartError(
+            "Mirrored views train in memory, and the features with their mirrors need more than "
+            "the memory budget; raise --memory-budget or tune with --no-tta.")
+    path = trials_path(store, source, kind.name, name, seed,
+                       {**fixed, **({"tta": "flip"} if views else {})})
     done = {canonical_json(t["params"]): t for t in read_trials(path)}
     y = source.labels("train")
     held_out = validation_mask(source.ids("train"))
@@ -137,7 +176,8 @@ def tune_head(store: Store, caches: FeatureCache | Sequence[FeatureCache], kind_
         resumed = key in done
         if not resumed:
             try:
-                done[key] = run_trial(kind, {**fixed, **params}, params, source, plan, y, held_out)
+                done[key] = run_trial(kind, {**fixed, **params}, params, source, plan, y,
+                                      held_out, views)
             except KeyboardInterrupt:
                 raise Interrupted(f"Interrupted. Kept {len(done)} finished trials in {path}; run "
                                   "the same command again to resume from them.") from None
@@ -149,8 +189,11 @@ def tune_head(store: Store, caches: FeatureCache | Sequence[FeatureCache], kind_
     if not scored:
         raise HeadstartError(f"No trial could be fitted ({results[0].get('skipped')}).")
     best = max(scored, key=lambda t: (t["validation_accuracy"], -t["trial"]))
-    record, sidecar = fit_head(store, source, kind.name, {**fixed, **best["params"]}, name,
-                               memory_budget=memory_budget, replace=replace,
+    chosen = best["params"].get(USE_BLOCKS)
+    record, sidecar = fit_head(store, source, kind.name,
+                               {**fixed, **head_options(best["params"])}, name,
+                               memory_budget=memory_budget, replace=replace, tta=views,
+                               use_blocks=None if chosen is None else str(chosen),
                                extra={"tune": {"trials": len(results), "seed": seed,
                                                "best_trial": best["trial"],
                                                "trials_file": path.name}})

@@ -21,13 +21,15 @@ from tests.helpers import assert_clean_error, run_cli
 @pytest.fixture(scope="module")
 def views_store(tmp_path_factory: pytest.TempPathFactory, shared_paths) -> Path:
     """The mini set at 64 px, 3 blocks, mirrored views; a logreg with views and one without,
-    on the last block only."""
+    on the last block only; a standardizing mlp with views."""
     store = tmp_path_factory.mktemp("views-store")
     made = run_cli("extract", str(MINI), *MINI_ARGS, "--blocks", "3", "--tta", "flip",
                    "--store", str(store))
     assert made.exit_code == 0, made.output
     for args in (["--head", "logreg"],
-                 ["--head", "logreg", "--name", "last", "--use-blocks", "1", "--no-tta"]):
+                 ["--head", "logreg", "--name", "last", "--use-blocks", "1", "--no-tta"],
+                 ["--head", "mlp", "--name", "mlp-std", "-p", "standardize=true",
+                  "-p", "hidden=32", "-p", "epochs=3"]):
         fitted = run_cli("fit", *args, "--store", str(store))
         assert fitted.exit_code == 0, fitted.output
     return store
@@ -81,7 +83,7 @@ def test_evaluate_averages_views_and_reports_the_single_view(views_store: Path) 
         reports["logreg"]["accuracy_single_view"])
 
 
-@pytest.mark.parametrize("name", ["logreg", "last"])
+@pytest.mark.parametrize("name", ["logreg", "last", "mlp-std"])
 @pytest.mark.parametrize("views", [True, False])
 def test_predict_equals_the_cached_answers(views_store: Path, name: str, views: bool) -> None:
     from endtoend.predict import open_predictor
@@ -93,9 +95,98 @@ def test_predict_equals_the_cached_answers(views_store: Path, name: str, views: 
     position = {sample: i for i, sample in enumerate(dataset.splits["test"].ids)}
     ids = cache.ids("test")[:32]
     predictor = open_predictor(store, cache, name, views=views)
-    assert predictor.views == (views and name == "logreg")
+    assert predictor.views == (views and name != "last")
     pixels = np.stack([dataset.load("test", position[i], predictor.preprocessing) for i in ids])
     got = predictor.proba(pixels)
     want = load_saved_head(store, cache, name).split_proba("test", views=views)[:32]
     np.testing.assert_allclose(got, want, atol=5e-3)  # the cache stores float16
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_export_of_a_standardizing_mlp_with_views_equals_predict(views_store: Path,
+                                                                  tmp_path: Path) -> None:
+    """The exported model holds the blocks, the mirror average and the Normalization layer."""
+    from endtoend.export import end_to_end_model, split_pixels
+    from endtoend.keras_heads import load_exported
+    from endtoend.predict import open_predictor
+
+    store = Store(views_store)
+    predictor = open_predictor(store, store.find_cache(), "mlp-std")
+    assert predictor.views
+    pixels, _ = split_pixels(predictor, "test", 16)
+    path = tmp_path / "mlp-std.keras"
+    end_to_end_model(predictor).save(path)
+    exported = load_exported(path)
+    assert any(layer.name == "standardize" for layer in exported._flatten_layers())
+    np.testing.assert_allclose(exported.predict(pixels.astype(np.float32), verbose=0),
+                               predictor.proba(pixels), atol=1e-4)
+
+
+def test_tune_draws_block_subsets_and_scores_trials_with_the_views(views_store: Path) -> None:
+    """Each trial trains on the last `use_blocks` blocks plus the mirrored rows of its fit
+    images and is scored averaged over each validation image and its mirror; the saved head is
+    the best trial's, on its blocks."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from classifiers.tune import tune_head
+
+    store = Store(views_store)
+    cache = store.find_cache()
+    results, record, _ = tune_head(store, cache, "logreg", trials=4, seed=1, name="lr-tuned")
+    drawn = {t["params"]["use_blocks"] for t in results}
+    assert drawn <= {1, 2, 3} and len(drawn) > 1
+    ids, y = cache.ids("train"), cache.labels("train")
+    held_out = validation_mask(ids)
+    X, M = cache.features("train"), cache.features("train", mirrored=True)
+    for trial in results:  # the expected score, worked out here from the stored columns
+        start = cache.blocks[len(cache.blocks) - trial["params"]["use_blocks"]][1]
+        model = make_pipeline(StandardScaler(), LogisticRegression(
+            C=trial["params"]["C"], solver="newton-cg", max_iter=1000, random_state=0))
+        fit = ~held_out
+        model.fit(np.concatenate([X[fit, start:], M[fit, start:]]), np.concatenate([y[fit]] * 2))
+        proba = (model.predict_proba(X[held_out, start:])
+                 + model.predict_proba(M[held_out, start:])) / 2
+        expected = float((model.classes_[proba.argmax(1)] == y[held_out]).mean())
+        assert trial["validation_accuracy"] == pytest.approx(expected)
+    best = results[record["tune"]["best_trial"]]
+    count = best["params"]["use_blocks"]
+    names = [name for name, _, _ in cache.blocks]
+    assert record["blocks"] == [names[len(names) - count:]] if count < 3 else "blocks" not in record
+    assert record["tta"] == "flip"
+    assert "use_blocks" not in json.loads(
+        next((views_store / "heads").rglob("lr-tuned.json")).read_text())["options"]
+
+
+def test_a_standardizing_mlp_answers_alike_on_rescaled_columns(views_store: Path) -> None:
+    """-p standardize=true: the head's first layer holds the training rows' column moments, so
+    scaling and shifting the columns (as blocks of other scales would be) changes nothing."""
+    from classifiers.mlp import MLPHead
+
+    cache = Store(views_store).find_cache()
+    X, y = cache.features("train").astype(np.float32), cache.labels("train")
+    scale = np.linspace(0.01, 100.0, X.shape[1], dtype=np.float32)
+    options = dict(hidden=(32,), epochs=3, early_stopping=False, standardize=True)
+    plain = MLPHead(**options).fit(X, y)
+    scaled = MLPHead(**options).fit(X * scale + 5.0, y)
+    layer = plain.model_.get_layer("standardize")
+    np.testing.assert_allclose(np.ravel(layer.mean), X.astype(np.float64).mean(0), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.ravel(layer.variance), X.astype(np.float64).var(0),
+                               rtol=1e-3, atol=1e-6)
+    T = cache.features("test").astype(np.float32)
+    np.testing.assert_allclose(plain.predict_proba(T), scaled.predict_proba(T * scale + 5.0),
+                               atol=2e-3)
+    unscaled = MLPHead(**{**options, "standardize": False}).fit(X * scale + 5.0, y)
+    assert not np.allclose(unscaled.predict_proba(T * scale + 5.0), plain.predict_proba(T),
+                           atol=2e-3)
+
+
+def test_column_moments_of_blocks_equal_those_of_the_whole() -> None:
+    from classifiers.mlp import column_moments
+
+    rows = np.random.default_rng(0).normal(300.0, 0.5, (1000, 7)).astype(np.float16)
+    mean, variance = column_moments(np.array_split(rows, [3, 400, 401, 999]))
+    np.testing.assert_allclose(mean, rows.astype(np.float64).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(variance, rows.astype(np.float64).var(0), rtol=1e-4)

@@ -88,6 +88,7 @@ def class_sorted_cache(tmp_path):
 @pytest.mark.parametrize("head, options", [
     ("sgd", {}),
     ("mlp", {"epochs": "15", "batch_size": "32", "hidden": "32"}),
+    ("mlp", {"epochs": "15", "batch_size": "32", "hidden": "32", "standardize": "true"}),
 ])
 def test_streamed_fit_agrees_with_in_memory(class_sorted_cache, tiny_streaming, head,
                                             options) -> None:
@@ -97,6 +98,14 @@ def test_streamed_fit_agrees_with_in_memory(class_sorted_cache, tiny_streaming, 
     assert in_memory["memory"]["mode"] == "memory" and streamed["memory"]["mode"] == "stream"
     a, b = (r["metrics"]["test"]["accuracy"] for r in (in_memory, streamed))
     assert a > 0.85 and abs(a - b) <= 0.03, (a, b)
+    if options.get("standardize"):  # the streamed moments are those of the fit rows in memory
+        from classifiers.saved import load_saved_head
+        from classifiers.validation import validation_mask
+
+        X = cache.features("train")[~validation_mask(cache.ids("train"))].astype(np.float64)
+        for name in (f"{head}-memory", f"{head}-stream"):
+            layer = load_saved_head(store, cache, name).estimator.model_.get_layer("standardize")
+            np.testing.assert_allclose(np.ravel(layer.mean), X.mean(0), rtol=1e-4, atol=1e-5)
 
 
 def test_streaming_two_caches(toy_store, tiny_streaming) -> None:  # noqa: F811

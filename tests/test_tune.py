@@ -26,11 +26,11 @@ def test_tune_resumes_without_rerunning_finished_trials(toy_store, monkeypatch) 
     real = tune.train_estimator
     calls = []
 
-    def interrupted(estimator, source, plan):
+    def interrupted(estimator, source, plan, **options):
         if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(estimator.get_params()["alpha"])
-        return real(estimator, source, plan)
+        return real(estimator, source, plan, **options)
 
     monkeypatch.setattr(tune, "train_estimator", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -40,7 +40,7 @@ def test_tune_resumes_without_rerunning_finished_trials(toy_store, monkeypatch) 
     assert len(trials_files[0].read_text().splitlines()) == 2
 
     calls.clear()
-    monkeypatch.setattr(tune, "train_estimator", lambda e, s, p: (calls.append(1), real(e, s, p)))
+    monkeypatch.setattr(tune, "train_estimator", lambda e, s, p, **o: (calls.append(1), real(e, s, p, **o)))
     results, record, sidecar = tune_head(store, cache, "sgd", trials=4, seed=3)
     assert len(calls) == 2  # only the two unfinished trials ran
     assert [t["trial"] for t in results] == [0, 1, 2, 3]
