@@ -86,3 +86,24 @@ def test_the_verdict_is_the_median_of_all_runs_not_the_best() -> None:
     v = figures.verdict(rows)
     assert v["ratio_median"] == 0.85 and not v["met"] and v["runs"] == 3
     assert v["end_to_end_ratio_median"] == 0.7 and v["batch_size"] == [64]
+
+
+def test_new_results_carry_what_the_check_needs(tmp_path: Path, monkeypatch) -> None:
+    """save_json stamps command, machine and commit; run_all stamps each section it measures,
+    and figures.Results accepts both without the fallbacks for older files."""
+    import common
+    import run_all
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bench/kerashub.py", "--preset", "tiny"])
+    common.save_json("kerashub-tiny.json", {"rows": []})
+    saved = figures.Results(tmp_path).source("kerashub-tiny.json")
+    assert saved.command == "python bench/kerashub.py --preset tiny"
+    assert saved.commit == saved.machine["commit"]
+
+    sections = run_all.Sections({}, quick=False)
+    sections.measured("heads", {"fits": []})
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"benchmarks": dict(sections), "provenance": sections.provenance}))
+    heads = figures.Results(tmp_path).source("results.json", "heads")
+    assert heads.command == "python bench/run_all.py --only heads" and heads.commit
