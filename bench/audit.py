@@ -177,7 +177,8 @@ def write_results(title: str, command: str, rows: dict[str, Any]) -> None:
         handle.write("\n".join(lines) + "\n")
     saved = RESULTS / "audit.json"
     everything = json.loads(saved.read_text()) if saved.is_file() else {}
-    everything[title] = {"date": stamp, "command": command, "machine": facts, **rows}
+    everything[title] = {"date": stamp, "command": command, "machine": facts,
+                       "commit": facts.get("commit"), **rows}
     saved.write_text(json.dumps(everything, indent=1))
 
 

@@ -102,9 +102,31 @@ def best_of(fn: Callable[[], float], repeats: int) -> list[float]:
     return [fn() for _ in range(repeats)]
 
 
+def command_line() -> str:
+    """The command that is running, as a user would type it from the repository root."""
+    script = Path(sys.argv[0])
+    try:
+        script = script.resolve().relative_to(ROOT)
+    except ValueError:
+        pass
+    return " ".join(["python", str(script), *sys.argv[1:]])
+
+
+def provenance(command: str | None = None) -> dict[str, Any]:
+    """What bench/figures.py needs of every results file: the command, the machine, the commit."""
+    facts = machine()
+    return {"command": command or command_line(), "machine": facts, "commit": facts["commit"]}
+
+
 def save_json(name: str, data: Any) -> Path:
+    """Write bench/results/NAME; a dict gets `command`, `machine` and `commit` where it lacks them."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
+    if isinstance(data, dict):
+        stamp = provenance(data.get("command"))
+        if isinstance(data.get("machine"), dict):  # the machine the figures were taken on
+            stamp["commit"] = data["machine"].get("commit", stamp["commit"])
+        data = {**stamp, **data}
     path.write_text(json.dumps(data, indent=2, default=str))
     return path
 

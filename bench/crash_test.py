@@ -327,6 +327,13 @@ def main() -> None:
     failures = [f for o in totals.values() for f in o.failures]
     for failure in failures:
         print("FAIL", failure)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import save_json  # command, machine and commit come with the figures
+
+    save_json("crash_test.json", {"seed": args.seed, "kills_per_scenario": args.kills,
+                                  "scenarios": {n: {"kills": o.kills, "too_late": o.too_late,
+                                                    "failures": o.failures}
+                                                for n, o in totals.items()}})
     sys.exit(1 if failures else 0)
 
 

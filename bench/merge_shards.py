@@ -126,6 +126,15 @@ def main() -> None:
               f"{copy_read:.3f} s | {copy_rand:.3f} s |")
         print(f"| virtual dataset ({mappings} mappings) | {vds_s:.2f} s | {mib(vds):.1f} MiB "
               f"(+ the shards) | {vds_read:.3f} s | {vds_rand:.3f} s |")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from common import save_json  # command, machine and commit come with the figures
+
+        save_json(f"merge_shards-{args.shards}x{args.rows}x{args.width}.json", {
+            "rows": args.rows, "width": args.width, "shards": args.shards, "mappings": mappings,
+            "copy": {"build_s": copy_s, "file_MiB": mib(merged), "full_read_s": copy_read,
+                     "random_batches_s": copy_rand},
+            "virtual": {"build_s": vds_s, "file_MiB": mib(vds), "full_read_s": vds_read,
+                        "random_batches_s": vds_rand}})
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

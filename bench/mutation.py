@@ -31,6 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402  (cores, CPU, load, libraries, commit)
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST_FINGERPRINT = ["-k", "changes_it or not_change or distinct or same_inputs or held_out or "
                            "fractions or alone or hand_picked"]
@@ -151,6 +154,13 @@ def table(results: list[dict]) -> list[str]:
     return lines
 
 
+def _machine_text(record: dict) -> str:
+    m = record["machine"]  # a host name in runs before the machine facts were recorded
+    if isinstance(m, str):
+        return m
+    return f"{m['cpu']}, load average {m['load_average']}"
+
+
 def report() -> None:
     """bench/results/mutation.md from every mutation-<label>.json (keeps the hand-written part)."""
     results = ROOT / "bench" / "results"
@@ -163,7 +173,7 @@ def report() -> None:
         record = json.loads(path.read_text())
         lines += [f"## {path.stem.removeprefix('mutation-')}", "",
                   f"`{record['command']}` at commit {record['commit']} ({record['rev']}), "
-                  f"{record['machine']}, {record['cpus']} CPUs", "", *table(record["results"]), ""]
+                  f"{_machine_text(record)}, {record['cpus']} CPUs", "", *table(record["results"]), ""]
         survivors = [(r["target"], k, d) for r in record["results"] for k, d in r.get("survivors", {}).items()]
         if survivors:
             lines += ["Surviving mutants:", ""]
@@ -195,8 +205,8 @@ def main() -> None:
     out = ROOT / "bench" / "results" / f"mutation-{options.label}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"command": "python bench/mutation.py " + " ".join(sys.argv[1:]), "commit": commit,
-              "rev": options.rev or "work tree", "machine": os.uname().nodename,
-              "cpus": os.cpu_count(), "results": []}
+              "rev": options.rev or "work tree", "machine": machine(),
+              "host": os.uname().nodename, "cpus": os.cpu_count(), "results": []}
     for name in options.targets or list(TARGETS):
         result = run_target(name, options)
         record["results"].append(result)

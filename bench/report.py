@@ -28,6 +28,19 @@ def _ok(flag: bool) -> str:
     return "**met**" if flag else "**not met**"
 
 
+def _verdict(e: dict) -> str:
+    """Target 2, judged on the median over all runs at the default batch size (never the best)."""
+    from figures import extraction_verdict
+
+    v = extraction_verdict(e)
+    whole = v.get("end_to_end_ratio_median")
+    beside = (f"; end to end (dataset digest, model build and HDF5 assembly included) "
+              f"{whole:.3f}" if whole is not None else
+              "; the end-to-end ratio was not recorded by that code")
+    return (f"Target >= {v['target']}: {_ok(v['met'])} (median pass ratio over all {v['runs']} runs "
+            f"at batch {', '.join(map(str, v['batch_size']))}: {v['ratio_median']:.3f}{beside}).")
+
+
 def _paired(d: dict, what: str) -> str:
     """A paired accuracy difference: mean, 95 % interval, and the equality test."""
     if d.get("lower") is None:
@@ -130,10 +143,13 @@ def render(results: dict) -> str:
         out.append(_machine(e["machine"]))
         rows = [[r["batch_size"], r["workers"], r["images"], f"{r['pipeline_images_per_second']:.0f}",
                  f"{r['ceiling_images_per_second']:.0f}", f"**{r['ratio_median']:.3f}** {r['ratios']}",
+                 (f"{r['end_to_end_ratio_median']:.3f} {r['end_to_end_ratios']}"
+                  if "end_to_end_ratios" in r else "- (not recorded by that code)"),
                  _f(r["pipeline_cpu_ms_per_image"]), _f(r["ceiling_cpu_ms_per_image"]),
                  _f(r["cpu_ratio_median"]), f"{r['end_to_end_seconds']:.1f}"] for r in e["rows"]]
         out.append(_table(["batch", "workers", "images", "pipeline img/s", "ceiling img/s",
-                           "ratio (median) [runs]", "pipeline CPU ms/img", "forward CPU ms/img",
+                           "pass ratio (median) [runs]", "end-to-end ratio (median) [runs]",
+                           "pipeline CPU ms/img", "forward CPU ms/img",
                            "CPU ratio", "extract end-to-end s"], rows))
         c = e["cpu_steps"]
         graph = (f"resize + preprocess in the graph {c['resize_preprocess_ms']:.3f} ms (batches of "
@@ -143,8 +159,7 @@ def render(results: dict) -> str:
                    f"thread), {graph}; forward {c['forward_ms']:.3f} CPU ms. Bound when the CPU is "
                    f"the limit: forward / (forward + decode + resize + preprocess) = "
                    f"**{c['cpu_bound_ratio']:.3f}** (from CPU times: a pipeline that decodes while the "
-                   f"forward pass leaves a core idle can pass it). Target >= 0.9: "
-                   f"{_ok(max(r['ratio_median'] for r in e['rows']) >= 0.9)} (best median wall ratio).\n")
+                   f"forward pass leaves a core idle can pass it). {_verdict(e)}\n")
     if "heads" in b:
         h = b["heads"]
         out.append("\n## 3. Head fit times on cached features\n")

@@ -110,6 +110,12 @@ def main() -> None:
           f"peak {peak:.0f} MB, growth {last - first:+.0f} MB over {len(memory)} samples")
     failed = errors or last - first > args.max_growth_mb
     print("FAIL" if failed else "OK")
+    from common import save_json  # command, machine and commit come with the figures
+
+    save_json("soak.json", {"capacity": {k: v for k, v in capacity.items() if k != "unexpected"},
+                            "soak": soak, "unexpected_answers": errors,
+                            "rss_mb": {"first_fifth": first, "last_fifth": last, "peak": peak},
+                            "concurrency": args.concurrency, "passed": not failed})
     sys.exit(1 if failed else 0)
 
 
