@@ -81,9 +81,6 @@ class HubBackbone(Backbone):
         """Tokens before the patch tokens: the class token, then the register tokens."""
         return (1 if FAMILIES[self.family].class_tokens == "one" else 0) + self.register_tokens
 
-    def feature_width(self, alpha: float | None) -> int:
-        return self.width
-
     def resolved(self) -> "HubBackbone":
         """This preset with its local folder (downloaded by KerasHub if needed)."""
         if self.location:
@@ -125,11 +122,6 @@ class HubBackbone(Backbone):
                                  f"{self.native_size}; got {image_size}.")
         if image_size > 1024:
             raise HeadstartError(f"--image-size must be at most 1024; got {image_size}.")
-
-    def check_pooling(self, pooling: str | None) -> None:
-        if pooling is not None and pooling not in HUB_POOLINGS:
-            raise HeadstartError(f"Backbone {self.name} is a vision transformer: choose --pooling "
-                                 f"{', '.join(HUB_POOLINGS)}; got {pooling}.")
 
     def weights(self, weights: Weights) -> Weights:
         return self.preset_weights(weights)
