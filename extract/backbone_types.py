@@ -74,8 +74,9 @@ class Backbone:
         if pooling is not None and pooling not in self.poolings:
             raise HeadstartError(
                 f"Backbone {self.name} pools with {', '.join(self.poolings)}; got --pooling "
-                f"{pooling}" + (" (a KerasHub vision transformers' pooling)."
-                                if pooling in POOLINGS else "."))
+                f"{pooling}" + ("." if pooling not in POOLINGS else
+                                " (a keras.applications CNN's pooling)." if pooling in CNN_POOLINGS
+                                else " (a KerasHub vision transformers' pooling)."))
 
     def feature_width(self, alpha: float | None) -> int:
         """Pooled feature width; the MobileNet family scales it with alpha."""

@@ -8,7 +8,8 @@ and rebuilt from there with KerasHub's deserialisation, so every later step resi
 as the converter does. Vision transformers pool their last layer's tokens as `cls` (the class
 token; for SigLIP, which has none, its attention-pooling head), `mean` (of the patch tokens, after
 the class and register tokens) or `cls+mean` (both side by side: the DINOv2 linear evaluation's
-choice, the default for DINO models).
+choice, the default for DINO models). `extract --blocks N` pools each of the last N transformer
+layers that way, after the tower's final LayerNorm (`hub_multiblock_model`).
 
 Nothing here imports keras_hub until a preset is downloaded or a model is built, so listing
 backbones and commands that do not use KerasHub stay as fast as before.
@@ -44,15 +45,16 @@ class Family:
     class_tokens: str  # "one" (a class token first) or "head" (no class token: SigLIP's MAP head)
     resizable: bool  # the preset takes another image_shape (position embeddings interpolated)
     default_pooling: str
+    final_norm: str  # attribute holding the tower's LayerNorm after its last transformer layer
 
 
 FAMILIES = {
-    "DINOV2Backbone": Family(None, "one", True, "cls+mean"),
-    "DINOV3Backbone": Family(None, "one", True, "cls+mean"),
-    "CLIPBackbone": Family("vision_encoder", "one", False, "cls"),
-    "CLIPVisionEncoder": Family(None, "one", False, "cls"),
-    "SigLIPBackbone": Family("vision_encoder", "head", False, "cls"),
-    "SigLIPVisionEncoder": Family(None, "head", False, "cls"),
+    "DINOV2Backbone": Family(None, "one", True, "cls+mean", "layernorm"),
+    "DINOV3Backbone": Family(None, "one", True, "cls+mean", "layernorm"),
+    "CLIPBackbone": Family("vision_encoder", "one", False, "cls", "layer_norm"),
+    "CLIPVisionEncoder": Family(None, "one", False, "cls", "layer_norm"),
+    "SigLIPBackbone": Family("vision_encoder", "head", False, "cls", "post_layer_norm"),
+    "SigLIPVisionEncoder": Family(None, "head", False, "cls", "post_layer_norm"),
 }
 
 
@@ -80,9 +82,6 @@ class HubBackbone(Backbone):
     def prefix_tokens(self) -> int:
         """Tokens before the patch tokens: the class token, then the register tokens."""
         return (1 if FAMILIES[self.family].class_tokens == "one" else 0) + self.register_tokens
-
-    def feature_width(self, alpha: float | None) -> int:
-        return self.width
 
     def resolved(self) -> "HubBackbone":
         """This preset with its local folder (downloaded by KerasHub if needed)."""
@@ -125,11 +124,6 @@ class HubBackbone(Backbone):
                                  f"{self.native_size}; got {image_size}.")
         if image_size > 1024:
             raise HeadstartError(f"--image-size must be at most 1024; got {image_size}.")
-
-    def check_pooling(self, pooling: str | None) -> None:
-        if pooling is not None and pooling not in HUB_POOLINGS:
-            raise HeadstartError(f"Backbone {self.name} is a vision transformer: choose --pooling "
-                                 f"{', '.join(HUB_POOLINGS)}; got {pooling}.")
 
     def weights(self, weights: Weights) -> Weights:
         return self.preset_weights(weights)
@@ -315,7 +309,6 @@ def _first_line(error: BaseException) -> str:
 def build_hub_feature_model(backbone: HubBackbone, weights: Weights, image_size: int,
                             pooling: str) -> Any:
     """The frozen feature model: converter-preprocessed S×S×3 images in, pooled tokens out."""
-    keras = load_keras()
     hub = load_keras_hub()
     backbone = backbone.resolved()
     backbone.check(None, image_size, pooling)
@@ -333,30 +326,124 @@ def build_hub_feature_model(backbone: HubBackbone, weights: Weights, image_size:
                              f"({_first_line(error)}); save it again with save_to_preset.") from None
     tower = getattr(model, family.tower) if family.tower else model
     tower.trainable = False
-    images = keras.Input((image_size, image_size, 3), name="images")
-    if family.class_tokens == "head":  # SigLIP: the head's attention pooling is its summary
-        inner = keras.Model(tower.inputs, [tower.post_layer_norm.output, tower.output])
-        sequence, summary = inner({"images": images})
-        patches = sequence
-    else:
-        sequence = tower({"images": images})
-        summary = sequence[:, 0, :]
-        patches = sequence[:, backbone.prefix_tokens:, :]
+    return _pooled_model(tower, backbone, image_size, pooling, 1)[0]
+
+
+def hub_multiblock_model(feature_model: Any, count: int, pooling: str
+                         ) -> tuple[Any, list[tuple[str, int]]] | None:
+    """`extract --blocks N` on a KerasHub feature model (from `build_hub_feature_model`): one
+    model computing the last N transformer layers' outputs, each put through the tower's final
+    LayerNorm (as DINOv2's linear evaluation does; SigLIP's `cls` also through its attention-
+    pooling head) and reduced with `pooling` as the last layer is, concatenated bottom to top,
+    and each block's name (its transformer layer's) and width. The last block is computed
+    from the tower's own output as the one-block model computes it (the same numbers, bit for
+    bit); `count == 1` returns `feature_model` itself. None for a model that is not a KerasHub
+    one."""
+    tower = feature_model.__dict__.get(_TOWER)
+    if tower is None:
+        return None
+    backbone = feature_model.__dict__[_BACKBONE]
+    if count == 1:
+        layers = transformer_layers(tower)
+        return feature_model, [(_block_name(tower, layers[-1]) if layers else "output",
+                                int(feature_model.output_shape[-1]))]
+    return _pooled_model(tower, backbone, int(feature_model.input_shape[1]), pooling, count)
+
+
+def _pooled_model(tower: Any, backbone: HubBackbone, image_size: int, pooling: str,
+                  count: int) -> tuple[Any, list[tuple[str, int]]]:
+    """The feature model of the last `count` transformer layers of `tower` (see
+    `hub_multiblock_model`), and each block's name and width."""
+    keras = load_keras()
     ops = keras.ops
-    if pooling == "cls":
-        features = summary
-    elif pooling == "mean":
-        features = ops.mean(patches, axis=1)
-    else:
-        features = ops.concatenate([summary, ops.mean(patches, axis=1)], axis=-1)
+    family = FAMILIES[backbone.family]
+    layers = transformer_layers(tower)
+    if not 1 <= count <= len(layers):
+        raise HeadstartError(f"--blocks must be between 1 and {len(layers)} for backbone "
+                             f"{backbone.name} (its transformer layers); got {count}.")
+    images = keras.Input((image_size, image_size, 3), name="images")
     name = backbone.name.replace(PRESET_PREFIX, "preset_").replace("/", "_").replace(":", "_")
-    feature_model = keras.Model(images, features, name=f"{name}_{pooling.replace('+', '_')}")
+    name = f"{name}_{pooling.replace('+', '_')}"
+    if count == 1:  # today's model, untouched
+        if family.class_tokens == "head":  # SigLIP: the head's attention pooling is its summary
+            inner = keras.Model(tower.inputs, [tower.post_layer_norm.output, tower.output])
+            sequence, summary = inner({"images": images})
+            patches = sequence
+        else:
+            sequence = tower({"images": images})
+            summary = sequence[:, 0, :]
+            patches = sequence[:, backbone.prefix_tokens:, :]
+        features = _reduce(ops, pooling, summary, patches)
+        widths = [int(features.shape[-1])]
+    else:
+        # Every tensor of the tower's own graph is read before the final norm (and head) are
+        # called again: the last block is the tower's own output.
+        norm = getattr(tower, family.final_norm)
+        raw, normed = _layer_outputs(tower, len(layers))
+        head = family.class_tokens == "head"
+        last = [_own_output(tower.post_layer_norm), tower.output] if head else [tower.output]
+        outputs = []
+        for tensor in raw[len(raw) - count:-1]:
+            sequence = tensor if normed else norm(tensor)
+            outputs += [sequence, tower.head(sequence)] if head else [sequence]
+        inner = keras.Model(tower.inputs, outputs + last, name=f"{tower.name}_layers")
+        results = inner(images)
+        step = 2 if head else 1
+        pooled = []
+        for k in range(count):
+            sequence = results[k * step]
+            if head:
+                summary, patches = results[k * step + 1], sequence
+            else:
+                summary, patches = sequence[:, 0, :], sequence[:, backbone.prefix_tokens:, :]
+            pooled.append(_reduce(ops, pooling, summary, patches))
+        widths = [int(p.shape[-1]) for p in pooled]
+        features = keras.layers.Concatenate(axis=-1, name="blocks_concat")(pooled)
+        name = f"{name}_blocks{count}"
+    feature_model = keras.Model(images, features, name=name)
     feature_model.trainable = False
-    feature_model.__dict__[_TOWER] = tower  # for finetune (not a tracked attribute)
-    return feature_model
+    feature_model.__dict__[_TOWER] = tower  # for finetune and --blocks (not tracked attributes)
+    feature_model.__dict__[_BACKBONE] = backbone
+    names = [_block_name(tower, layer) for layer in layers[len(layers) - count:]]
+    return feature_model, list(zip(names, widths))
+
+
+def _reduce(ops: Any, pooling: str, summary: Any, patches: Any) -> Any:
+    """One block's features: its summary (class token or head), its patch mean, or both."""
+    if pooling == "cls":
+        return summary
+    if pooling == "mean":
+        return ops.mean(patches, axis=1)
+    return ops.concatenate([summary, ops.mean(patches, axis=1)], axis=-1)
+
+
+def _layer_outputs(tower: Any, count: int) -> tuple[list[Any], bool]:
+    """The output of each of the tower's `count` transformer layers as tensors of its own graph,
+    bottom to top, and whether they already went through its final norm (a DINO tower built
+    with apply_layernorm). DINO towers run their layers inside one encoder layer, whose outputs
+    the tower keeps as `pyramid_outputs` (stage1..stageN); CLIP and SigLIP call each layer in
+    the tower's graph."""
+    pyramid = getattr(tower, "pyramid_outputs", None)
+    if pyramid:
+        return ([pyramid[f"stage{i}"] for i in range(1, count + 1)],
+                bool(getattr(tower, "apply_layernorm", False)))
+    return [_own_output(layer) for layer in transformer_layers(tower)], False
+
+
+def _block_name(tower: Any, layer: Any) -> str:
+    """A transformer layer's block name: its layer name without the tower's prefix
+    (DINOv2 `layers_11`, CLIP and SigLIP `encoder_block_11`)."""
+    prefix = f"{tower.name}_"
+    return layer.name[len(prefix):] if layer.name.startswith(prefix) else layer.name
+
+
+def _own_output(layer: Any) -> Any:
+    """A layer's output in the graph of the tower that it was built in (its first call)."""
+    return layer._inbound_nodes[0].output_tensors[0]
 
 
 _TOWER = "_headstart_kerashub_tower"
+_BACKBONE = "_headstart_kerashub_backbone"
 
 
 def transformer_layers(tower: Any) -> list[Any]:

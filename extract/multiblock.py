@@ -215,10 +215,18 @@ def multiblock_model(model: Any, count: int, pooling: str,
     backbone from `build_feature_model` with `pooling`), concatenated bottom to top, and each
     block's columns.
 
+    For a KerasHub vision transformer the blocks are its last `count` transformer layers
+    (`extract.kerashub.hub_multiblock_model`, pooled as `pooling` says).
+
     The last block's columns are `model`'s own output (the same tensor), so `count == 1` returns
     `model` itself. `block_pooling` (default: `pooling`) reduces the earlier blocks. Flatten
     pooling takes one block only.
     """
+    from extract.kerashub import hub_multiblock_model
+
+    hub = hub_multiblock_model(model, count, pooling)  # a KerasHub vision transformer
+    if hub is not None:
+        return hub[0], block_columns(hub[1])
     keras = load_keras()
     width = int(model.output_shape[-1])
     if count == 1:
@@ -236,13 +244,18 @@ def multiblock_model(model: Any, count: int, pooling: str,
     chosen = blocks[len(blocks) - count:]
     outputs = [_pool(keras, block_pooling, b.tensor, f"mb{i}_{b.name}")
                for i, b in enumerate(chosen[:-1])] + [model.output]
-    columns, start = [], 0
-    for block, output in zip(chosen, outputs):
-        stop = start + int(output.shape[-1])
-        columns.append(BlockColumns(block.name, start, stop))
-        start = stop
+    columns = block_columns([(b.name, int(o.shape[-1])) for b, o in zip(chosen, outputs)])
     merged = keras.layers.Concatenate(axis=-1, name="blocks_concat")(outputs)
     return keras.Model(model.inputs, merged, name=f"{model.name}_blocks{count}"), columns
+
+
+def block_columns(widths: list[tuple[str, int]]) -> list[BlockColumns]:
+    """The columns of blocks of these (name, width), side by side from column 0."""
+    columns, start = [], 0
+    for name, width in widths:
+        columns.append(BlockColumns(name, start, start + width))
+        start += width
+    return columns
 
 
 def build_multiblock_feature_model(backbone: Backbone, alpha: float | None, weights: Weights,

@@ -68,4 +68,33 @@ def fitted_store(tmp_path_factory: pytest.TempPathFactory, mini_store: Path):
     return store, results
 
 
+#: The tiny preset has register tokens, so pooling must skip them.
+HUB_REGISTERS = 2
+
+
+@pytest.fixture(scope="session")
+def tiny_preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer DINOv2 of width 32, patch 4, 28 px, with 2 register tokens and its converter
+    (tests/kerashub_support.py), saved with KerasHub's own preset saving."""
+    from tests.kerashub_support import make_tiny_preset
+
+    return make_tiny_preset(tmp_path_factory.mktemp("presets") / "tiny-dinov2",
+                            registers=HUB_REGISTERS)
+
+
+@pytest.fixture(scope="session")
+def hub_store(tmp_path_factory: pytest.TempPathFactory, tiny_preset: Path) -> Path:
+    """The mini set extracted with the tiny preset (cls+mean, float32), logreg and mlp fitted."""
+    from tests.helpers import run_cli
+
+    store = tmp_path_factory.mktemp("hub-store")
+    for args in (["extract", str(MINI), "--backbone", f"preset:{tiny_preset}", "--pooling",
+                  "cls+mean", "--dtype", "float32", "--quiet"],
+                 ["fit", "--head", "logreg"], ["fit", "--head", "mlp", "-p", "epochs=2",
+                                               "--quiet"]):
+        result = run_cli(*args, "--store", str(store))
+        assert result.exit_code == 0, result.output
+    return store
+
+
 from tests.synthetic_store import toy_store  # noqa: E402,F401  (fixture shared by head tests)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tests.conftest import MINI, WEIGHTS
 
@@ -102,3 +102,24 @@ def held_out_by_hand(sample_id: str, fraction: float = 0.1) -> bool:
     sha256("headstart-validation:" + id), its first 8 bytes as a big-endian fraction of 2**64."""
     head = hashlib.sha256(("headstart-validation:" + sample_id).encode("utf-8")).digest()[:8]
     return int.from_bytes(head, "big") < fraction * 2**64
+
+
+def interrupt_extraction(monkeypatch: Any, at_call: int = 4) -> Callable[[], None]:
+    """Make extraction's forward function raise KeyboardInterrupt (Ctrl-C) on its `at_call`-th
+    call (the first is the warm-up); returns the function that puts the real one back."""
+    from extract import pipeline
+
+    real, calls = pipeline.runtime_forward, []
+
+    def interrupting(*args: Any, **kwargs: Any) -> Any:
+        forward = real(*args, **kwargs)
+
+        def call(batch: Any) -> Any:
+            calls.append(len(batch))
+            if len(calls) == at_call:
+                raise KeyboardInterrupt
+            return forward(batch)
+        return call
+
+    monkeypatch.setattr(pipeline, "runtime_forward", interrupting)
+    return lambda: monkeypatch.setattr(pipeline, "runtime_forward", real)

@@ -5,6 +5,7 @@ metadata.json), only a few kilobytes."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 #: ImageNet mean/std as a DINOv2 converter applies them to 0..255 pixels.
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -35,6 +36,26 @@ def make_tiny_preset(folder: Path, *, registers: int = 0, seed: int = 0, image_s
     backbone.save_to_preset(str(folder))
     converter.save_to_preset(str(folder))
     return folder
+
+
+def make_tiny_tower(kind: str, folder: Path, layers: int = 1) -> tuple[Any, Any]:
+    """A SigLIP or CLIP image tower (16 px, patch 4, width 16) and its converter, both saved as
+    a preset in `folder`; returns (tower, converter)."""
+    from extract.kerashub import load_keras_hub
+
+    hub = load_keras_hub()
+    sizes = {"patch_size": 4, "hidden_dim": 16, "num_layers": layers, "num_heads": 2,
+             "intermediate_dim": 32, "image_shape": (16, 16, 3)}
+    if kind == "siglip":
+        tower = hub.models.SigLIPVisionEncoder(**sizes)
+        converter = hub.layers.SigLIPImageConverter(image_size=(16, 16), scale=1 / 127.5,
+                                                    offset=-1.0)
+    else:
+        tower = hub.models.CLIPVisionEncoder(**sizes)
+        converter = hub.layers.CLIPImageConverter(image_size=(16, 16), scale=1 / 255.0)
+    tower.save_to_preset(str(folder))
+    converter.save_to_preset(str(folder))
+    return tower, converter
 
 
 if __name__ == "__main__":  # python -m tests.kerashub_support DIR

@@ -15,34 +15,13 @@ import h5py
 import numpy as np
 import pytest
 
-from extract import pipeline
-from tests.conftest import MINI, ROOT
-from tests.helpers import assert_clean_error, run_cli
-from tests.kerashub_support import make_tiny_preset
+from tests.conftest import HUB_REGISTERS, MINI, ROOT
+from tests.helpers import assert_clean_error, interrupt_extraction, run_cli
+from tests.kerashub_support import make_tiny_preset, make_tiny_tower
 from store.errors import HeadstartError
 from store.store import Store
 
-REGISTERS = 2  # the tiny preset has registers, so pooling must skip them
-
-
-@pytest.fixture(scope="session")
-def tiny_preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer DINOv2 of width 32, patch 4, 28 px, with 2 register tokens and its converter."""
-    return make_tiny_preset(tmp_path_factory.mktemp("presets") / "tiny-dinov2",
-                            registers=REGISTERS)
-
-
-@pytest.fixture(scope="session")
-def hub_store(tmp_path_factory: pytest.TempPathFactory, tiny_preset: Path) -> Path:
-    """The mini set extracted with the tiny preset (cls+mean, float32), logreg and mlp fitted."""
-    store = tmp_path_factory.mktemp("hub-store")
-    for args in (["extract", str(MINI), "--backbone", f"preset:{tiny_preset}", "--pooling",
-                  "cls+mean", "--dtype", "float32", "--quiet"],
-                 ["fit", "--head", "logreg"], ["fit", "--head", "mlp", "-p", "epochs=2",
-                                               "--quiet"]):
-        result = run_cli(*args, "--store", str(store))
-        assert result.exit_code == 0, result.output
-    return store
+REGISTERS = HUB_REGISTERS  # the tiny preset has registers, so pooling must skip them
 
 
 def plan_of(preset: Path, **changes: Any) -> Any:
@@ -151,25 +130,13 @@ def test_a_moved_or_changed_preset_is_refused_in_one_sentence(hub_store: Path, t
 def test_ctrl_c_then_resume_gives_the_same_cache(hub_store: Path, tiny_preset: Path,
                                                  tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    real, calls = pipeline.runtime_forward, []
-
-    def interrupting(*args: Any, **kwargs: Any) -> Any:
-        forward = real(*args, **kwargs)
-
-        def call(batch: np.ndarray) -> np.ndarray:
-            calls.append(len(batch))
-            if len(calls) == 4:  # warm-up, then three batches
-                raise KeyboardInterrupt
-            return forward(batch)
-        return call
-
-    monkeypatch.setattr(pipeline, "runtime_forward", interrupting)
+    restore = interrupt_extraction(monkeypatch)  # warm-up, two batches, then Ctrl-C
     store = tmp_path / "store"
     args = ["extract", str(MINI), "--backbone", f"preset:{tiny_preset}", "--pooling", "cls+mean",
             "--dtype", "float32", "--batch-size", "32", "--quiet", "--store", str(store)]
     result = run_cli(*args)
     assert result.exit_code == 130 and "run the same command again" in result.output
-    monkeypatch.setattr(pipeline, "runtime_forward", real)
+    restore()
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
     assert "Extracted 536 images" in result.output  # 64 rows were kept
@@ -295,20 +262,9 @@ def test_image_towers_pool_their_own_tokens(kind: str, tmp_path: Path) -> None:
     """SigLIP (no class token: cls is its attention-pooling head) and CLIP (class token first)
     image towers, saved as presets, pool as their outputs say."""
     from extract.backbones import Weights
-    from extract.kerashub import build_hub_feature_model, load_keras_hub, preset_backbone
+    from extract.kerashub import build_hub_feature_model, preset_backbone
 
-    hub = load_keras_hub()
-    sizes = {"patch_size": 4, "hidden_dim": 16, "num_layers": 1, "num_heads": 2,
-             "intermediate_dim": 32, "image_shape": (16, 16, 3)}
-    if kind == "siglip":
-        tower = hub.models.SigLIPVisionEncoder(**sizes)
-        converter = hub.layers.SigLIPImageConverter(image_size=(16, 16), scale=1 / 127.5,
-                                                    offset=-1.0)
-    else:
-        tower = hub.models.CLIPVisionEncoder(**sizes)
-        converter = hub.layers.CLIPImageConverter(image_size=(16, 16), scale=1 / 255.0)
-    tower.save_to_preset(str(tmp_path))
-    converter.save_to_preset(str(tmp_path))
+    tower, converter = make_tiny_tower(kind, tmp_path)
     backbone = preset_backbone(str(tmp_path))
     assert (backbone.patch_size, backbone.width, backbone.native_size) == (4, 16, 16)
     pixels = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)

@@ -1,0 +1,169 @@
+"""`extract --blocks N` on a KerasHub preset: the last N transformer layers, each through the
+tower's final LayerNorm and pooled as --pooling says, side by side (the tiny 2-layer DINOv2 of
+`tiny_preset`, on the mini set), and everything downstream of such a cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from store.store import Store
+from tests.conftest import HUB_REGISTERS, MINI
+from tests.helpers import assert_clean_error, interrupt_extraction, run_cli
+from tests.kerashub_support import make_tiny_tower
+
+COLUMNS = [("layers_0", 0, 64), ("layers_1", 64, 128)]  # cls+mean of width 32, twice
+
+
+def extract_args(preset: Path, store: Path, *extra: str) -> list[str]:
+    return ["extract", str(MINI), "--backbone", f"preset:{preset}", "--pooling", "cls+mean",
+            "--dtype", "float32", "--blocks", "2", "--quiet", "--store", str(store), *extra]
+
+
+@pytest.fixture(scope="module")
+def hub_blocks_store(tmp_path_factory: pytest.TempPathFactory, tiny_preset: Path) -> Path:
+    """The mini set, 2 blocks of the tiny preset; a logreg on both blocks and one on the last."""
+    store = tmp_path_factory.mktemp("hub-blocks-store")
+    for args in (extract_args(tiny_preset, store),
+                 ["fit", "--head", "logreg", "--store", str(store)],
+                 ["fit", "--head", "logreg", "--name", "last", "--use-blocks", "1",
+                  "--store", str(store)]):
+        result = run_cli(*args)
+        assert result.exit_code == 0, result.output
+    return store
+
+
+def layer_outputs(preset: Path, images: np.ndarray) -> list[np.ndarray]:
+    """Each transformer layer's output, computed eagerly with KerasHub's own layers: the
+    converter, the embeddings, then the encoder's layers one by one."""
+    from extract.kerashub import load_keras_hub
+
+    hub = load_keras_hub()
+    backbone = hub.models.Backbone.from_preset(str(preset))
+    converter = hub.layers.ImageConverter.from_preset(str(preset))
+    x = backbone.embeddings(converter(images))
+    outputs = []
+    for layer in backbone.encoder.layers:
+        x = layer(x)
+        outputs.append(np.asarray(backbone.layernorm(x)))  # the final norm, as DINOv2 eval does
+    return outputs
+
+
+def test_hub_blocks_are_the_pooled_normed_transformer_layers(hub_blocks_store: Path,
+                                                             hub_store: Path,
+                                                             tiny_preset: Path) -> None:
+    from extract.rebuild import cache_preprocessing
+
+    cache = Store(hub_blocks_store).find_cache()
+    assert cache.blocks == COLUMNS and cache.inputs["blocks"] == 2
+    assert cache.inputs["pooling"] == "cls+mean"
+    ids = cache.ids("train")[:32]
+    decoded = cache_preprocessing(cache)
+    images = np.stack([decoded.decode_file(MINI / i) for i in ids])
+    features = cache.features("train")[:32]
+    for (name, start, stop), tokens in zip(COLUMNS, layer_outputs(tiny_preset, images)):
+        expected = np.concatenate([tokens[:, 0], tokens[:, 1 + HUB_REGISTERS:].mean(axis=1)], 1)
+        np.testing.assert_allclose(features[:, start:stop], expected, rtol=1e-4, atol=1e-4)
+    # the last block is today's one-block cache, bit for bit
+    single = Store(hub_store).find_cache()
+    assert single.blocks == [("output", 0, 64)] and "blocks" not in single.inputs
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(cache.features(split)[:, 64:], single.features(split))
+
+
+def test_hub_blocks_one_keeps_todays_fingerprint(hub_store: Path, tiny_preset: Path) -> None:
+    from extract.settings import ExtractSettings
+
+    def plan(**changes: Any) -> Any:
+        return ExtractSettings(str(MINI), f"preset:{tiny_preset}", pooling="cls+mean",
+                               dtype="float32", **changes).plan()
+
+    single = Store(hub_store).find_cache()
+    assert plan().fingerprint == plan(blocks=1).fingerprint == single.fingerprint
+    assert "blocks" not in plan(blocks=1).inputs
+    assert plan(blocks=2).fingerprint != single.fingerprint
+
+
+def test_hub_blocks_predict_and_export_give_the_cached_answers(hub_blocks_store: Path,
+                                                               tmp_path: Path) -> None:
+    from endtoend.export import split_pixels
+    from endtoend.keras_heads import load_exported
+    from endtoend.predict import open_predictor, predict_files
+
+    store = Store(hub_blocks_store)
+    cache = store.find_cache()
+    paths = [MINI / i for i in cache.ids("test")[:40]]
+    for head in ("logreg", "last"):
+        model = open_predictor(store, cache, head)
+        answers = list(predict_files(model, paths, top=1, batch_size=16))
+        cached = model.estimator.predict_proba(
+            cache.features("test")[:40] if head == "logreg" else cache.features("test")[:40, 64:])
+        assert [model.class_names.index(a.top[0]["label"]) for a in answers] == \
+            cached.argmax(axis=1).tolist()
+        assert [a.top[0]["probability"] for a in answers] == pytest.approx(
+            cached.max(axis=1).tolist(), abs=1e-5)
+    result = run_cli("export", "--head", "last", "--format", "keras", "--out", str(tmp_path),
+                     "--store", str(hub_blocks_store))
+    assert result.exit_code == 0, result.output
+    model = open_predictor(store, cache, "last")
+    pixels, _ = split_pixels(model, "test", limit=40)
+    got = np.asarray(load_exported(tmp_path / "last.keras").predict(
+        pixels.astype(np.float32), verbose=0))
+    np.testing.assert_allclose(got, model.estimator.predict_proba(cache.features("test")[:40, 64:]),
+                               atol=1e-4)
+
+
+def test_hub_blocks_resume_after_ctrl_c(hub_blocks_store: Path, tiny_preset: Path,
+                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    restore = interrupt_extraction(monkeypatch)  # warm-up, two batches, then Ctrl-C
+    args = extract_args(tiny_preset, tmp_path / "store", "--batch-size", "32")
+    assert run_cli(*args).exit_code == 130
+    restore()
+    result = run_cli(*args)
+    assert result.exit_code == 0 and "Extracted 536 images" in result.output, result.output
+    resumed = Store(tmp_path / "store").find_cache()
+    reference = Store(hub_blocks_store).find_cache()
+    assert (resumed.fingerprint, resumed.blocks) == (reference.fingerprint, reference.blocks)
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(resumed.features(split), reference.features(split))
+
+
+def test_hub_blocks_beyond_the_transformer_layers_are_one_sentence(tiny_preset: Path,
+                                                                   tmp_path: Path) -> None:
+    args = extract_args(tiny_preset, tmp_path / "store")
+    args[args.index("--blocks") + 1] = "3"
+    assert_clean_error(run_cli(*args), "--blocks must be between 1 and 2",
+                       "transformer layers")
+    assert not list((tmp_path / "store").glob("caches/*.h5"))
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_hub_blocks_of_image_towers(kind: str, tmp_path: Path) -> None:
+    """SigLIP (its post-norm and attention-pooling head on every block) and CLIP (its final norm,
+    then the class token) image towers: the first block against KerasHub's layers run eagerly,
+    the last block against the one-block model, bit for bit."""
+    from extract.backbones import Weights
+    from extract.kerashub import build_hub_feature_model, preset_backbone
+    from extract.multiblock import multiblock_model
+
+    tower, _ = make_tiny_tower(kind, tmp_path, layers=2)
+    backbone = preset_backbone(str(tmp_path))
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)
+    inputs = backbone.preprocessing(16).apply(pixels)
+    x = tower.embedding(inputs)
+    x = tower.encoder_layers[0](x if kind == "siglip" else tower.pre_layer_norm(x))
+    normed = np.asarray(tower.post_layer_norm(x) if kind == "siglip" else tower.layer_norm(x))
+    summary = np.asarray(tower.head(normed)) if kind == "siglip" else normed[:, 0]
+    mean = normed.mean(axis=1) if kind == "siglip" else normed[:, 1:].mean(axis=1)
+    for pooling, first in (("cls", summary), ("cls+mean", np.concatenate([summary, mean], 1))):
+        single = build_hub_feature_model(backbone, Weights("preset", tmp_path), 16, pooling)
+        model, columns = multiblock_model(single, 2, pooling)
+        width = first.shape[1]
+        assert [c.to_list() for c in columns] == [["encoder_block_0", 0, width],
+                                                  ["encoder_block_1", width, 2 * width]]
+        both = np.asarray(model(inputs))
+        np.testing.assert_allclose(both[:, :width], first, atol=1e-5)
+        np.testing.assert_array_equal(both[:, width:], np.asarray(single(inputs)))
