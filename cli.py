@@ -220,7 +220,8 @@ def extract(
     runtime: Runtime = typer.Option("tf", help="What runs the backbone: tf, or onnx (ONNX "
                                     "Runtime on the CPU; a new cache; pip install -e '.[onnx]')."),
     blocks: int = typer.Option(1, min=1, max=8, help="Store the pooled outputs of the backbone's "
-                               "last N blocks side by side (one pass; 1 is the output only)."),
+                               "last N blocks side by side (one pass; 1 is the output only; a "
+                               "KerasHub preset's blocks are its last N transformer layers)."),
     tta: Optional[Tta] = typer.Option(None, help="flip: also cache the mirrored view of every "
                                       "image of every split, for test-time averaging."),
     augment: int = typer.Option(0, min=0, max=64, help="Also cache K augmented views of every "

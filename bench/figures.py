@@ -282,7 +282,7 @@ def measured_rows(r: Results) -> list[Row]:
                  f"{p['epochs']} epochs",
                  f"{a['seconds']:.1f} s, test accuracy {pct(a['test_accuracy'], 2)} (medians of "
                  f"{p['repeats']} runs)", paper))
-    rows.append((f"(b) `extract` + `fit --head mlp --validation-fraction 0`, same rows",
+    rows.append(("(b) `extract` + `fit --head mlp --validation-fraction 0`, same rows",
                  f"{b['seconds']:.1f} s (extract {b['extract_seconds']:.1f} s + fit "
                  f"{b['fit_seconds']:.1f} s), test accuracy {pct(b['test_accuracy'], 2)}", paper))
     for f in b["further_heads"]:
@@ -297,9 +297,48 @@ def measured_rows(r: Results) -> list[Row]:
     return rows
 
 
+#: bench/recipes.py's heads, as the README names them.
+RECIPE_HEADS = {
+    "lr-b1": "logreg, last block, no views (`--use-blocks 1 --no-tta`: a one-block cache)",
+    "lr-b4-plain": "logreg `-p C=0.05`, 4 blocks, no views (`--no-tta`)",
+    "lr-b4": "logreg `-p C=0.05`, 4 blocks, mirrored training rows, averaged over image + mirror",
+    "mlp-a": "mlp, standardizing, 1,024 hidden (bench/recipes.py's `MLP_A`), with the views",
+    "mlp-b": "mlp, standardizing, 2,048 hidden, dropout 0.6, seed 1 (`MLP_B`), with the views",
+    "best": "greedy `ensemble` of mlp-a and mlp-b",
+}
+
+
+def recipe_rows(r: Results) -> list[Row]:
+    """Issue 15's recipes on CIFAR-10 (bench/recipes.py): each head, the best recipe's wall time
+    against one run of the paper's recipe on the same images."""
+    src = r.source("recipes.json")
+    d = src.data
+    steps, acc = d["steps"], d["accuracy"]
+    rows: list[Row] = [(f"`extract --blocks 4 --tta flip`, {n(d['images'])} images",
+                        f"{steps['extract --blocks 4 --tta flip']:.1f} s", src)]
+    for head, label in RECIPE_HEADS.items():
+        a = acc[head]
+        single = "" if a["single_view"] is None else f" ({pct(a['single_view'], 2)} from the image alone)"
+        fitted = steps.get(f"fit {head}", steps.get("ensemble mlp-a + mlp-b"))
+        rows.append((label, f"test accuracy {pct(a['accuracy'], 2)}{single}; fit {fitted:.1f} s",
+                     src))
+    best = d["best_recipe"]
+    rows.append(("the best recipe: extract + mlp-a + mlp-b + ensemble",
+                 f"{pct(best['accuracy'], 2)} in {best['seconds']:.0f} s", src))
+    if "paper_recipe" in d:
+        paper = d["paper_recipe"]
+        rows.append(("the paper's recipe on the same images (frozen base inside the model, 10 "
+                     "epochs, test split validated each epoch)",
+                     f"{pct(paper['test_accuracy'], 2)} in {paper['seconds']:.0f} s; the best "
+                     f"recipe takes {best['time_ratio_to_paper']:.2f} of its time", src))
+    return rows
+
+
 TABLES: dict[str, tuple[tuple[str, str], Callable[[Results], list[Row]]]] = {
     "performance": (("target (issue 6)", "measured: medians over all runs"), performance_rows),
     "measured": (("step (MobileNet α = 0.25, 128 px)", "result"), measured_rows),
+    "recipes": (("on `extract --blocks 4 --tta flip` (MobileNet α = 0.25, 128 px)", "measured"),
+                recipe_rows),
 }
 
 
