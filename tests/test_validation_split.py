@@ -64,14 +64,14 @@ def test_tune_scores_each_trial_on_the_hand_picked_rows_only(toy_store, monkeypa
     ids, y = cache.ids("train"), cache.labels("train")
     by_hand = np.array([held_out_by_hand(str(i)) for i in ids])
     scored = []
-    real = tune.source_proba
+    real = tune.views_proba
 
-    def spy(estimator, source, split, mask=None, *rest):
-        proba = real(estimator, source, split, mask, *rest)
+    def spy(estimator, source, split, mask=None, *rest, **options):
+        proba = real(estimator, source, split, mask, *rest, **options)
         scored.append((split, None if mask is None else np.asarray(mask).copy(), proba))
         return proba
 
-    monkeypatch.setattr(tune, "source_proba", spy)
+    monkeypatch.setattr(tune, "views_proba", spy)
     results, _, _ = tune.tune_head(store, cache, "knn", trials=3, seed=5)
     assert len(scored) == 3
     for (split, mask, proba), trial in zip(scored, results):
