@@ -873,7 +873,7 @@ def similar(
 
     Example: python cli.py similar photo.jpg --k 8
     """
-    from classifiers.audit import similar_files
+    from classifiers.similar import similar_files
     from endtoend.predict import collect_inputs
 
     with user_errors():

@@ -80,7 +80,7 @@ def _reason(error: BaseException) -> str:
 def similar_function(predictor: Any, cache: Any) -> Callable[..., Any] | None:
     """POST /similar's search: the cache's training features and the predictor's own forward
     pass for the cache (None when the predictor runs no backbone of that cache)."""
-    from classifiers.audit import SimilarFinder
+    from classifiers.similar import SimilarFinder
 
     if cache.fingerprint not in getattr(predictor, "backbones", {}):
         return None

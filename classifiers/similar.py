@@ -1,0 +1,91 @@
+"""The nearest cached training images of new images: the cache's backbone and preprocessing
+make their features, searched among the training rows' (classifiers.similarity).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from classifiers.similarity import SimilaritySpace, top_k
+from store.cache import FeatureCache
+from store.errors import HeadstartError
+
+
+class SimilarFinder:
+    """The cache's training features (and its backbone and preprocessing, loaded once, unless
+    `features` is given: e.g. a serving predictor's own forward pass): the nearest cached
+    training images of new images."""
+
+    def __init__(self, cache: FeatureCache, weights: str | None = None,
+                 features: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        from extract.preprocessing import Preprocessing
+
+        if not cache.inputs.get("backbone") or cache.inputs.get("backbone") == "arrays":
+            raise HeadstartError(f"Cache {cache.name} was not made by a backbone; there is no "
+                                 "forward pass for new images.")
+        self.cache = cache
+        self.preprocessing = Preprocessing.from_dict(cache.preprocessing)
+        if features is None:
+            from extract.forward import forward_function
+            from extract.rebuild import cache_feature_model, cache_weights
+
+            model = cache_feature_model(cache, cache_weights(cache, weights))
+            forward = forward_function(model, self.preprocessing)
+
+            def features(pixels: np.ndarray) -> np.ndarray:
+                return forward(pixels).reshape(len(pixels), -1).astype(np.float32)
+
+        self.features = features
+
+    @cached_property
+    def space(self) -> "SimilaritySpace":
+        """The training features' search space, built on the first search (not at a server's
+        start-up: every training row is read for it)."""
+        return SimilaritySpace.of(self.cache.features("train"))
+
+    @cached_property
+    def ids(self) -> np.ndarray:
+        return self.cache.ids("train")
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        return self.cache.labels("train")
+
+    def similar(self, pixels: np.ndarray, k: int = 8) -> list[list[dict[str, Any]]]:
+        """uint8 batch (N x S x S x 3, resized) -> each image's k nearest training images."""
+        if k < 1:
+            raise HeadstartError(f"--k must be at least 1; got {k}.")
+        if not len(pixels):
+            return []
+        found, sims = top_k(self.space.project(self.features(pixels)), self.space.train, k)
+        names = self.cache.class_names
+        return [[{"id": str(self.ids[i]), "label": names[self.labels[i]],
+                  "similarity": round(float(s), 6)} for i, s in zip(row, row_s)]
+                for row, row_s in zip(found, sims)]
+
+
+def similar_files(cache: FeatureCache, paths: Sequence[Path], k: int = 8,
+                  weights: str | None = None, batch_size: int = 64) -> list[dict[str, Any]]:
+    """For each image file, its k nearest cached training images (or why it could not be read)."""
+    from extract.images import BadImage
+
+    finder = SimilarFinder(cache, weights)
+    answers: list[dict[str, Any]] = []
+    for start in range(0, len(paths), batch_size):
+        loaded, chunk = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                loaded.append(finder.preprocessing.load_file(path))
+                chunk.append({"file": str(path), "similar": [], "error": None})
+            except BadImage as error:
+                chunk.append({"file": str(path), "similar": [], "error": str(error)})
+        found = iter(finder.similar(np.stack(loaded), k) if loaded else [])
+        for answer in chunk:
+            if answer["error"] is None:
+                answer["similar"] = next(found)
+        answers.extend(chunk)
+    return answers
