@@ -1,5 +1,5 @@
-"""The nearest cached training images of new images: the cache's backbone and preprocessing
-make their features, searched among the training rows' (classifiers.similarity).
+"""The nearest cached training images of new images: the cache's backbone, preprocessing and
+runtime make their features, searched among the training rows' (classifiers.similarity).
 """
 
 from __future__ import annotations
@@ -16,12 +16,16 @@ from store.errors import HeadstartError
 
 
 class SimilarFinder:
-    """The cache's training features (and its backbone and preprocessing, loaded once, unless
-    `features` is given: e.g. a serving predictor's own forward pass): the nearest cached
-    training images of new images."""
+    """The cache's training features (and its backbone and preprocessing, loaded once, run by
+    the cache's runtime, unless `features` is given: e.g. a serving predictor's own forward
+    pass): the nearest cached training images of new images.
+
+    `store_root` locates the converted model of a cache extracted with --runtime onnx.
+    """
 
     def __init__(self, cache: FeatureCache, weights: str | None = None,
-                 features: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                 features: Callable[[np.ndarray], np.ndarray] | None = None,
+                 store_root: Path | None = None) -> None:
         from extract.preprocessing import Preprocessing
 
         if not cache.inputs.get("backbone") or cache.inputs.get("backbone") == "arrays":
@@ -30,11 +34,13 @@ class SimilarFinder:
         self.cache = cache
         self.preprocessing = Preprocessing.from_dict(cache.preprocessing)
         if features is None:
-            from extract.forward import forward_function
             from extract.rebuild import cache_feature_model, cache_weights
+            from extract.runtimes import checked_runtime, runtime_forward
 
+            runtime = checked_runtime(cache.name, cache.inputs, None)
             model = cache_feature_model(cache, cache_weights(cache, weights))
-            forward = forward_function(model, self.preprocessing)
+            forward = runtime_forward(runtime, model, self.preprocessing, store_root=store_root,
+                                      inputs=cache.inputs)
 
             def features(pixels: np.ndarray) -> np.ndarray:
                 return forward(pixels).reshape(len(pixels), -1).astype(np.float32)
@@ -69,11 +75,13 @@ class SimilarFinder:
 
 
 def similar_files(cache: FeatureCache, paths: Sequence[Path], k: int = 8,
-                  weights: str | None = None, batch_size: int = 64) -> list[dict[str, Any]]:
-    """For each image file, its k nearest cached training images (or why it could not be read)."""
+                  weights: str | None = None, batch_size: int = 64,
+                  store_root: Path | None = None) -> list[dict[str, Any]]:
+    """For each image file, its k nearest cached training images (or why it could not be read);
+    `store_root`: the store holding the cache (where an onnx cache's converted model is)."""
     from extract.images import BadImage
 
-    finder = SimilarFinder(cache, weights)
+    finder = SimilarFinder(cache, weights, store_root=store_root)
     answers: list[dict[str, Any]] = []
     for start in range(0, len(paths), batch_size):
         loaded, chunk = [], []
