@@ -1,5 +1,6 @@
-"""The nearest cached training images of new images: the cache's backbone, preprocessing and
-runtime make their features, searched among the training rows' (classifiers.similarity).
+"""The nearest cached training images of an image: of a new image, whose features the cache's
+backbone, preprocessing and runtime make, or of an image already in the cache, from its stored
+features (no forward pass); both searched among the training rows' (classifiers.similarity).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from store.errors import HeadstartError
 class SimilarFinder:
     """The cache's training features (and its backbone and preprocessing, loaded once, run by
     the cache's runtime, unless `features` is given: e.g. a serving predictor's own forward
-    pass): the nearest cached training images of new images.
+    pass): the nearest cached training images of new images, or of cached ones by sample id.
 
     `store_root` locates the converted model of a cache extracted with --runtime onnx.
     """
@@ -61,17 +62,50 @@ class SimilarFinder:
     def labels(self) -> np.ndarray:
         return self.cache.labels("train")
 
+    @cached_property
+    def _rows(self) -> dict[str, tuple[str, int]]:
+        """{sample id: (split, row)} of every split, training ids winning a clash."""
+        rows: dict[str, tuple[str, int]] = {}
+        for split in sorted(self.cache.split_sizes, key=lambda s: s == "train"):
+            ids = self.ids if split == "train" else self.cache.ids(split)
+            rows.update((str(sample_id), (split, n)) for n, sample_id in enumerate(ids))
+        return rows
+
     def similar(self, pixels: np.ndarray, k: int = 8) -> list[list[dict[str, Any]]]:
         """uint8 batch (N x S x S x 3, resized) -> each image's k nearest training images."""
-        if k < 1:
-            raise HeadstartError(f"--k must be at least 1; got {k}.")
+        _check_k(k)
         if not len(pixels):
             return []
         found, sims = top_k(self.space.project(self.features(pixels)), self.space.train, k)
+        return [self._entries(row, row_s) for row, row_s in zip(found, sims)]
+
+    def similar_to_id(self, sample_id: str, k: int = 8) -> list[dict[str, Any]]:
+        """The k nearest training images of the cached image `sample_id` (a training or test
+        sample), from its stored features; a training image is left out of its own answer.
+        An id the cache does not hold is a HeadstartError."""
+        _check_k(k)
+        place = self._rows.get(sample_id)
+        if place is None:
+            raise HeadstartError(f"Cache {self.cache.name} holds no image with the id "
+                                f"{sample_id!r}.")
+        split, row = place
+        if split == "train":
+            query, itself = self.space.train[row:row + 1], row
+        else:
+            query, itself = self.space.project(self.cache.features(split, slice(row, row + 1))), -1
+        found, sims = top_k(query, self.space.train, k + 1)  # one more: itself, left out
+        keep = found[0] != itself
+        return self._entries(found[0][keep][:k], sims[0][keep][:k])
+
+    def _entries(self, rows: np.ndarray, sims: np.ndarray) -> list[dict[str, Any]]:
         names = self.cache.class_names
-        return [[{"id": str(self.ids[i]), "label": names[self.labels[i]],
-                  "similarity": round(float(s), 6)} for i, s in zip(row, row_s)]
-                for row, row_s in zip(found, sims)]
+        return [{"id": str(self.ids[i]), "label": names[self.labels[i]],
+                 "similarity": round(float(s), 6)} for i, s in zip(rows, sims)]
+
+
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise HeadstartError(f"--k must be at least 1; got {k}.")
 
 
 def similar_files(cache: FeatureCache, paths: Sequence[Path], k: int = 8,
