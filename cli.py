@@ -869,19 +869,19 @@ def similar(
     cache: Optional[str] = CacheOption,
     store: Optional[Path] = StoreOption,
 ) -> None:
-    """The nearest cached training images of new images (the cache's backbone and
-    preprocessing), with their labels and similarity.
+    """The nearest cached training images of new images (the cache's backbone,
+    preprocessing and runtime), with their labels and similarity.
 
     Example: python cli.py similar photo.jpg --k 8
     """
-    from classifiers.audit import similar_files
+    from classifiers.similar import similar_files
     from endtoend.predict import collect_inputs
 
     with user_errors():
         the_store = Store(store)
         paths = collect_inputs(inputs)
         chosen = _chosen(the_store, cache, say=not as_json)
-        answers = similar_files(chosen, paths, k, weights, batch_size)
+        answers = similar_files(chosen, paths, k, weights, batch_size, the_store.root)
     if as_json:
         print(json.dumps(answers, indent=1))
         return

@@ -1,5 +1,4 @@
-"""What a cache knows about its data: label issues, near-duplicates, train/test leaks, outliers,
-and the nearest cached training images of new images.
+"""What a cache knows about its data: label issues, near-duplicates, train/test leaks, outliers.
 
 Nothing is deleted or relabelled: `audit_cache` returns lists, each ordered by its `score`
 (higher is more suspect), that name images by the sample ids the cache stores.
@@ -8,12 +7,12 @@ Nothing is deleted or relabelled: `audit_cache` returns lists, each ordered by i
   the training rows (whitened features: the same accuracy, several times fewer solver steps), then confident learning (cleanlab's `find_label_issues`), ranked by
   1 - cleanlab's label quality score (self-confidence).
 - Near-duplicates (train-train, as groups) and leaks (test images with a near-copy in train):
-  cosine similarity of the whitened, L2-normalised features (`SimilaritySpace`), searched exactly block by block
-  (never an N x N matrix; `BLOCK_BYTES` of similarities at a time). numpy's BLAS product and a
-  threshold was measured as fast as faiss' flat index on 50,000 x 256 rows (bench/results/
-  audit.md), so there is no extra dependency.
+  cosine similarity of the whitened, L2-normalised features (classifiers.similarity), searched
+  exactly block by block, then confirmed on the original images' pixels where they can be read.
 - Outliers: the rows farthest from their class, as the cosine distance to their class's mean
   feature, in standard deviations of their class's distances.
+
+The nearest training images of new images are classifiers.similar's.
 """
 
 from __future__ import annotations
@@ -21,8 +20,6 @@ from __future__ import annotations
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -30,6 +27,7 @@ import numpy as np
 
 from classifiers.evaluation import full_proba
 from classifiers.registry import get_head_kind
+from classifiers.similarity import Progress, SimilaritySpace, pairs_above, quiet
 from store.cache import FeatureCache
 from store.errors import HeadstartError
 
@@ -44,20 +42,12 @@ PIXEL_SIZE = 16
 PIXEL_BLUR = 2
 DEFAULT_FOLDS = 5
 DEFAULT_OUTLIERS = 50
-#: Bytes of float32 similarities one block of the search holds (rows x training rows).
-BLOCK_BYTES = 64 * 1000**2
 #: Matches kept per leaked test image (the most similar first).
 MATCHES_PER_LEAK = 5
 
 #: The audit's defaults for the out-of-fold heads (cheaper than fit's; -p overrides them):
 #: on whitened features newton-cg reaches the same accuracy in 6 iterations at tol 1e-3.
 OOF_OPTIONS: dict[str, dict[str, Any]] = {"logreg": {"tol": 1e-3}}
-
-Progress = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 @contextmanager
@@ -66,134 +56,6 @@ def silenced() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-# --- features for similarity ---------------------------------------------------------------
-
-
-#: Whitening's ridge, as a fraction of the largest variance (keeps near-empty directions quiet).
-WHITEN_RIDGE = 1e-2
-#: Whitening needs this many training rows per feature; with fewer, features are only centred.
-WHITEN_MIN_ROWS = 10
-
-
-@dataclass
-class SimilaritySpace:
-    """Whitened, L2-normalised training features: cosine similarity is a dot product here.
-
-    Pooled ReLU features are all positive and dominated by a few directions, so raw cosines of
-    unrelated images sit near 0.8. Centred and whitened (PCA, variances plus a small ridge),
-    unrelated images spread over [-1, 1] while re-encoded, resized or cropped copies stay close:
-    on the planted 5,000-image folder whitening cut the false pairs at 90 % recall from about
-    250 (centred only) to about 35 (bench/results/audit.md). With fewer than WHITEN_MIN_ROWS
-    rows per feature the covariance is too noisy to whiten with, and features are only centred.
-    """
-
-    mean: np.ndarray
-    basis: np.ndarray  # columns: principal directions, divided by sqrt(variance + ridge)
-    train: np.ndarray  # float32, unit rows
-
-    @classmethod
-    def of(cls, X_train: np.ndarray) -> "SimilaritySpace":
-        """The space of these training rows."""
-        return cls.whitening(X_train)[0]
-
-    @classmethod
-    def whitening(cls, X_train: np.ndarray) -> tuple["SimilaritySpace", np.ndarray]:
-        """The space of these training rows, and the rows whitened (not unit length): the
-        whitening is computed once for both."""
-        X_train = np.asarray(X_train, dtype=np.float32)
-        mean = X_train.mean(axis=0, dtype=np.float64).astype(np.float32)
-        if len(X_train) < WHITEN_MIN_ROWS * X_train.shape[1]:  # too few rows for a covariance
-            basis = np.eye(X_train.shape[1], dtype=np.float32)
-        else:
-            covariance = np.zeros((X_train.shape[1],) * 2)
-            for start in range(0, len(X_train), 8192):
-                centred = X_train[start:start + 8192] - mean
-                covariance += (centred.T @ centred).astype(np.float64)
-            covariance /= max(1, len(X_train) - 1)
-            variances, vectors = np.linalg.eigh(covariance)
-            variances = np.maximum(variances, 0.0)
-            ridge = WHITEN_RIDGE * max(float(variances.max()), 1e-12)
-            basis = (vectors / np.sqrt(variances + ridge)).astype(np.float32)
-        space = cls(mean, basis, np.zeros((0, X_train.shape[1]), dtype=np.float32))
-        white = space.whiten(X_train)
-        space.train = unit_rows(white, 0.0)  # = project(X_train), row by row
-        return space, white
-
-    @property
-    def kind(self) -> str:
-        """'whitened', or 'centred' where there were too few rows to whiten with."""
-        return "centred" if np.array_equal(self.basis, np.eye(len(self.basis))) else "whitened"
-
-    def whiten(self, X: np.ndarray, unit: bool = False) -> np.ndarray:
-        """Rows centred and whitened (and scaled to unit length with `unit`), float32."""
-        X = np.asarray(X, dtype=np.float32)
-        out = np.empty((len(X), self.basis.shape[1]), dtype=np.float32)
-        shift = self.mean @ self.basis
-        for start in range(0, len(X), 8192):
-            block = X[start:start + 8192] @ self.basis - shift
-            out[start:start + 8192] = unit_rows(block, 0.0) if unit else block
-        return out
-
-    def project(self, X: np.ndarray) -> np.ndarray:
-        """Rows in the space (centred, whitened, unit length), float32, block by block."""
-        return self.whiten(X, unit=True)
-
-
-def unit_rows(X: np.ndarray, mean: np.ndarray | float) -> np.ndarray:
-    """Rows minus `mean`, scaled to unit length (a zero row stays zero), as float32."""
-    centred = np.asarray(X, dtype=np.float32) - mean
-    norms = np.linalg.norm(centred, axis=1, keepdims=True)
-    return centred / np.maximum(norms, 1e-12)
-
-
-def block_rows(columns: int, block_bytes: int = BLOCK_BYTES) -> int:
-    """Query rows per block so that the block's similarities fit `block_bytes`."""
-    return max(16, block_bytes // (4 * max(1, columns)))
-
-
-def pairs_above(queries: np.ndarray, train: np.ndarray, threshold: float,
-                same: bool = False, progress: Progress = _quiet, what: str = "rows"
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(query row, train row, similarity) of every pair at or above `threshold`, by blocks.
-
-    With `same` (queries are the training rows), only pairs i < j are searched and returned.
-    """
-    rows, cols, sims = [], [], []
-    step = block_rows(len(train))
-    started = time.perf_counter()
-    for start in range(0, len(queries), step):
-        stop = min(len(queries), start + step)
-        offset = start if same else 0
-        block = queries[start:stop] @ train[offset:].T
-        if same:  # drop j <= i: the diagonal and the lower triangle
-            block[np.arange(stop - start)[:, None] >= np.arange(block.shape[1])[None, :]] = -2.0
-        r, c = np.nonzero(block >= threshold)
-        rows.append(r + start)
-        cols.append(c + offset)
-        sims.append(block[r, c])
-        if time.perf_counter() - started > 5:
-            progress(f"  searched {stop:,} of {len(queries):,} {what}")
-            started = time.perf_counter()
-    if not rows:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros(0, dtype=np.float32)
-    return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
-
-
-def top_k(queries: np.ndarray, train: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, similarities) of each query's k most similar training rows, best first."""
-    k = min(k, len(train))
-    found_i, found_s = [], []
-    for start in range(0, len(queries), block_rows(len(train))):
-        block = queries[start:start + block_rows(len(train))] @ train.T
-        part = np.argpartition(-block, k - 1, axis=1)[:, :k]
-        part_s = np.take_along_axis(block, part, axis=1)
-        order = np.argsort(-part_s, axis=1, kind="stable")
-        found_i.append(np.take_along_axis(part, order, axis=1))
-        found_s.append(np.take_along_axis(part_s, order, axis=1))
-    return np.concatenate(found_i), np.concatenate(found_s)
 
 
 def anchored_groups(a: np.ndarray, b: np.ndarray, sims: np.ndarray,
@@ -307,7 +169,7 @@ class PixelCheck(ImageSource):
 
 def out_of_fold_proba(X: np.ndarray, y: np.ndarray, n_classes: int, head: str = "logreg",
                       options: dict[str, Any] | None = None, folds: int = DEFAULT_FOLDS,
-                      progress: Progress = _quiet, seed: int = 0) -> np.ndarray:
+                      progress: Progress = quiet, seed: int = 0) -> np.ndarray:
     """Each row's class probabilities from a head that did not see it (stratified k-fold)."""
     from sklearn.model_selection import StratifiedKFold
 
@@ -359,7 +221,7 @@ def label_issues(y: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def audit_cache(cache: FeatureCache, head: str = "logreg", options: dict[str, Any] | None = None,
                 folds: int = DEFAULT_FOLDS, threshold: float = DEFAULT_THRESHOLD,
-                outliers: int = DEFAULT_OUTLIERS, progress: Progress = _quiet,
+                outliers: int = DEFAULT_OUTLIERS, progress: Progress = quiet,
                 pixel_threshold: float | None = DEFAULT_PIXEL_THRESHOLD) -> dict[str, Any]:
     """The audit of one cache as plain JSON: `summary`, `label_issues`, `duplicates`, `leaks`
     and `outliers` (each list ordered by score, highest first).
@@ -554,82 +416,3 @@ def read_id_file(path: Path) -> list[str]:
             raise HeadstartError(f"{path} is JSON but not an audit.json.") from None
     lines = (line.strip() for line in text.splitlines())
     return [line for line in lines if line and not line.startswith("#")]
-
-
-# --- similar images --------------------------------------------------------------------------
-
-
-class SimilarFinder:
-    """The cache's training features (and its backbone and preprocessing, loaded once, unless
-    `features` is given: e.g. a serving predictor's own forward pass): the nearest cached
-    training images of new images."""
-
-    def __init__(self, cache: FeatureCache, weights: str | None = None,
-                 features: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-        from extract.preprocessing import Preprocessing
-
-        if not cache.inputs.get("backbone") or cache.inputs.get("backbone") == "arrays":
-            raise HeadstartError(f"Cache {cache.name} was not made by a backbone; there is no "
-                                 "forward pass for new images.")
-        self.cache = cache
-        self.preprocessing = Preprocessing.from_dict(cache.preprocessing)
-        if features is None:
-            from extract.forward import forward_function
-            from extract.rebuild import cache_feature_model, cache_weights
-
-            model = cache_feature_model(cache, cache_weights(cache, weights))
-            forward = forward_function(model, self.preprocessing)
-
-            def features(pixels: np.ndarray) -> np.ndarray:
-                return forward(pixels).reshape(len(pixels), -1).astype(np.float32)
-
-        self.features = features
-
-    @cached_property
-    def space(self) -> "SimilaritySpace":
-        """The training features' search space, built on the first search (not at a server's
-        start-up: every training row is read for it)."""
-        return SimilaritySpace.of(self.cache.features("train"))
-
-    @cached_property
-    def ids(self) -> np.ndarray:
-        return self.cache.ids("train")
-
-    @cached_property
-    def labels(self) -> np.ndarray:
-        return self.cache.labels("train")
-
-    def similar(self, pixels: np.ndarray, k: int = 8) -> list[list[dict[str, Any]]]:
-        """uint8 batch (N x S x S x 3, resized) -> each image's k nearest training images."""
-        if k < 1:
-            raise HeadstartError(f"--k must be at least 1; got {k}.")
-        if not len(pixels):
-            return []
-        found, sims = top_k(self.space.project(self.features(pixels)), self.space.train, k)
-        names = self.cache.class_names
-        return [[{"id": str(self.ids[i]), "label": names[self.labels[i]],
-                  "similarity": round(float(s), 6)} for i, s in zip(row, row_s)]
-                for row, row_s in zip(found, sims)]
-
-
-def similar_files(cache: FeatureCache, paths: Sequence[Path], k: int = 8,
-                  weights: str | None = None, batch_size: int = 64) -> list[dict[str, Any]]:
-    """For each image file, its k nearest cached training images (or why it could not be read)."""
-    from extract.images import BadImage
-
-    finder = SimilarFinder(cache, weights)
-    answers: list[dict[str, Any]] = []
-    for start in range(0, len(paths), batch_size):
-        loaded, chunk = [], []
-        for path in paths[start:start + batch_size]:
-            try:
-                loaded.append(finder.preprocessing.load_file(path))
-                chunk.append({"file": str(path), "similar": [], "error": None})
-            except BadImage as error:
-                chunk.append({"file": str(path), "similar": [], "error": str(error)})
-        found = iter(finder.similar(np.stack(loaded), k) if loaded else [])
-        for answer in chunk:
-            if answer["error"] is None:
-                answer["similar"] = next(found)
-        answers.extend(chunk)
-    return answers

@@ -16,7 +16,6 @@ import numpy as np
 from classifiers.audit import (DEFAULT_PIXEL_THRESHOLD, DEFAULT_THRESHOLD, ImageSource,
                                audit_cache, write_audit)
 from store.cache import FeatureCache
-from store.errors import HeadstartError
 from store.store import Store
 
 THUMB_SIZE = 64
@@ -100,7 +99,8 @@ UMAP_MIN_ROWS = 500
 def map_coordinates(X: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     """2-D coordinates of feature rows: UMAP (cosine) when umap-learn is installed and there are
     enough rows, else PCA of the whitened rows; returns (N x 2, method name)."""
-    from classifiers.audit import SimilaritySpace, silenced
+    from classifiers.audit import silenced
+    from classifiers.similarity import SimilaritySpace
 
     unit = SimilaritySpace.of(X).train
     if len(unit) >= UMAP_MIN_ROWS:

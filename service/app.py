@@ -1,4 +1,5 @@
-"""The HTTP service: POST /predict, GET /health, GET /models, a web page at /, OpenAPI at /docs.
+"""The HTTP service: POST /predict, GET /health, GET /models, POST and GET /similar (when the
+server has a similarity search), a web page at /, OpenAPI at /docs.
 
 Requests carry image bytes only (multipart upload or raw body); nothing in a request can name a
 file on the server. The model is loaded once; requests are batched by `DynamicBatcher`.
@@ -43,6 +44,20 @@ class Model(Protocol):
     def proba(self, pixels: np.ndarray) -> np.ndarray: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+class SimilarSearch(Protocol):
+    """What /similar needs (see classifiers.similar.SimilarFinder): the nearest cached training
+    images of new images, and of an image already in the cache by its sample id."""
+
+    def similar(self, pixels: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
+        """uint8 batch of decoded images -> each one's k nearest training images."""
+        ...
+
+    def similar_to_id(self, sample_id: str, k: int) -> list[dict[str, Any]]:
+        """The k nearest training images of a cached image (itself left out); an id the cache
+        does not hold is a HeadstartError."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -178,11 +193,10 @@ PREDICT_BODY = {
 
 def create_app(model: Model, settings: ServiceSettings = ServiceSettings(),
                access_log: Callable[[str], None] | None = None,
-               similar: Callable[[np.ndarray, int], list[list[dict[str, Any]]]] | None = None
-               ) -> FastAPI:
+               similar: SimilarSearch | None = None) -> FastAPI:
     """The FastAPI application serving `model` (already loaded) with `settings`; `access_log`
-    hears one line per request; with `similar` (a batch of pixels and k -> each image's nearest
-    training images), POST /similar too."""
+    hears one line per request; with `similar`, POST /similar (an image's nearest training
+    images) and GET /similar?id= (those of a cached image) too."""
     batcher = DynamicBatcher(model.proba, settings.batching)
     info = model.describe()
     started = time.time()
@@ -259,8 +273,26 @@ def create_app(model: Model, settings: ServiceSettings = ServiceSettings(),
             """The nearest cached training images of one image (as for /predict), with labels."""
             pixels = await _pixels(model, request)
             began = time.perf_counter()
-            found = await run_in_threadpool(similar, pixels[None], k)
+            found = await run_in_threadpool(similar.similar, pixels[None], k)
             return {"cache": info["cache"], "similar": found[0],
+                    "seconds": round(time.perf_counter() - began, 4)}
+
+        @app.get("/similar", dependencies=[Depends(check_token)], responses={
+            "401": {"description": "Missing or wrong bearer token"},
+            "404": {"description": "The cache holds no image with this id"}})
+        async def similar_to_id(
+                sample_id: str = Query(..., alias="id", description="A training or test sample "
+                                       "id of the cache"),
+                k: int = Query(8, ge=1, le=MAX_SIMILAR, description="Training images to return")
+                ) -> dict[str, Any]:
+            """The nearest cached training images of an image already in the cache, from its
+            stored features (a training image is left out of its own answer)."""
+            began = time.perf_counter()
+            try:
+                found = await run_in_threadpool(similar.similar_to_id, sample_id, k)
+            except HeadstartError as error:
+                raise ApiError(404, str(error)) from None
+            return {"cache": info["cache"], "id": sample_id, "similar": found,
                     "seconds": round(time.perf_counter() - began, 4)}
 
     return app

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from service.app import ServiceSettings, create_app
+from service.app import ServiceSettings, SimilarSearch, create_app
 from store.errors import HeadstartError
 from store.store import Store
 
@@ -77,15 +77,16 @@ def _reason(error: BaseException) -> str:
     return (getattr(error, "strerror", None) or str(error) or type(error).__name__).rstrip(".")
 
 
-def similar_function(predictor: Any, cache: Any) -> Callable[..., Any] | None:
-    """POST /similar's search: the cache's training features and the predictor's own forward
-    pass for the cache (None when the predictor runs no backbone of that cache)."""
-    from classifiers.audit import SimilarFinder
+def similar_search(predictor: Any, cache: Any) -> SimilarSearch | None:
+    """/similar's searches (a classifiers.similar.SimilarFinder): the cache's training features
+    and the predictor's own forward pass for the cache (None when the predictor runs no
+    backbone of that cache)."""
+    from classifiers.similar import SimilarFinder
 
     if cache.fingerprint not in getattr(predictor, "backbones", {}):
         return None
     return SimilarFinder(cache, features=lambda pixels: predictor.features(pixels)[
-        cache.fingerprint]).similar
+        cache.fingerprint])
 
 
 def serve(options: ServerOptions, announce: Callable[[str], None] = print,
@@ -103,7 +104,7 @@ def serve(options: ServerOptions, announce: Callable[[str], None] = print,
         predictor = open_predictor(store, cache, options.head, options.weights, options.runtime,
                                    options.views)
         app = create_app(predictor, options.service, access_log,
-                         similar=similar_function(predictor, cache))
+                         similar=similar_search(predictor, cache))
         port = sock.getsockname()[1]
         announce(f"Serving head {options.head} of cache {cache.name} on "
                  f"http://{options.host}:{port}/ (API docs at /docs); Ctrl-C stops.")

@@ -211,13 +211,13 @@ def test_serve_answers_similar_with_the_cached_image_first() -> None:
     from fastapi.testclient import TestClient
 
     from service.app import ServiceSettings, create_app
-    from service.server import similar_function
+    from service.server import similar_search
     from tests.service_support import predictor
 
     model = predictor("logreg")
     image = MINI / "train" / "dog" / "0003.jpg"
     with TestClient(create_app(model, ServiceSettings(),
-                               similar=similar_function(model, model.cache))) as client:
+                               similar=similar_search(model, model.cache))) as client:
         answer = client.post("/similar?k=2", content=image.read_bytes(),
                              headers={"Content-Type": "image/jpeg"})
         assert answer.status_code == 200, answer.text
@@ -231,3 +231,52 @@ def test_serve_answers_similar_with_the_cached_image_first() -> None:
     with TestClient(create_app(model, ServiceSettings())) as plain:
         assert plain.post("/similar", content=image.read_bytes(),
                           headers={"Content-Type": "image/jpeg"}).status_code in (404, 405)
+
+
+def test_serve_answers_similar_by_id_from_the_stored_features() -> None:
+    """GET /similar?id=: a cached image's neighbours without a forward pass, itself left out
+    when it is a training image; they agree with POST /similar on the same file."""
+    from fastapi.testclient import TestClient
+
+    from service.app import MAX_SIMILAR, ServiceSettings, create_app
+    from service.server import similar_search
+    from tests.service_support import predictor
+
+    model = predictor("logreg")
+    cache = model.cache
+    root = Path(cache.source["path"])
+    search = similar_search(model, model.cache)
+    raw = {"Content-Type": "image/jpeg"}
+    with TestClient(create_app(model, ServiceSettings(), similar=search)) as client:
+        train_id = "train/dog/0003.jpg"
+        answer = client.get("/similar", params={"id": train_id, "k": 3})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["id"] == train_id
+        found = answer.json()["similar"]
+        assert len(found) == 3 and train_id not in [f["id"] for f in found]
+        sims = [f["similarity"] for f in found]
+        assert sims == sorted(sims, reverse=True)
+        posted = client.post("/similar?k=2", content=(root / train_id).read_bytes(),
+                             headers=raw).json()["similar"]
+        assert posted[0]["id"] == train_id and posted[1]["id"] == found[0]["id"]
+        assert posted[1]["similarity"] == pytest.approx(found[0]["similarity"], abs=1e-3)
+
+        test_id = str(cache.ids("test")[0])
+        by_id = client.get("/similar", params={"id": test_id, "k": 4})
+        assert by_id.status_code == 200, by_id.text
+        by_file = client.post("/similar?k=4", content=(root / test_id).read_bytes(),
+                              headers=raw).json()["similar"]
+        assert [f["id"] for f in by_id.json()["similar"]] == [f["id"] for f in by_file]
+
+        unknown = client.get("/similar", params={"id": "train/no-such.jpg"})
+        assert unknown.status_code == 404
+        detail = unknown.json()["detail"]
+        assert "train/no-such.jpg" in detail and detail.count(". ") == 0
+        for k in (0, MAX_SIMILAR + 1):
+            assert client.get("/similar", params={"id": train_id, "k": k}).status_code == 422
+    with TestClient(create_app(model, ServiceSettings(token="s3cret"), similar=search)) as locked:
+        assert locked.get("/similar", params={"id": train_id}).status_code == 401
+        assert locked.get("/similar", params={"id": train_id},
+                          headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    with TestClient(create_app(model, ServiceSettings())) as plain:
+        assert plain.get("/similar", params={"id": train_id}).status_code in (404, 405)

@@ -7,7 +7,6 @@ compared with the session's tf cache (`mini_store`, same settings, float16).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -209,3 +208,38 @@ def test_an_interrupted_onnx_extraction_resumes_to_the_same_cache(
         np.testing.assert_allclose(resumed.cache.features(split), reference.features(split),
                                    rtol=0, atol=1e-6)
     assert len(list(runtimes_dir(store).glob("*.onnx"))) == 1  # not converted again
+
+
+def test_similar_on_an_onnx_cache_runs_its_onnx_forward_pass(
+        onnx_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`similar` makes a new image's features as the cache was made: a cached training image
+    is found first, at similarity ~1, by onnx features equal to its cached row."""
+    import json
+
+    import extract.forward as forward_module
+    import extract.onnx_runtime as onnx_runtime
+
+    real, made = onnx_runtime.onnx_forward_function, []
+
+    def spying(*args, **kwargs):
+        forward = real(*args, **kwargs)
+
+        def call(batch):
+            made.append(np.asarray(forward(batch)).reshape(len(batch), -1))
+            return made[-1]
+        return call
+
+    monkeypatch.setattr(onnx_runtime, "onnx_forward_function", spying)
+    monkeypatch.setattr(forward_module, "forward_function",
+                        lambda *a, **k: pytest.fail("a tf forward pass for an onnx cache"))
+    cache = _cache(onnx_store)
+    row = 7
+    sample_id = str(cache.ids("train")[row])
+    image = Path(cache.source["path"]) / sample_id
+    result = run_cli("similar", str(image), "--k", "2", "--json", "--store", str(onnx_store))
+    assert result.exit_code == 0, result.output
+    (answer,) = json.loads(result.stdout)
+    assert answer["error"] is None and answer["similar"][0]["id"] == sample_id
+    assert answer["similar"][0]["similarity"] > 0.999
+    assert len(made) == 1
+    np.testing.assert_allclose(made[0][0], cache.features("train")[row], rtol=0, atol=1e-3)
