@@ -167,3 +167,31 @@ def test_hub_blocks_of_image_towers(kind: str, tmp_path: Path) -> None:
         both = np.asarray(model(inputs))
         np.testing.assert_allclose(both[:, :width], first, atol=1e-5)
         np.testing.assert_array_equal(both[:, width:], np.asarray(single(inputs)))
+
+
+def test_hub_blocks_finetune_refreshes_a_cache_of_the_same_blocks(hub_blocks_store: Path,
+                                                                  tmp_path: Path) -> None:
+    """`finetune --unfreeze 1` on a 2-block preset cache: the refreshed cache has the parent's
+    blocks (names and widths), from the fine-tuned preset folder, and another fingerprint."""
+    from extract.rebuild import cache_weights
+    from tests.helpers import copy_store
+
+    store = copy_store(hub_blocks_store, tmp_path)  # the refreshed cache would be the newest
+    parent = Store(store).find_cache()
+    for args in (["fit", "--head", "mlp", "--name", "tuned", "-p", "epochs=1", "--quiet"],
+                 ["finetune", "--head", "tuned", "--unfreeze", "1", "--epochs", "1",
+                  "--batch-size", "64", "--quiet"]):
+        result = run_cli(*args, "--store", str(store))
+        assert result.exit_code == 0, result.output
+    refreshed = Store(store).find_cache()
+    assert refreshed.fingerprint != parent.fingerprint
+    assert refreshed.lineage["parent"] == parent.fingerprint
+    assert refreshed.blocks == parent.blocks == COLUMNS
+    assert refreshed.inputs["blocks"] == 2 and refreshed.inputs["pooling"] == "cls+mean"
+    # only the last transformer layer learnt: the first block's columns are the parent's
+    for split in ("train", "test"):
+        np.testing.assert_allclose(refreshed.features(split)[:, :64],
+                                   parent.features(split)[:, :64], rtol=1e-5, atol=1e-5)
+        assert not np.allclose(refreshed.features(split)[:, 64:], parent.features(split)[:, 64:])
+    saved = cache_weights(refreshed)
+    assert saved.source == "preset" and (saved.path / "config.json").is_file()
