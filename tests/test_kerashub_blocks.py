@@ -12,8 +12,8 @@ import pytest
 
 from store.store import Store
 from tests.conftest import HUB_REGISTERS, MINI
-from tests.helpers import assert_clean_error, interrupt_extraction, run_cli
-from tests.kerashub_support import make_tiny_tower
+from tests.helpers import assert_clean_error, interrupt_extraction, make_folder, run_cli
+from tests.kerashub_support import make_tiny_preset, make_tiny_tower
 
 COLUMNS = [("layers_0", 0, 64), ("layers_1", 64, 128)]  # cls+mean of width 32, twice
 
@@ -38,16 +38,21 @@ def hub_blocks_store(tmp_path_factory: pytest.TempPathFactory, tiny_preset: Path
 
 def layer_outputs(preset: Path, images: np.ndarray) -> list[np.ndarray]:
     """Each transformer layer's output, computed eagerly with KerasHub's own layers: the
-    converter, the embeddings, then the encoder's layers one by one."""
+    converter, the embeddings, then the encoder's layers one by one (DINOv3's with its rotary
+    position embeddings and its count of class and register tokens)."""
     from extract.kerashub import load_keras_hub
 
     hub = load_keras_hub()
     backbone = hub.models.Backbone.from_preset(str(preset))
     converter = hub.layers.ImageConverter.from_preset(str(preset))
-    x = backbone.embeddings(converter(images))
+    pixels = converter(images)
+    x = backbone.embeddings(pixels)
+    rope = getattr(backbone, "rope_embedding", None)
+    extra = {} if rope is None else {"position_embeddings": rope(pixels),
+                                     "num_prefix_tokens": 1 + backbone.num_register_tokens}
     outputs = []
     for layer in backbone.encoder.layers:
-        x = layer(x)
+        x = layer(x, **extra)
         outputs.append(np.asarray(backbone.layernorm(x)))  # the final norm, as DINOv2 eval does
     return outputs
 
@@ -195,3 +200,41 @@ def test_hub_blocks_finetune_refreshes_a_cache_of_the_same_blocks(hub_blocks_sto
         assert not np.allclose(refreshed.features(split)[:, 64:], parent.features(split)[:, 64:])
     saved = cache_weights(refreshed)
     assert saved.source == "preset" and (saved.path / "config.json").is_file()
+
+
+def test_hub_blocks_of_a_dinov3_preset(tmp_path: Path) -> None:
+    """A tiny DINOv3 (2 layers, width 32, 4 register tokens, rotary position embeddings) saved
+    with KerasHub's preset saving: each block of `--blocks 2 --pooling cls+mean` is its
+    transformer layer's output through the final LayerNorm, computed eagerly, and the last is
+    the one-block cache's vector."""
+    pytest.importorskip("keras_hub")
+    from extract.kerashub import load_keras_hub
+    from extract.rebuild import cache_preprocessing
+
+    if not hasattr(load_keras_hub().models, "DINOV3Backbone"):
+        pytest.skip("this KerasHub has no DINOv3")
+    preset = make_tiny_preset(tmp_path / "tiny-dinov3", registers=4, version=3)
+    data = tmp_path / "data"
+    for split in ("train", "test"):
+        make_folder(data, {"airplane": 6, "cat": 6}, split)
+    args = extract_args(preset, tmp_path / "store")
+    args[1] = str(data)
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    cache = Store(tmp_path / "store").find_cache()
+    assert cache.blocks == COLUMNS and cache.inputs["blocks"] == 2
+    ids = cache.ids("train")
+    decoded = cache_preprocessing(cache)
+    images = np.stack([decoded.decode_file(data / i) for i in ids])
+    features = cache.features("train")
+    for (name, start, stop), tokens in zip(COLUMNS, layer_outputs(preset, images)):
+        expected = np.concatenate([tokens[:, 0], tokens[:, 1 + 4:].mean(axis=1)], 1)
+        np.testing.assert_allclose(features[:, start:stop], expected, rtol=1e-4, atol=1e-4)
+    # the last block is the one-block cache (DINOv3's input is `pixel_values`, not `images`)
+    single_args = [a for a in args if a not in ("--blocks", "2")]
+    single_args[single_args.index("--store") + 1] = str(tmp_path / "single")
+    result = run_cli(*single_args)
+    assert result.exit_code == 0, result.output
+    single = Store(tmp_path / "single").find_cache()
+    assert single.blocks == [("output", 0, 64)]
+    np.testing.assert_array_equal(features[:, 64:], single.features("train"))
