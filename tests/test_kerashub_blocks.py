@@ -238,3 +238,16 @@ def test_hub_blocks_of_a_dinov3_preset(tmp_path: Path) -> None:
     single = Store(tmp_path / "single").find_cache()
     assert single.blocks == [("output", 0, 64)]
     np.testing.assert_array_equal(features[:, 64:], single.features("train"))
+
+
+@pytest.mark.parametrize("blocks", ["1", "2"])
+def test_hub_on_the_onnx_runtime_is_one_sentence(blocks: str, tiny_preset: Path,
+                                                 tmp_path: Path) -> None:
+    """tf2onnx turns the towers' exact GELU into an Erfc node ONNX Runtime cannot load: a
+    preset on --runtime onnx is refused before anything is built or converted."""
+    args = extract_args(tiny_preset, tmp_path / "store", "--runtime", "onnx")
+    args[args.index("--blocks") + 1] = blocks
+    assert_clean_error(run_cli(*args), "--runtime onnx", "KerasHub", "preset:tiny-dinov2",
+                       "--runtime tf")
+    assert not list((tmp_path / "store").glob("caches/*.h5"))
+    assert not list((tmp_path / "store").glob("runtimes/*"))
