@@ -7,7 +7,6 @@ compared with the session's tf cache (`mini_store`, same settings, float16).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
