@@ -367,10 +367,10 @@ def _pooled_model(tower: Any, backbone: HubBackbone, image_size: int, pooling: s
     if count == 1:  # today's model, untouched
         if family.class_tokens == "head":  # SigLIP: the head's attention pooling is its summary
             inner = keras.Model(tower.inputs, [tower.post_layer_norm.output, tower.output])
-            sequence, summary = inner({"images": images})
+            sequence, summary = inner(_fed(tower, images))
             patches = sequence
         else:
-            sequence = tower({"images": images})
+            sequence = tower(_fed(tower, images))
             summary = sequence[:, 0, :]
             patches = sequence[:, backbone.prefix_tokens:, :]
         features = _reduce(ops, pooling, summary, patches)
@@ -406,6 +406,13 @@ def _pooled_model(tower: Any, backbone: HubBackbone, image_size: int, pooling: s
     feature_model.__dict__[_BACKBONE] = backbone
     names = [_block_name(tower, layer) for layer in layers[len(layers) - count:]]
     return feature_model, list(zip(names, widths))
+
+
+def _fed(tower: Any, images: Any) -> Any:
+    """`images` as the tower takes them: under its own input's name (DINOv2, CLIP and SigLIP
+    call it `images`, DINOv3 `pixel_values`)."""
+    named = tower.input
+    return {key: images for key in named} if isinstance(named, dict) else images
 
 
 def _reduce(ops: Any, pooling: str, summary: Any, patches: Any) -> Any:

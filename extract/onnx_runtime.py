@@ -63,9 +63,13 @@ def converter_versions() -> dict[str, str]:
 
 def model_key(inputs: dict[str, Any]) -> str:
     """The store key of a backbone's converted model, from a cache's (or plan's) fingerprint
-    inputs: the backbone settings and weights identity plus the converter versions."""
-    return fingerprint({"model": {k: inputs.get(k) for k in MODEL_INPUTS},
-                        "converter": converter_versions()})
+    inputs: the backbone settings and weights identity, the blocks above one (a multi-block
+    model is another graph; one-block keys are those made before --blocks), plus the converter
+    versions."""
+    model = {k: inputs.get(k) for k in MODEL_INPUTS}
+    if inputs.get("blocks", 1) != 1:
+        model["blocks"] = inputs["blocks"]
+    return fingerprint({"model": model, "converter": converter_versions()})
 
 
 @functools.lru_cache(maxsize=1)

@@ -14,21 +14,25 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def make_tiny_preset(folder: Path, *, registers: int = 0, seed: int = 0, image_size: int = 28,
                      patch_size: int = 4, width: int = 32, layers: int = 2, heads: int = 2,
                      mlp_ratio: int = 2, interpolation: str = "bilinear",
-                     antialias: bool = True) -> Path:
-    """A 2-layer DINOv2 of width 32 with its image converter, saved as a preset in `folder`
-    (other sizes for the bench: DINOv2-S/14 is 12 layers, width 384, 6 heads, mlp_ratio 4)."""
+                     antialias: bool = True, version: int = 2) -> Path:
+    """A 2-layer DINOv2 (DINOv3 with `version=3`: rotary position embeddings) of width 32 with
+    its image converter, saved as a preset in `folder` (other sizes for the bench: DINOv2-S/14
+    is 12 layers, width 384, 6 heads, mlp_ratio 4)."""
     from extract.kerashub import load_keras_hub
 
     hub = load_keras_hub()
     import keras
 
     keras.utils.set_random_seed(seed)
-    backbone = hub.models.DINOV2Backbone(
-        patch_size=patch_size, num_layers=layers, hidden_dim=width, num_heads=heads,
-        intermediate_dim=mlp_ratio * width, num_register_tokens=registers,
-        image_shape=(image_size, image_size, 3),
-        position_embedding_shape=(max(32, image_size), max(32, image_size), 3))
-    converter = hub.layers.DINOV2ImageConverter(
+    sizes = {"patch_size": patch_size, "num_layers": layers, "hidden_dim": width,
+             "num_heads": heads, "intermediate_dim": mlp_ratio * width,
+             "num_register_tokens": registers, "image_shape": (image_size, image_size, 3)}
+    if version == 3:
+        backbone = hub.models.DINOV3Backbone(**sizes)
+    else:
+        backbone = hub.models.DINOV2Backbone(
+            **sizes, position_embedding_shape=(max(32, image_size), max(32, image_size), 3))
+    converter = getattr(hub.layers, f"DINOV{version}ImageConverter")(
         image_size=(image_size, image_size), scale=[1 / (255 * s) for s in STD],
         offset=[-m / s for m, s in zip(MEAN, STD)], interpolation=interpolation,
         antialias=antialias)

@@ -12,8 +12,8 @@ import pytest
 
 from store.store import Store
 from tests.conftest import HUB_REGISTERS, MINI
-from tests.helpers import assert_clean_error, interrupt_extraction, run_cli
-from tests.kerashub_support import make_tiny_tower
+from tests.helpers import assert_clean_error, interrupt_extraction, make_folder, run_cli
+from tests.kerashub_support import make_tiny_preset, make_tiny_tower
 
 COLUMNS = [("layers_0", 0, 64), ("layers_1", 64, 128)]  # cls+mean of width 32, twice
 
@@ -38,16 +38,21 @@ def hub_blocks_store(tmp_path_factory: pytest.TempPathFactory, tiny_preset: Path
 
 def layer_outputs(preset: Path, images: np.ndarray) -> list[np.ndarray]:
     """Each transformer layer's output, computed eagerly with KerasHub's own layers: the
-    converter, the embeddings, then the encoder's layers one by one."""
+    converter, the embeddings, then the encoder's layers one by one (DINOv3's with its rotary
+    position embeddings and its count of class and register tokens)."""
     from extract.kerashub import load_keras_hub
 
     hub = load_keras_hub()
     backbone = hub.models.Backbone.from_preset(str(preset))
     converter = hub.layers.ImageConverter.from_preset(str(preset))
-    x = backbone.embeddings(converter(images))
+    pixels = converter(images)
+    x = backbone.embeddings(pixels)
+    rope = getattr(backbone, "rope_embedding", None)
+    extra = {} if rope is None else {"position_embeddings": rope(pixels),
+                                     "num_prefix_tokens": 1 + backbone.num_register_tokens}
     outputs = []
     for layer in backbone.encoder.layers:
-        x = layer(x)
+        x = layer(x, **extra)
         outputs.append(np.asarray(backbone.layernorm(x)))  # the final norm, as DINOv2 eval does
     return outputs
 
@@ -167,3 +172,82 @@ def test_hub_blocks_of_image_towers(kind: str, tmp_path: Path) -> None:
         both = np.asarray(model(inputs))
         np.testing.assert_allclose(both[:, :width], first, atol=1e-5)
         np.testing.assert_array_equal(both[:, width:], np.asarray(single(inputs)))
+
+
+def test_hub_blocks_finetune_refreshes_a_cache_of_the_same_blocks(hub_blocks_store: Path,
+                                                                  tmp_path: Path) -> None:
+    """`finetune --unfreeze 1` on a 2-block preset cache: the refreshed cache has the parent's
+    blocks (names and widths), from the fine-tuned preset folder, and another fingerprint."""
+    from extract.rebuild import cache_weights
+    from tests.helpers import copy_store
+
+    store = copy_store(hub_blocks_store, tmp_path)  # the refreshed cache would be the newest
+    parent = Store(store).find_cache()
+    for args in (["fit", "--head", "mlp", "--name", "tuned", "-p", "epochs=1", "--quiet"],
+                 ["finetune", "--head", "tuned", "--unfreeze", "1", "--epochs", "1",
+                  "--batch-size", "64", "--quiet"]):
+        result = run_cli(*args, "--store", str(store))
+        assert result.exit_code == 0, result.output
+    refreshed = Store(store).find_cache()
+    assert refreshed.fingerprint != parent.fingerprint
+    assert refreshed.lineage["parent"] == parent.fingerprint
+    assert refreshed.blocks == parent.blocks == COLUMNS
+    assert refreshed.inputs["blocks"] == 2 and refreshed.inputs["pooling"] == "cls+mean"
+    # only the last transformer layer learnt: the first block's columns are the parent's
+    for split in ("train", "test"):
+        np.testing.assert_allclose(refreshed.features(split)[:, :64],
+                                   parent.features(split)[:, :64], rtol=1e-5, atol=1e-5)
+        assert not np.allclose(refreshed.features(split)[:, 64:], parent.features(split)[:, 64:])
+    saved = cache_weights(refreshed)
+    assert saved.source == "preset" and (saved.path / "config.json").is_file()
+
+
+def test_hub_blocks_of_a_dinov3_preset(tmp_path: Path) -> None:
+    """A tiny DINOv3 (2 layers, width 32, 4 register tokens, rotary position embeddings) saved
+    with KerasHub's preset saving: each block of `--blocks 2 --pooling cls+mean` is its
+    transformer layer's output through the final LayerNorm, computed eagerly, and the last is
+    the one-block cache's vector."""
+    pytest.importorskip("keras_hub")
+    from extract.kerashub import load_keras_hub
+    from extract.rebuild import cache_preprocessing
+
+    if not hasattr(load_keras_hub().models, "DINOV3Backbone"):
+        pytest.skip("this KerasHub has no DINOv3")
+    preset = make_tiny_preset(tmp_path / "tiny-dinov3", registers=4, version=3)
+    data = tmp_path / "data"
+    for split in ("train", "test"):
+        make_folder(data, {"airplane": 6, "cat": 6}, split)
+    args = extract_args(preset, tmp_path / "store")
+    args[1] = str(data)
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    cache = Store(tmp_path / "store").find_cache()
+    assert cache.blocks == COLUMNS and cache.inputs["blocks"] == 2
+    ids = cache.ids("train")
+    decoded = cache_preprocessing(cache)
+    images = np.stack([decoded.decode_file(data / i) for i in ids])
+    features = cache.features("train")
+    for (name, start, stop), tokens in zip(COLUMNS, layer_outputs(preset, images)):
+        expected = np.concatenate([tokens[:, 0], tokens[:, 1 + 4:].mean(axis=1)], 1)
+        np.testing.assert_allclose(features[:, start:stop], expected, rtol=1e-4, atol=1e-4)
+    # the last block is the one-block cache (DINOv3's input is `pixel_values`, not `images`)
+    single_args = [a for a in args if a not in ("--blocks", "2")]
+    single_args[single_args.index("--store") + 1] = str(tmp_path / "single")
+    result = run_cli(*single_args)
+    assert result.exit_code == 0, result.output
+    single = Store(tmp_path / "single").find_cache()
+    assert single.blocks == [("output", 0, 64)]
+    np.testing.assert_array_equal(features[:, 64:], single.features("train"))
+
+
+@pytest.mark.parametrize("blocks", ["1", "2"])
+def test_hub_on_the_onnx_runtime_is_one_sentence(blocks: str, tiny_preset: Path,
+                                                 tmp_path: Path) -> None:
+    """tf2onnx turns the towers' exact GELU into an Erfc node ONNX Runtime cannot load: a
+    preset on --runtime onnx is refused before anything is built or converted."""
+    args = extract_args(tiny_preset, tmp_path / "store", "--runtime", "onnx")
+    args[args.index("--blocks") + 1] = blocks
+    assert_clean_error(run_cli(*args), "--runtime onnx", "KerasHub", "preset:tiny-dinov2",
+                       "--runtime tf")
+    assert not list((tmp_path / "store").glob("caches/*.h5"))
+    assert not list((tmp_path / "store").glob("runtimes/*"))

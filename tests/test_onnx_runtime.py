@@ -95,6 +95,10 @@ def test_the_converted_model_is_kept_in_the_store_and_reused(onnx_store: Path) -
     assert again == path and path.stat().st_mtime_ns == before
     # Another backbone setting or converter version is another key.
     assert model_key({**cache.inputs, "pooling": "max"}) != model_key(cache.inputs)
+    # --blocks 2 is another graph: never the one-block file (whose key --blocks 1 keeps)
+    assert "blocks" not in cache.inputs
+    assert model_key({**cache.inputs, "blocks": 2}) != model_key(cache.inputs)
+    assert model_key({**cache.inputs, "blocks": 1}) == model_key(cache.inputs)
 
 
 def test_onnx_features_match_tf_features_and_logreg_answers(onnx_store: Path, mini_cache,
