@@ -95,6 +95,24 @@ def excluded_mask(ids: np.ndarray, exclude: Sequence[str], cache_name: str) -> n
     return np.isin(ids, wanted)
 
 
+def wanted_views(source: CacheSet, tta: bool | None, command: str) -> bool:
+    """Whether to train on (and answer with) the mirrored views: `tta`, or by default whether
+    every cache holds them; asked for on caches without them, refused in one sentence."""
+    views = source.has_views if tta is None else bool(tta)
+    if views and not source.has_views:
+        raise HeadstartError(f"Cache {source.name} holds no mirrored views; extract it with "
+                             f"--tta flip, or {command} without --tta.")
+    return views
+
+
+def refuse_streamed_views(plan: MemoryPlan, views: bool, command: str) -> None:
+    """Mirrored views train in memory: refuse them where the plan streams."""
+    if plan.stream and views:
+        raise HeadstartError(
+            "Mirrored views train in memory, and the features with their mirrors need more than "
+            f"the memory budget; raise --memory-budget or {command} with --no-tta.")
+
+
 def as_cache_set(caches: FeatureCache | CacheSet | Sequence[FeatureCache]) -> CacheSet:
     """One cache, several caches of one dataset, or a CacheSet, as a CacheSet."""
     if isinstance(caches, CacheSet):
@@ -130,10 +148,7 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
     source = as_cache_set(caches)
     if use_blocks is not None:
         source = CacheSet(source.caches, [choose_blocks(c, use_blocks) for c in source.caches])
-    views_on = source.has_views if tta is None else bool(tta)
-    if views_on and not source.has_views:
-        raise HeadstartError(f"Cache {source.name} holds no mirrored views; extract it with "
-                             "--tta flip, or fit without --tta.")
+    views_on = wanted_views(source, tta, "fit")
     estimator = kind.create(options)
     if validation_fraction == 0 and isinstance(estimator, MLPHead):
         estimator.set_params(early_stopping=False)  # no rows to stop on: train every epoch
@@ -141,10 +156,7 @@ def fit_head(store: Store, caches: FeatureCache | CacheSet | Sequence[FeatureCac
     if views and len(source.caches) > 1:
         raise HeadstartError("--augmented trains on one cache at a time; give a single --cache.")
     plan = plan_memory(source.float32_bytes("train") * (1 + len(views) + views_on), memory_budget)
-    if plan.stream and views_on:
-        raise HeadstartError(
-            "Mirrored views train in memory, and the features with their mirrors need more than "
-            "the memory budget; raise --memory-budget or fit with --no-tta.")
+    refuse_streamed_views(plan, views_on, "fit")
     if plan.stream and views:
         raise HeadstartError(
             f"--augmented trains in memory, and the original and augmented features need about "

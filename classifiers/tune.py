@@ -22,7 +22,8 @@ from classifiers.memory import plan_memory
 from classifiers.registry import get_head_kind
 from classifiers.scoring import views_proba
 from classifiers.sources import CacheSet, choose_blocks
-from classifiers.training import as_cache_set, fit_head, train_estimator
+from classifiers.training import (as_cache_set, fit_head, refuse_streamed_views,
+                                  train_estimator, wanted_views)
 from classifiers.validation import validation_mask
 from store.atomic import write_text
 from store.cache import FeatureCache
@@ -152,20 +153,14 @@ def tune_head(store: Store, caches: FeatureCache | Sequence[FeatureCache], kind_
     fixed = dict(fixed or {})
     kind.create(fixed)  # unknown or malformed fixed options fail before any work
     source = as_cache_set(caches)
-    views = source.has_views if tta is None else bool(tta)
-    if views and not source.has_views:
-        raise HeadstartError(f"Cache {source.name} holds no mirrored views; extract it with "
-                             "--tta flip, or tune with --no-tta.")
+    views = wanted_views(source, tta, "tune")
     wanted = draw_trials(kind.name, trials, seed, min(len(c.blocks) for c in source.caches))
     if not replace and (store.head_dir(source.primary) / f"{name}.json").is_file():
         raise HeadstartError(
             f"A head named {name!r} is already fitted on cache {source.primary.name}; give "
             "--replace to replace it, or choose another --name.")
     plan = plan_memory(source.float32_bytes("train") * (1 + views), memory_budget)
-    if plan.stream and views:
-        raise HeadstartError(
-            "Mirrored views train in memory, and the features with their mirrors need more than "
-            "the memory budget; raise --memory-budget or tune with --no-tta.")
+    refuse_streamed_views(plan, views, "tune")
     path = trials_path(store, source, kind.name, name, seed,
                        {**fixed, **({"tta": "flip"} if views else {})})
     done = {canonical_json(t["params"]): t for t in read_trials(path)}

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 import classifiers.tune as tune
 from classifiers.tune import draw_trials, tune_head
 from cli import app
+from store.errors import HeadstartError
 from store.store import Store
 
 
@@ -61,3 +62,13 @@ def test_tune_command_prints_the_trials_table(toy_store) -> None:  # noqa: F811
     assert again.output.count("(done before)") == 3
     bad = CliRunner().invoke(app, ["tune", "--head", "logreg", "--trials", "0", "--store", str(root)])
     assert bad.exit_code == 1 and "at least 1" in bad.output
+
+
+def test_tune_with_views_on_a_cache_without_them_is_one_sentence(toy_store) -> None:  # noqa: F811
+    root, caches = toy_store
+    store = Store(root)
+    cache = store.find_cache(caches["a"][:12])
+    with pytest.raises(HeadstartError, match="holds no mirrored views; extract it with --tta "
+                                             "flip, or tune without --tta"):
+        tune_head(store, cache, "logreg", trials=1, tta=True)
+    assert not list((root / "heads").rglob("logreg-tuned*"))  # refused before any trial
