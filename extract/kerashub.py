@@ -358,7 +358,7 @@ def _pooled_model(tower: Any, backbone: HubBackbone, image_size: int, pooling: s
     ops = keras.ops
     family = FAMILIES[backbone.family]
     layers = transformer_layers(tower)
-    if not 1 <= count <= len(layers):
+    if count > 1 and count > len(layers):  # one block is the tower's output: no layers needed
         raise HeadstartError(f"--blocks must be between 1 and {len(layers)} for backbone "
                              f"{backbone.name} (its transformer layers); got {count}.")
     images = keras.Input((image_size, image_size, 3), name="images")
@@ -368,12 +368,9 @@ def _pooled_model(tower: Any, backbone: HubBackbone, image_size: int, pooling: s
         if family.class_tokens == "head":  # SigLIP: the head's attention pooling is its summary
             inner = keras.Model(tower.inputs, [tower.post_layer_norm.output, tower.output])
             sequence, summary = inner(_fed(tower, images))
-            patches = sequence
         else:
-            sequence = tower(_fed(tower, images))
-            summary = sequence[:, 0, :]
-            patches = sequence[:, backbone.prefix_tokens:, :]
-        features = _reduce(ops, pooling, summary, patches)
+            sequence, summary = tower(_fed(tower, images)), None
+        features = _reduce(ops, pooling, *_summary_and_patches(sequence, summary, backbone))
         widths = [int(features.shape[-1])]
     else:
         # Every tensor of the tower's own graph is read before the final norm (and head) are
@@ -389,14 +386,9 @@ def _pooled_model(tower: Any, backbone: HubBackbone, image_size: int, pooling: s
         inner = keras.Model(tower.inputs, outputs + last, name=f"{tower.name}_layers")
         results = inner(images)
         step = 2 if head else 1
-        pooled = []
-        for k in range(count):
-            sequence = results[k * step]
-            if head:
-                summary, patches = results[k * step + 1], sequence
-            else:
-                summary, patches = sequence[:, 0, :], sequence[:, backbone.prefix_tokens:, :]
-            pooled.append(_reduce(ops, pooling, summary, patches))
+        pooled = [_reduce(ops, pooling, *_summary_and_patches(
+            results[k * step], results[k * step + 1] if head else None, backbone))
+            for k in range(count)]
         widths = [int(p.shape[-1]) for p in pooled]
         features = keras.layers.Concatenate(axis=-1, name="blocks_concat")(pooled)
         name = f"{name}_blocks{count}"
@@ -413,6 +405,15 @@ def _fed(tower: Any, images: Any) -> Any:
     call it `images`, DINOv3 `pixel_values`)."""
     named = tower.input
     return {key: images for key in named} if isinstance(named, dict) else images
+
+
+def _summary_and_patches(sequence: Any, summary: Any, backbone: HubBackbone) -> tuple[Any, Any]:
+    """A layer's (summary, patch tokens): the head's output and every token for a tower with a
+    pooling head (`summary` given: SigLIP), else the class token and the tokens after the class
+    and register tokens."""
+    if summary is not None:
+        return summary, sequence
+    return sequence[:, 0, :], sequence[:, backbone.prefix_tokens:, :]
 
 
 def _reduce(ops: Any, pooling: str, summary: Any, patches: Any) -> Any:
