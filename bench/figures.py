@@ -312,14 +312,18 @@ def measured_rows(r: Results) -> list[Row]:
     return rows
 
 
-#: bench/recipes.py's heads, as the README names them.
+#: bench/recipes.py's heads, as the README names them, and the step that fitted each.
 RECIPE_HEADS = {
-    "lr-b1": "logreg, last block, no views (`--use-blocks 1 --no-tta`: a one-block cache)",
-    "lr-b4-plain": "logreg `-p C=0.05`, 4 blocks, no views (`--no-tta`)",
-    "lr-b4": "logreg `-p C=0.05`, 4 blocks, mirrored training rows, averaged over image + mirror",
-    "mlp-a": "mlp, standardizing, 1,024 hidden (bench/recipes.py's `MLP_A`), with the views",
-    "mlp-b": "mlp, standardizing, 2,048 hidden, dropout 0.6, seed 1 (`MLP_B`), with the views",
-    "best": "greedy `ensemble` of mlp-a and mlp-b",
+    "lr-b1": ("logreg, last block, no views (`--use-blocks 1 --no-tta`: a one-block cache)",
+              "fit lr-b1"),
+    "lr-b4-plain": ("logreg `-p C=0.05`, 4 blocks, no views (`--no-tta`)", "fit lr-b4-plain"),
+    "lr-b4": ("logreg `-p C=0.05`, 4 blocks, mirrored training rows, averaged over image + "
+              "mirror", "fit lr-b4"),
+    "mlp-a": ("mlp, standardizing, 1,024 hidden (bench/recipes.py's `MLP_A`), with the views",
+              "fit mlp-a"),
+    "mlp-b": ("mlp, standardizing, 2,048 hidden, dropout 0.6, seed 1 (`MLP_B`), with the views",
+              "fit mlp-b"),
+    "best": ("greedy `ensemble` of mlp-a and mlp-b", "ensemble mlp-a + mlp-b"),
 }
 
 
@@ -331,12 +335,11 @@ def recipe_rows(r: Results) -> list[Row]:
     steps, acc = d["steps"], d["accuracy"]
     rows: list[Row] = [(f"`extract --blocks 4 --tta flip`, {n(d['images'])} images",
                         f"{steps['extract --blocks 4 --tta flip']:.1f} s", src)]
-    for head, label in RECIPE_HEADS.items():
+    for head, (label, step) in RECIPE_HEADS.items():
         a = acc[head]
         single = "" if a["single_view"] is None else f" ({pct(a['single_view'], 2)} from the image alone)"
-        fitted = steps.get(f"fit {head}", steps.get("ensemble mlp-a + mlp-b"))
-        rows.append((label, f"test accuracy {pct(a['accuracy'], 2)}{single}; fit {fitted:.1f} s",
-                     src))
+        rows.append((label, f"test accuracy {pct(a['accuracy'], 2)}{single}; fit "
+                     f"{steps[step]:.1f} s", src))
     best = d["best_recipe"]
     rows.append(("the best recipe: extract + mlp-a + mlp-b + ensemble",
                  f"{pct(best['accuracy'], 2)} in {best['seconds']:.0f} s", src))
