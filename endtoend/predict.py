@@ -18,7 +18,7 @@ import numpy as np
 
 from classifiers.saved import SavedHead, load_saved_head
 from extract.images import BadImage, is_image_file
-from extract.runtimes import checked_runtime, runtime_forward
+from extract.runtimes import checked_runtime, runtime_forward, takes_decoded_images
 from extract.preprocessing import Preprocessing
 from extract.rebuild import cache_feature_model, cache_weights
 from store.cache import FeatureCache
@@ -56,6 +56,9 @@ class Predictor:
             self._check_decoding(cache)
             runtimes[cache.fingerprint] = checked_runtime(cache.name, cache.inputs, runtime)
         self.runtime = runtimes[self.cache.fingerprint]
+        #: Whether images reach the backbones as decoded (small ones not resized first: every
+        #: cache's runtime resizes them in its own graph), else resized to the input size.
+        self.decoded = all(takes_decoded_images(r, self.preprocessing) for r in runtimes.values())
         for cache in head.caches:
             own = cache_weights(cache, weights if cache.fingerprint == self.cache.fingerprint
                                 else None)  # a file the user names is the home cache's
@@ -78,10 +81,26 @@ class Predictor:
                 "size, interpolation or resizer); predict and serve need its caches to decode "
                 "images alike.")
 
+    def load_file(self, path: Path) -> np.ndarray:
+        """An image file as `proba` takes it (raises BadImage): the extraction pass's decoded
+        image where the backbones resize in their graph, else resized to the input size."""
+        return (self.preprocessing.decode_file(path) if self.decoded
+                else self.preprocessing.load_file(path))
+
+    def load_bytes(self, data: bytes) -> np.ndarray:
+        """An encoded image (an upload) as `proba` takes it (see `load_file`)."""
+        return (self.preprocessing.decode_bytes(data) if self.decoded
+                else self.preprocessing.load_bytes(data))
+
+    def stack(self, images: list[np.ndarray]) -> np.ndarray:
+        """`load_file`/`load_bytes` images as one batch (`Preprocessing.stack`: at their own
+        size when they share it, as the extraction pass batches them)."""
+        return self.preprocessing.stack(images)
+
     def features(self, pixels: np.ndarray, mirrored: bool = False) -> dict[str, np.ndarray]:
-        """uint8 batch (N×S×S×3, already resized) → float32 feature rows per cache fingerprint
-        (of the mirrored images with `mirrored`), by the extraction pass's own compiled
-        function."""
+        """uint8 batch (N×H×W×3 of one size, see `load_file`) → float32 feature rows per cache
+        fingerprint (of the mirrored images with `mirrored`), by the extraction pass's own
+        compiled function."""
         functions = self._mirrored if mirrored else self._forward
         return {fingerprint: forward(pixels).reshape(len(pixels), -1).astype(np.float32)
                 for fingerprint, forward in functions.items()}
@@ -184,11 +203,11 @@ def predict_files(predictor: Predictor, paths: list[Path], top: int = 3,
         answers: list[Prediction] = []
         for path in chunk:
             try:
-                loaded.append(predictor.preprocessing.load_file(path))
+                loaded.append(predictor.load_file(path))
                 answers.append(Prediction(str(path)))
             except BadImage as error:
                 answers.append(Prediction(str(path), error=str(error)))
-        proba = predictor.proba(np.stack(loaded)) if loaded else np.zeros((0, 0))
+        proba = predictor.proba(predictor.stack(loaded)) if loaded else np.zeros((0, 0))
         rows = iter(proba)
         for answer in answers:
             if answer.error is None:

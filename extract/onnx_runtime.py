@@ -3,12 +3,20 @@ inference session (CPUExecutionProvider, threads from the machine), and a forwar
 with `extract.forward.forward_function`'s contract: uint8 N×H×W×3 (any one size) in, float32
 features out.
 
-The converted graph holds the backbone's `preprocess_input` and the backbone, and takes
-float32 images (0..255 values) at the cache's input size, so uint8 batches and float batches
-(augmented views) give the numbers TensorFlow gives. A batch of another size is first resized by
-`Preprocessing.resize_batch`, TensorFlow's own resize, rounded to uint8 as in the graph, so the
-images the backbone sees are the same arrays under either runtime (tf2onnx cannot convert the
-antialiased resize, ScaleAndTranslate, and ONNX's Resize rounds differently).
+The converted graph holds the resize, the backbone's `preprocess_input` and the backbone, and
+takes float32 images (0..255 values), so uint8 batches and float batches (augmented views) give
+the numbers TensorFlow gives. For the default preprocessing (tensorflow resizer, bilinear) the
+graph takes images of any size up to the input size and enlarges them itself (ONNX's Resize,
+linear with half-pixel centres, then rounded as in TensorFlow's graph), so CIFAR-sized batches
+cross as they are and the resize runs inside the session's threads. It is handed only the
+enlargements where it gives TensorFlow's uint8 arrays exactly (`enlarges_exactly`: a whole
+factor per side, odd or a power of two; 32 px to 64, 96, 128, 160 or 224 px, say), so an
+image is the same array whichever runtime or path resized it. Any other size is first resized
+by `Preprocessing.resize_batch`, TensorFlow's own resize (tf2onnx cannot convert the
+antialiased resize, ScaleAndTranslate, and at other factors the two round a few pixels in a
+thousand differently).
+A second graph with the horizontal mirror between the resize and `preprocess_input` gives the
+mirrored view of `--tta flip`, as `extract.multiblock.mirror_graph_inputs` does for TensorFlow.
 """
 
 from __future__ import annotations
@@ -37,6 +45,9 @@ CONVERTER_LIBRARIES = ("tf2onnx", "onnx", "tensorflow", "keras")
 #: The fingerprint inputs that decide the backbone a cache ran (its key's model part).
 MODEL_INPUTS = ("backbone", "alpha", "weights", "image_size", "pooling", "preprocessing")
 INPUT_NAME = "images"
+#: What the converted graph holds, in the model key: 2 = the resize of small images inside it
+#: (graphs of version 1 took the input size only).
+GRAPH_VERSION = 2
 
 
 def available() -> bool:
@@ -61,15 +72,44 @@ def converter_versions() -> dict[str, str]:
     return {"opset": str(OPSET), **library_versions(CONVERTER_LIBRARIES)}
 
 
-def model_key(inputs: dict[str, Any]) -> str:
+def model_key(inputs: dict[str, Any], mirror: bool = False) -> str:
     """The store key of a backbone's converted model, from a cache's (or plan's) fingerprint
     inputs: the backbone settings and weights identity, the blocks above one (a multi-block
-    model is another graph; one-block keys are those made before --blocks), plus the converter
-    versions."""
+    model is another graph), the mirrored view's graph apart, plus the graph version and the
+    converter versions."""
     model = {k: inputs.get(k) for k in MODEL_INPUTS}
     if inputs.get("blocks", 1) != 1:
         model["blocks"] = inputs["blocks"]
-    return fingerprint({"model": model, "converter": converter_versions()})
+    if mirror:
+        model["mirror"] = True
+    return fingerprint({"model": model, "graph": GRAPH_VERSION, "converter": converter_versions()})
+
+
+#: Largest odd enlargement factor handed to the graph (measured exact up to it, see below).
+MAX_ODD_FACTOR = 15
+
+
+def enlarges_exactly(height: int, width: int, size: int) -> bool:
+    """Whether ONNX's Resize enlarges an H×W image to S×S with TensorFlow's rounded values:
+    a whole factor k per side that is a power of two (every weight and sum then exact in
+    float32) or odd (the interpolated values are then multiples of 1/k² and never within
+    1/(2k²) of a rounding boundary, far beyond float error for k <= MAX_ODD_FACTOR). Even
+    factors such as 6, and fractional ones, round some pixels differently."""
+    def exact(side: int) -> bool:
+        if side < 1 or side > size or size % side:
+            return False
+        factor = size // side
+        return factor & (factor - 1) == 0 or (factor % 2 == 1 and factor <= MAX_ODD_FACTOR)
+
+    return exact(height) and exact(width)
+
+
+def resizes_in_graph(preprocessing: Preprocessing) -> bool:
+    """Whether the converted graph enlarges images itself: TensorFlow's bilinear resize, which
+    ONNX's Resize (linear, half-pixel centres) computes alike; other interpolations and the
+    Pillow resizer get images at the input size."""
+    return (preprocessing.resizer == "tensorflow" and preprocessing.converter is None
+            and preprocessing.interpolation == "bilinear")
 
 
 @functools.lru_cache(maxsize=1)
@@ -83,17 +123,29 @@ def _quiet_converter() -> Any:
     return tf2onnx
 
 
-def convert(model: Any, preprocessing: Preprocessing, opset: int = OPSET) -> bytes:
+def convert(model: Any, preprocessing: Preprocessing, opset: int = OPSET,
+            mirror: bool = False) -> bytes:
     """The Keras feature model with its preprocessing, as serialized ONNX: float32 (0..255)
-    N×S×S×3 in (S the input size), float32 features out."""
-    return convert_function(
-        lambda images: model(preprocessing.graph_inputs(images), training=False),
-        preprocessing.image_size, opset)
+    N×H×W×3 in (H, W up to the input size where `resizes_in_graph`, else the input size),
+    float32 features out (of the mirrored images with `mirror`)."""
+    import tensorflow as tf
+
+    enlarges = resizes_in_graph(preprocessing)
+
+    def features(images: Any) -> Any:
+        resized = preprocessing.enlarge_tensor(images) if enlarges else images
+        if mirror:
+            resized = tf.reverse(resized, axis=[2])
+        return model(preprocessing.function()(resized), training=False)
+
+    return convert_function(features, None if enlarges else preprocessing.image_size, opset)
 
 
-def convert_function(function: Callable[[Any], Any], size: int, opset: int = OPSET) -> bytes:
-    """A TensorFlow-traceable function of float32 N×S×S×3 images (its output cast to float32)
-    as serialized ONNX, converted by tf2onnx without a line on stderr."""
+def convert_function(function: Callable[[Any], Any], size: int | None,
+                     opset: int = OPSET) -> bytes:
+    """A TensorFlow-traceable function of float32 N×S×S×3 images (any height and width for
+    `size` None; its output cast to float32) as serialized ONNX, converted by tf2onnx without a
+    line on stderr."""
     tf2onnx = _quiet_converter()
     import tensorflow as tf
 
@@ -145,15 +197,16 @@ def quantize_int8(model: bytes, calibration: np.ndarray, target: Path) -> Path:
 
 
 def converted_model(root: Path, inputs: dict[str, Any], model: Any | Callable[[], Any],
-                    preprocessing: Preprocessing) -> Path:
-    """The store's converted model for these fingerprint inputs, converting it the first time.
-    `model` is the Keras feature model, or a function that builds it (called only to convert)."""
+                    preprocessing: Preprocessing, mirror: bool = False) -> Path:
+    """The store's converted model for these fingerprint inputs (of the mirrored view with
+    `mirror`), converting it the first time. `model` is the Keras feature model, or a function
+    that builds it (called only to convert)."""
     require()
-    path = model_path(root, model_key(inputs))
+    path = model_path(root, model_key(inputs, mirror))
     if not path.is_file():
         keras_model = model() if callable(model) and not hasattr(model, "layers") else model
         try:
-            data = convert(keras_model, preprocessing)
+            data = convert(keras_model, preprocessing, mirror=mirror)
         except Exception as error:  # tf2onnx raises many types, with long messages
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise HeadstartError(f"Cannot convert backbone {inputs.get('backbone')} to ONNX "
@@ -200,14 +253,14 @@ def session(model: Path | bytes, threads: int | None = None) -> Any:
 
 
 def open_session(path: Path, model: Any, preprocessing: Preprocessing, root: Path,
-                 inputs: dict[str, Any]) -> Any:
+                 inputs: dict[str, Any], mirror: bool = False) -> Any:
     """The session of the store's converted model; a file onnxruntime cannot load (damaged
     by hand, say) is converted again once."""
     try:
         return session(path)
     except Exception:  # onnxruntime raises its own exception types for a bad file
         path.unlink(missing_ok=True)
-        return session(converted_model(root, inputs, model, preprocessing))
+        return session(converted_model(root, inputs, model, preprocessing, mirror))
 
 
 def onnx_forward_function(runner: Any, preprocessing: Preprocessing
@@ -216,9 +269,12 @@ def onnx_forward_function(runner: Any, preprocessing: Preprocessing
     (uint8 N×H×W×3, any one size) in, float32 features out."""
     name = runner.get_inputs()[0].name
     size = preprocessing.image_size
+    enlarges = resizes_in_graph(preprocessing)
 
     def call(batch: np.ndarray) -> np.ndarray:
-        if batch.shape[1:3] != (size, size):
+        height, width = batch.shape[1:3]
+        if (height, width) != (size, size) and not (enlarges and
+                                                    enlarges_exactly(height, width, size)):
             batch = preprocessing.resize_batch(batch)
         images = np.ascontiguousarray(batch, dtype=np.float32)
         return runner.run(None, {name: images})[0].astype(np.float32, copy=False)

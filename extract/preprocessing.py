@@ -87,7 +87,11 @@ class Preprocessing:
 
     def load_bytes(self, data: bytes) -> np.ndarray:
         """Decode an in-memory encoded image (e.g. an upload) into a uint8 input array."""
-        return self.resize_pixels(self._sized(pixels_of_bytes(data)))
+        return self.resize_pixels(self.decode_bytes(data))
+
+    def decode_bytes(self, data: bytes) -> np.ndarray:
+        """An in-memory encoded image as the graph takes it (see `decode_file`)."""
+        return self._sized(pixels_of_bytes(data))
 
     def load_array(self, pixels: np.ndarray) -> np.ndarray:
         """Turn an in-memory uint8 image (H×W, H×W×1 or H×W×3) into a uint8 input array."""
@@ -155,7 +159,6 @@ class Preprocessing:
         Antialiased when shrinking (as Pillow and Keras's Resizing(antialias=True) are); when
         enlarging, antialiasing changes nothing and the plain kernel is several times faster.
         """
-        tf = load_tensorflow()
         size = self.image_size
         height, width = images.shape[1], images.shape[2]
         if (height, width) == (size, size):
@@ -165,9 +168,20 @@ class Preprocessing:
 
             return converter_ops(self.converter).resize(images)
         shrinking = height is None or width is None or height > size or width > size
+        return self._rounded_resize(images, antialias=shrinking)
+
+    def enlarge_tensor(self, images: Any) -> Any:
+        """`resize_tensor` for images no larger than the input size, whose height and width
+        may be unknown (a graph traced for any such size, as `extract.onnx_runtime` converts):
+        the same numbers, as enlarging needs no antialiasing (and the same size is kept as is)."""
+        return self._rounded_resize(images, antialias=False)
+
+    def _rounded_resize(self, images: Any, antialias: bool) -> Any:
+        tf = load_tensorflow()
+        size = self.image_size
         resized = tf.round(tf.image.resize(images, (size, size),
                                            method=TF_METHODS[self.interpolation],
-                                           antialias=shrinking))
+                                           antialias=antialias))
         if self.interpolation in CONVEX_INTERPOLATIONS:  # weights >= 0 summing to 1: in range
             return resized
         return tf.clip_by_value(resized, 0.0, 255.0)

@@ -44,20 +44,30 @@ def runtime_forward(runtime: str, model: Any, preprocessing: Preprocessing,
                     inputs: dict[str, Any] | None = None, mirror: bool = False
                     ) -> Callable[[np.ndarray], np.ndarray]:
     """The forward function of `runtime` for a Keras feature model (of the mirrored images
-    with `mirror`, tf only). For onnx, `store_root` and the cache's (or plan's) fingerprint
+    with `mirror`). For onnx, `store_root` and the cache's (or plan's) fingerprint
     `inputs` locate the converted model in the store."""
     if check_runtime(runtime) == "tf":
         from extract.forward import forward_function
 
         return forward_function(model, preprocessing, compute, mirror=mirror)
-    if mirror:
-        raise HeadstartError("The onnx runtime does not make mirrored views yet; extract with "
-                             "--runtime tf for --tta flip.")
     if store_root is None or inputs is None:
         raise ValueError("the onnx runtime needs the store and the fingerprint inputs")
     from extract import onnx_runtime
 
-    path = onnx_runtime.converted_model(store_root, inputs, model, preprocessing)
+    path = onnx_runtime.converted_model(store_root, inputs, model, preprocessing, mirror)
     return onnx_runtime.onnx_forward_function(onnx_runtime.open_session(path, model, preprocessing,
-                                                                        store_root, inputs),
+                                                                        store_root, inputs, mirror),
                                               preprocessing)
+
+
+def takes_decoded_images(runtime: str, preprocessing: Preprocessing) -> bool:
+    """Whether `runtime`'s forward function takes decoded images of any size at no extra cost
+    (those it cannot enlarge itself it resizes first, as the extraction pass hands them), so
+    one-image paths (predict, serve) need not resize them first: onnx where its graph enlarges
+    images itself. TensorFlow traces one graph per image size, so its callers hand it images
+    at the input size."""
+    if runtime != "onnx":
+        return False
+    from extract.onnx_runtime import resizes_in_graph
+
+    return resizes_in_graph(preprocessing)

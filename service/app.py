@@ -41,6 +41,14 @@ class Model(Protocol):
     class_names: list[str]
     preprocessing: Any
 
+    def load_bytes(self, data: bytes) -> np.ndarray:
+        """An uploaded image as `proba` takes it (raises BadImage)."""
+        ...
+
+    def stack(self, images: list[np.ndarray]) -> np.ndarray:
+        """`load_bytes` images as one batch for `proba`."""
+        ...
+
     def proba(self, pixels: np.ndarray) -> np.ndarray: ...
 
     def describe(self) -> dict[str, Any]: ...
@@ -197,7 +205,7 @@ def create_app(model: Model, settings: ServiceSettings = ServiceSettings(),
     """The FastAPI application serving `model` (already loaded) with `settings`; `access_log`
     hears one line per request; with `similar`, POST /similar (an image's nearest training
     images) and GET /similar?id= (those of a cached image) too."""
-    batcher = DynamicBatcher(model.proba, settings.batching)
+    batcher = DynamicBatcher(model.proba, settings.batching, stack=model.stack)
     info = model.describe()
     started = time.time()
 
@@ -302,7 +310,7 @@ async def _pixels(model: Model, request: Request) -> np.ndarray:
     """The request's image, decoded and resized for the model (415 or 422 when it cannot be)."""
     data = await _image_bytes(request)
     try:
-        return await run_in_threadpool(model.preprocessing.load_bytes, data)
+        return await run_in_threadpool(model.load_bytes, data)
     except UnsupportedImage as error:
         raise ApiError(415, f"Unsupported image: {error}.") from None
     except BadImage as error:

@@ -31,13 +31,16 @@ class BatchSettings:
 
 
 class DynamicBatcher:
-    """Batches single images for `run_batch` (uint8 N×S×S×3 → N×C probabilities)."""
+    """Batches single images for `run_batch` (uint8 N×H×W×3 → N×C probabilities); `stack`
+    makes the batch of the queued images (np.stack: all of one size)."""
 
     def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray],
-                 settings: BatchSettings = BatchSettings()) -> None:
+                 settings: BatchSettings = BatchSettings(),
+                 stack: Callable[[list[np.ndarray]], np.ndarray] = np.stack) -> None:
         if settings.max_batch < 1 or settings.max_queue < 1 or settings.max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and max_wait_ms >= 0.")
         self.run_batch = run_batch
+        self.stack = stack
         self.settings = settings
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] | None = None
         self._worker: asyncio.Task | None = None
@@ -102,7 +105,7 @@ class DynamicBatcher:
                 continue
             try:
                 proba = await loop.run_in_executor(
-                    self._pool, self.run_batch, np.stack([pixels for pixels, _ in live]))
+                    self._pool, lambda: self.run_batch(self.stack([p for p, _ in live])))
             except Exception as error:  # answer every waiting request, keep serving
                 for _, future in live:
                     if not future.done():

@@ -247,3 +247,143 @@ def test_similar_on_an_onnx_cache_runs_its_onnx_forward_pass(
     assert answer["similar"][0]["similarity"] > 0.999
     assert len(made) == 1
     np.testing.assert_allclose(made[0][0], cache.features("train")[row], rtol=0, atol=1e-3)
+
+
+def _mini_batch(count: int = 64) -> np.ndarray:
+    from PIL import Image
+
+    paths = sorted(MINI.glob("train/*/*.jpg"))[:count]
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+
+
+@pytest.mark.parametrize("size", [64, 96, 128, 160, 224, 256, 480, 48, 75, 192])
+def test_the_graph_enlarges_to_tensorflows_arrays_at_the_factors_it_is_handed(size: int) -> None:
+    """The converted graph's resize (ONNX Resize, then rounding) gives the uint8 arrays
+    TensorFlow's resize gives at every factor `enlarges_exactly` admits (2, 3, 4, 5, 7, 8, 15
+    from 32 px, and a 16×32 crop), so a cache's image is the same array whichever path resized
+    it; at the factors it refuses (1.5, 2.34, 6) the two differ, which is why."""
+    from extract.backbones import get_backbone
+    from extract.onnx_runtime import convert_function, enlarges_exactly, session
+
+    preprocessing = get_backbone("mobilenet").preprocessing(size)
+    runner = session(convert_function(preprocessing.enlarge_tensor, None))
+    admitted = enlarges_exactly(32, 32, size)
+    assert admitted == (size not in (48, 75, 192))
+    batches = [_mini_batch()] + ([_mini_batch()[:, 8:24]] if size in (64, 128) else [])
+    for batch in batches:
+        enlarged = runner.run(None, {runner.get_inputs()[0].name: batch.astype(np.float32)})[0]
+        expected = preprocessing.resize_batch(batch).astype(np.float32)
+        assert expected.shape == (len(batch), size, size, 3)
+        assert np.array_equal(enlarged, expected) == admitted
+
+
+def test_small_batches_cross_as_they_are_and_larger_ones_are_resized_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from extract.backbones import get_backbone
+    from extract.onnx_runtime import onnx_forward_function
+
+    preprocessing = get_backbone("mobilenet").preprocessing(48)
+    seen: list[tuple[int, ...]] = []
+
+    class Runner:  # what the forward function hands the session
+        def get_inputs(self):
+            return [type("Input", (), {"name": "images"})()]
+
+        def run(self, _, feed):
+            seen.append(feed["images"].shape)
+            return [np.zeros((len(feed["images"]), 4), np.float32)]
+
+    forward = onnx_forward_function(Runner(), preprocessing)
+    for shape in ((2, 24, 24, 3), (2, 48, 48, 3), (2, 12, 48, 3), (2, 60, 40, 3),
+                  (2, 32, 32, 3), (2, 8, 8, 3)):
+        forward(np.zeros(shape, np.uint8))
+    # whole factors 2, 1, 4 x 1: to the graph as they are; larger images (TensorFlow's
+    # antialiased resize) and factors 1.5 and 6: resized first
+    assert seen == [(2, 24, 24, 3), (2, 48, 48, 3), (2, 12, 48, 3), (2, 48, 48, 3),
+                    (2, 48, 48, 3), (2, 48, 48, 3)]
+    bicubic = get_backbone("mobilenet").preprocessing(48, interpolation="bicubic")
+    seen.clear()
+    onnx_forward_function(Runner(), bicubic)(np.zeros((2, 32, 32, 3), np.uint8))
+    assert seen == [(2, 48, 48, 3)]  # no bicubic resize in the graph: resized first
+
+
+def test_test_time_views_on_onnx(onnx_store: Path, tmp_path: Path) -> None:
+    """--tta flip --runtime onnx: the original view is the one-view onnx cache's, bit for bit;
+    the mirrored view is TensorFlow's mirrored view (within float error); a head fitted with
+    the views answers in predict as on its cached rows, both views averaged."""
+    import shutil
+
+    from endtoend.predict import open_predictor, predict_files
+    from extract.forward import forward_function
+    from extract.rebuild import cache_feature_model, cache_weights
+    from store.runtimes import runtimes_dir
+    from store.store import Store
+
+    store = tmp_path / "store"
+    shutil.copytree(runtimes_dir(onnx_store), runtimes_dir(store))  # the one-view graph
+    result = run_cli("extract", str(MINI), *MINI_ARGS, "--dtype", "float32", "--runtime", "onnx",
+                     "--tta", "flip", "--store", str(store))
+    assert result.exit_code == 0, result.output
+    assert len(list(runtimes_dir(store).glob("*.onnx"))) == 2  # the mirrored graph added
+    cache, single = Store(store).find_cache(), _cache(onnx_store)
+    assert cache.fingerprint != single.fingerprint
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(cache.features(split), single.features(split))
+    mirrored = cache.features("test", mirrored=True)
+    assert np.abs(mirrored - cache.features("test")).max() > 0.01  # another view indeed
+    # TensorFlow's mirrored view of the first test images
+    from extract.preprocessing import Preprocessing
+
+    preprocessing = Preprocessing.from_dict(cache.preprocessing)
+    ids = list(cache.ids("test")[:32])
+    batch = preprocessing.stack([preprocessing.decode_file(Path(cache.source["path"]) / i)
+                                 for i in ids])
+    tf_mirrored = forward_function(cache_feature_model(cache, cache_weights(cache)), preprocessing,
+                                   mirror=True)(batch)
+    np.testing.assert_allclose(mirrored[:32], tf_mirrored, rtol=0, atol=1e-3)
+
+    fitted = run_cli("fit", "--head", "logreg", "--store", str(store))
+    assert fitted.exit_code == 0, fitted.output
+    model = open_predictor(Store(store), cache, "logreg")
+    assert model.views and model.decoded
+    paths = [Path(cache.source["path"]) / i for i in ids]
+    answers = list(predict_files(model, paths, top=1, batch_size=10))
+    head = model.head
+    expected = head.feature_proba({cache.fingerprint: cache.features("test")[:32]},
+                                  {cache.fingerprint: mirrored[:32]})
+    assert [a.top[0]["probability"] for a in answers] == pytest.approx(
+        np.asarray(expected).max(axis=1).tolist(), abs=1e-5)
+
+
+def test_serve_on_an_onnx_cache_answers_uploads_as_the_cached_rows(onnx_store: Path) -> None:
+    """serve hands the onnx graph the upload as decoded (32 px here: the graph enlarges it);
+    queued uploads of other sizes are batched at the input size. Either way, a cached image's
+    answer is the head's on its cached row."""
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from endtoend.predict import open_predictor
+    from service.app import ServiceSettings, create_app
+    from store.store import Store
+
+    store = Store(onnx_store)
+    cache = store.find_cache()
+    model = open_predictor(store, cache, "logreg")
+    path = Path(cache.source["path"]) / cache.ids("test")[3]
+    assert model.load_bytes(path.read_bytes()).shape == (32, 32, 3)  # not resized first
+    expected = model.estimator.predict_proba(cache.features("test")[3:4])[0]
+    with TestClient(create_app(model, ServiceSettings())) as client:
+        answer = client.post("/predict?top=10", content=path.read_bytes(),
+                             headers={"Content-Type": "image/jpeg"})
+        assert answer.status_code == 200, answer.text
+    got = {row["label"]: row["probability"] for row in answer.json()["predictions"]}
+    assert [got[name] for name in model.class_names] == pytest.approx(expected.tolist(), abs=1e-5)
+    # a batch of a 32 px and a 40 px image: both resized to the input size, the same answers
+    larger = io.BytesIO()
+    Image.open(path).resize((40, 40)).save(larger, format="PNG")
+    images = [model.load_bytes(path.read_bytes()), model.load_bytes(larger.getvalue())]
+    batch = model.stack(images)
+    assert batch.shape == (2, 64, 64, 3)
+    np.testing.assert_allclose(model.proba(batch)[0], expected, rtol=0, atol=1e-5)

@@ -35,6 +35,12 @@ class StubModel:
     def __init__(self) -> None:
         self.preprocessing = get_backbone("mobilenet").preprocessing(32)
 
+    def load_bytes(self, data: bytes) -> np.ndarray:
+        return self.preprocessing.load_bytes(data)
+
+    def stack(self, images: list[np.ndarray]) -> np.ndarray:
+        return np.stack(images)
+
     def proba(self, pixels: np.ndarray) -> np.ndarray:
         return np.full((len(pixels), len(CLASSES)), 1.0 / len(CLASSES), np.float32)
 

@@ -106,6 +106,12 @@ class BlockingModel:
         self.calls = 0
         self.sizes: list[int] = []
 
+    def load_bytes(self, data: bytes) -> np.ndarray:
+        return self.preprocessing.load_bytes(data)
+
+    def stack(self, images: list[np.ndarray]) -> np.ndarray:
+        return np.stack(images)
+
     def proba(self, pixels: np.ndarray) -> np.ndarray:
         self.calls += 1
         self.sizes.append(len(pixels))
