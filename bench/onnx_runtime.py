@@ -1,7 +1,8 @@
 """TensorFlow vs ONNX Runtime on the CPU, side by side in one run (issue 17, "measure first").
 
 For each backbone of the registry's set (MobileNet alpha 0.25 with the shared ImageNet weights at
-128 and 224 px; ResNet50 and VGG16 with --weights none at 128 px): the feature model with its
+128 and 224 px; ResNet50 and VGG16 with --weights none at 128 px; a KerasHub preset of
+DINOv2-S/14's architecture with random weights at 224 px): the feature model with its
 preprocessing converted to ONNX (tf2onnx, as `--runtime onnx` does; and Keras's own
 `model.export(format="onnx")` of the bare backbone, for comparison), then batches of 64 timed
 alternately under each runtime (median of pairs), forward-only (images already at the input size)
@@ -35,6 +36,9 @@ CONFIGS = {
     "resnet50-128": {"backbone": "resnet50", "alpha": None, "weights": "none", "image_size": 128},
     "vgg16-128": {"backbone": "vgg16", "alpha": None, "weights": "none", "image_size": 128,
                   "batch": 32},
+    # DINOv2-S/14's architecture with random weights (bench/kerashub.py's "small" preset)
+    "dinov2s-224": {"backbone": "preset:small", "alpha": None, "weights": "preset",
+                    "image_size": 224, "batch": 16},
 }
 BATCH = 64  # per batch, unless the config says (VGG16: 32, as in the issue)
 
@@ -71,16 +75,28 @@ def _keras_export(model: Any, folder: Path) -> dict[str, Any]:
     return {"ok": True, "seconds": time.perf_counter() - started, "path": path}
 
 
+def _backbone(settings: dict[str, Any]) -> tuple[Any, Any, str]:
+    """(backbone, weights, pooling) of a config; a preset is made with KerasHub's classes."""
+    from extract.backbones import Weights, get_backbone
+
+    if settings["backbone"].startswith("preset:"):
+        from extract.kerashub import preset_backbone
+        from kerashub import make_preset
+
+        folder = make_preset(settings["backbone"].split(":", 1)[1])
+        return preset_backbone(str(folder)), Weights("preset", folder), "cls+mean"
+    return get_backbone(settings["backbone"]), Weights.parse(settings["weights"]), "avg"
+
+
 def measure(name: str, settings: dict[str, Any], pairs: int, folder: Path) -> dict[str, Any]:
-    from extract.backbones import Weights, build_feature_model, get_backbone
+    from extract.backbones import build_feature_model
     from extract.forward import forward_function
     from extract.onnx_runtime import convert, cpu_threads, onnx_forward_function, session
 
-    spec = get_backbone(settings["backbone"])
+    spec, weights, pooling = _backbone(settings)
     size = settings["image_size"]
     preprocessing = spec.preprocessing(size)
-    model = build_feature_model(spec, settings["alpha"], Weights.parse(settings["weights"]), size,
-                                "avg")
+    model = build_feature_model(spec, settings["alpha"], weights, size, pooling)
     tf_forward = forward_function(model, preprocessing)
     started = time.perf_counter()
     data = convert(model, preprocessing)
@@ -160,8 +176,9 @@ def markdown(rows: list[dict[str, Any]], extracts: list[dict[str, Any]], facts: 
         f"Keras {facts['libraries']['keras']}, numpy {facts['libraries']['numpy']}; "
         f"{facts['converter']}; commit {facts['commit']}.",
         "",
-        f"Batch {BATCH} (VGG16: 32), float32, the feature model with its preprocessing (avg "
-        "pooling). TF is "
+        f"Batch {BATCH} (VGG16: 32; the DINOv2-S preset: 16), float32, the feature model with "
+        "its preprocessing (avg pooling; the preset cls+mean, its converter resizing before the "
+        "session under ONNX Runtime). TF is "
         "`extract.forward.forward_function` (the extraction pass's traced function); ONNX Runtime "
         "is `extract.onnx_runtime` (tf2onnx, opset 17, CPUExecutionProvider, intra-op threads = "
         "the cores this process may use, no spin-waiting). Median of alternating pairs in one run, "
@@ -218,8 +235,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--only", nargs="*", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--extract", type=int, default=2048, help="CIFAR-10 images for the "
-                        "end-to-end extract rows (MobileNet; ResNet50 an eighth; VGG16 none; "
-                        "0: none)")
+                        "end-to-end extract rows (MobileNet; ResNet50 an eighth; VGG16 and the "
+                        "preset none; 0: none)")
     args = parser.parse_args()
     from extract.onnx_runtime import converter_versions
 
@@ -233,7 +250,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for name in args.only:
             rows.append(measure(name, CONFIGS[name], args.pairs, Path(folder)))
-            if args.extract and not name.startswith("vgg16"):
+            if args.extract and name.startswith(("mobilenet", "resnet50")):
                 images = args.extract if name.startswith("mobilenet") else max(64, args.extract // 8)
                 extracts.append(extraction(name, CONFIGS[name], images,
                                            max(1, args.pairs // 2), Path(folder),

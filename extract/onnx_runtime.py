@@ -114,13 +114,36 @@ def resizes_in_graph(preprocessing: Preprocessing) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _quiet_converter() -> Any:
-    """tf2onnx, imported without TensorFlow's or its own chatter."""
+    """tf2onnx, imported without TensorFlow's or its own chatter, with the Erfc handler."""
     load_keras()
     with quiet_stderr():
         import tf2onnx
     for name in ("tf2onnx", "onnx", "onnxruntime"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    _register_erfc()
     return tf2onnx
+
+
+def _register_erfc() -> None:
+    """Teach tf2onnx TensorFlow's Erfc as 1 - Erf (ONNX has Erf only): the exact GELU of the
+    KerasHub towers (`tf.nn.gelu`) is written with Erfc, which tf2onnx would otherwise leave as
+    a node ONNX Runtime cannot load. Registered through tf2onnx's own op-handler decorator."""
+    from tf2onnx import utils
+    from tf2onnx.handler import tf_op
+
+    @tf_op("Erfc")
+    class Erfc:  # noqa: F841 (the decorator registers it)
+        @classmethod
+        def version_9(cls, ctx: Any, node: Any, **_: Any) -> None:
+            dtype = ctx.get_dtype(node.input[0])
+            node.type = "Erf"
+            one = ctx.make_const(utils.make_name("erfc_one"),
+                                 np.array(1, utils.map_onnx_to_numpy_type(dtype)))
+            erf = node.output[0]
+            rest = ctx.insert_new_node_on_output("Sub", erf, name=utils.make_name(node.name))
+            ctx.replace_inputs(rest, [one.output[0], erf])
+            ctx.set_dtype(rest.output[0], dtype)
+            ctx.copy_shape(erf, rest.output[0])
 
 
 def convert(model: Any, preprocessing: Preprocessing, opset: int = OPSET,
@@ -157,6 +180,8 @@ def convert_function(function: Callable[[Any], Any], size: int | None,
 
     with quiet_stderr():
         proto, _ = tf2onnx.convert.from_function(traced, input_signature=[spec], opset=opset)
+    if len(proto.graph.input) != 1:  # e.g. a tensor the model captured outside its variables
+        raise ValueError("the converted graph takes inputs besides the images")
     return proto.SerializeToString()
 
 

@@ -13,7 +13,6 @@ from extract.augment import AUGMENT_CHUNK, Augmentation
 from extract.backbones import Backbone, Weights, check_options
 from extract.compute import ComputeOptions
 from extract.datasets import SPLITS, Dataset
-from extract.kerashub import HubBackbone
 from extract.multiblock import BlockColumns
 from extract.preprocessing import Preprocessing
 from store import layout
@@ -64,11 +63,6 @@ class ExtractionPlan:
         object.__setattr__(self, "backbone", self.backbone.resolved())
         object.__setattr__(self, "weights", self.backbone.weights(self.weights))
         check_options(self.backbone, self.alpha, self.image_size, self.pooling)
-        if self.compute.runtime == "onnx" and isinstance(self.backbone, HubBackbone):
-            raise HeadstartError(
-                f"--runtime onnx does not run KerasHub backbones such as {self.backbone.name} "
-                "(tf2onnx turns their GELU into an Erfc node that ONNX Runtime cannot load); "
-                "extract it with --runtime tf.")
         if self.dtype not in layout.FEATURE_DTYPES:
             raise HeadstartError(
                 f"Unknown --dtype {self.dtype!r}; choose one of {', '.join(layout.FEATURE_DTYPES)}."

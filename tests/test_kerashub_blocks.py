@@ -241,13 +241,43 @@ def test_hub_blocks_of_a_dinov3_preset(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("blocks", ["1", "2"])
-def test_hub_on_the_onnx_runtime_is_one_sentence(blocks: str, tiny_preset: Path,
-                                                 tmp_path: Path) -> None:
-    """tf2onnx turns the towers' exact GELU into an Erfc node ONNX Runtime cannot load: a
-    preset on --runtime onnx is refused before anything is built or converted."""
-    args = extract_args(tiny_preset, tmp_path / "store", "--runtime", "onnx")
+def test_a_preset_on_the_onnx_runtime_gives_tensorflows_features(
+        blocks: str, tiny_preset: Path, hub_blocks_store: Path, tmp_path: Path) -> None:
+    """tf2onnx writes the towers' exact GELU (TensorFlow's Erfc) as 1 - Erf, which ONNX Runtime
+    runs: the onnx cache of the tiny DINOv2 preset has the tf cache's features (within float
+    error), and its head answers in predict as on the cached rows."""
+    pytest.importorskip("onnxruntime")
+    from endtoend.predict import open_predictor, predict_files
+
+    store = tmp_path / "store"
+    args = extract_args(tiny_preset, store, "--runtime", "onnx")
     args[args.index("--blocks") + 1] = blocks
-    assert_clean_error(run_cli(*args), "--runtime onnx", "KerasHub", "preset:tiny-dinov2",
-                       "--runtime tf")
-    assert not list((tmp_path / "store").glob("caches/*.h5"))
-    assert not list((tmp_path / "store").glob("runtimes/*"))
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert len(list((store / "runtimes").glob("*.onnx"))) == 1
+    cache, reference = Store(store).find_cache(), Store(hub_blocks_store).find_cache()
+    assert cache.inputs["runtime"] == "onnx" and cache.blocks == (
+        COLUMNS if blocks == "2" else [("output", 0, 64)])
+    for split in ("train", "test"):
+        expected = reference.features(split)[:, -64:] if blocks == "1" else \
+            reference.features(split)
+        np.testing.assert_allclose(cache.features(split), expected, rtol=0, atol=1e-4)
+    assert run_cli("fit", "--head", "logreg", "--store", str(store)).exit_code == 0
+    model = open_predictor(Store(store), cache, "logreg")
+    paths = [Path(cache.source["path"]) / i for i in cache.ids("test")[:20]]
+    answers = list(predict_files(model, paths, top=1))
+    assert [a.top[0]["probability"] for a in answers] == pytest.approx(
+        model.estimator.predict_proba(cache.features("test")[:20]).max(axis=1).tolist(),
+        abs=1e-5)
+
+
+def test_a_preset_onnx_cannot_convert_is_one_sentence_and_leaves_nothing(tmp_path: Path) -> None:
+    """DINOv3's rotary embedding captures a tensor tf2onnx turns into a second graph input: the
+    conversion is refused in one sentence, with no cache or converted file left behind."""
+    pytest.importorskip("onnxruntime")
+    preset = make_tiny_preset(tmp_path / "tiny-dinov3", version=3, registers=4)
+    store = tmp_path / "store"
+    args = extract_args(preset, store, "--runtime", "onnx")
+    assert_clean_error(run_cli(*args), "Cannot convert backbone", "to ONNX", "--runtime tf")
+    assert not list(store.glob("caches/*.h5")) and not list(store.glob("caches/*.partial"))
+    assert not list(store.glob("runtimes/*"))
