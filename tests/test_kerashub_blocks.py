@@ -281,3 +281,25 @@ def test_a_preset_onnx_cannot_convert_is_one_sentence_and_leaves_nothing(tmp_pat
     assert_clean_error(run_cli(*args), "Cannot convert backbone", "to ONNX", "--runtime tf")
     assert not list(store.glob("caches/*.h5")) and not list(store.glob("caches/*.partial"))
     assert not list(store.glob("runtimes/*"))
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_siglip_and_clip_towers_convert_to_onnx_with_tensorflows_features(
+        kind: str, tmp_path: Path) -> None:
+    """The SigLIP and CLIP towers (exact GELU and, for SigLIP, its attention-pooling head)
+    through the onnx runtime's conversion: TensorFlow's features within float error."""
+    pytest.importorskip("onnxruntime")
+    from extract.backbones import Weights
+    from extract.forward import forward_function
+    from extract.kerashub import build_hub_feature_model, preset_backbone
+    from extract.multiblock import multiblock_model
+    from extract.onnx_runtime import convert, onnx_forward_function, session
+
+    make_tiny_tower(kind, tmp_path, layers=2)
+    backbone = preset_backbone(str(tmp_path))
+    preprocessing = backbone.preprocessing(16)
+    single = build_hub_feature_model(backbone, Weights("preset", tmp_path), 16, "cls+mean")
+    pixels = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3)).astype(np.uint8)
+    for model in (single, multiblock_model(single, 2, "cls+mean")[0]):
+        onnx = onnx_forward_function(session(convert(model, preprocessing)), preprocessing)
+        expected = forward_function(model, preprocessing)(pixels)
+        np.testing.assert_allclose(onnx(pixels), expected, rtol=0, atol=1e-5)
