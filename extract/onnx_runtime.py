@@ -180,9 +180,24 @@ def convert_function(function: Callable[[Any], Any], size: int | None,
 
     with quiet_stderr():
         proto, _ = tf2onnx.convert.from_function(traced, input_signature=[spec], opset=opset)
-    if len(proto.graph.input) != 1:  # e.g. a tensor the model captured outside its variables
-        raise ValueError("the converted graph takes inputs besides the images")
+    _fold_captured_constants(proto, traced.get_concrete_function())
     return proto.SerializeToString()
+
+
+def _fold_captured_constants(proto: Any, concrete: Any) -> None:
+    """Make the tensors a traced model captured outside its variables (DINOv3's rotary
+    embedding tables, say), which tf2onnx leaves as graph inputs, constants of the graph:
+    the converted model then takes the images only."""
+    from onnx import numpy_helper
+
+    captured = {inner.name: outer for outer, inner in concrete.graph.captures}
+    for graph_input in [i for i in proto.graph.input if i.name != INPUT_NAME]:
+        value = captured.get(graph_input.name)
+        if value is None or not hasattr(value, "numpy"):
+            raise ValueError(f"the converted graph takes an input besides the images "
+                             f"({graph_input.name})")
+        proto.graph.initializer.append(numpy_helper.from_array(value.numpy(), graph_input.name))
+        proto.graph.input.remove(graph_input)
 
 
 def quantize_int8(model: bytes, calibration: np.ndarray, target: Path) -> Path:

@@ -271,16 +271,33 @@ def test_a_preset_on_the_onnx_runtime_gives_tensorflows_features(
         abs=1e-5)
 
 
-def test_a_preset_onnx_cannot_convert_is_one_sentence_and_leaves_nothing(tmp_path: Path) -> None:
-    """DINOv3's rotary embedding captures a tensor tf2onnx turns into a second graph input: the
-    conversion is refused in one sentence, with no cache or converted file left behind."""
+def test_dinov3_on_onnx_and_a_backbone_that_cannot_convert(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """DINOv3's rotary embedding captures tensors outside its variables, which tf2onnx leaves
+    as graph inputs: they become constants of the graph, and the onnx cache has the tf cache's
+    features. A conversion that fails is one sentence, with nothing left behind."""
     pytest.importorskip("onnxruntime")
+    import tf2onnx
+
     preset = make_tiny_preset(tmp_path / "tiny-dinov3", version=3, registers=4)
-    store = tmp_path / "store"
-    args = extract_args(preset, store, "--runtime", "onnx")
-    assert_clean_error(run_cli(*args), "Cannot convert backbone", "to ONNX", "--runtime tf")
+    features = {}
+    for runtime in ("tf", "onnx"):
+        store = tmp_path / runtime
+        assert run_cli(*extract_args(preset, store, "--runtime", runtime)).exit_code == 0
+        features[runtime] = Store(store).find_cache().features("train")
+    np.testing.assert_allclose(features["onnx"], features["tf"], rtol=0, atol=1e-4)
+
+    def fails(*_, **__):
+        raise RuntimeError("Unsupported op Frobnicate\nand a long trace")
+
+    monkeypatch.setattr(tf2onnx.convert, "from_function", fails)
+    store = tmp_path / "refused"
+    args = extract_args(make_tiny_preset(tmp_path / "other", seed=3), store, "--runtime", "onnx")
+    assert_clean_error(run_cli(*args), "Cannot convert backbone", "Unsupported op Frobnicate",
+                       "--runtime tf")
     assert not list(store.glob("caches/*.h5")) and not list(store.glob("caches/*.partial"))
     assert not list(store.glob("runtimes/*"))
+
 
 @pytest.mark.parametrize("kind", ["siglip", "clip"])
 def test_siglip_and_clip_towers_convert_to_onnx_with_tensorflows_features(
