@@ -70,3 +70,26 @@ def test_ray_user_error_in_a_task_is_one_sentence(local_ray, shared_paths, tmp_p
     assert "Error: Shard 0/2: The weights file" in result.output
     assert "does not fit backbone mobilenet" in result.output
     assert not Store(tmp_path).caches()
+
+
+def test_ray_shards_run_the_onnx_runtime(local_ray, mini_store, shared_paths, tmp_path) -> None:
+    """--engine ray --runtime onnx: every shard runs the converted backbone (one file in the
+    store, whichever shard converted it), and the merged cache is the onnx cache of the mini
+    set: its runtime in the fingerprint, TensorFlow's features within float16 error."""
+    import numpy as np
+
+    pytest.importorskip("onnxruntime")
+    store = tmp_path / "s"
+    result = CliRunner().invoke(app, ["extract", str(shared_paths["mini"]), *MINI_ARGS,
+                                      "--runtime", "onnx", "--store", str(store),
+                                      "--engine", "ray", "--shards", "2",
+                                      "--cpus-per-shard", "1"])
+    assert result.exit_code == 0, result.output
+    cache, tf = Store(store).find_cache(), Store(mini_store).find_cache()
+    assert cache.inputs["runtime"] == "onnx" and cache.fingerprint != tf.fingerprint
+    assert len(list((store / "runtimes").glob("*.onnx"))) == 1
+    for split in ("train", "test"):
+        assert list(cache.ids(split)) == list(tf.ids(split))
+        # both float16: one float16 step apart at most where the last bits differ
+        np.testing.assert_allclose(cache.features(split), tf.features(split), rtol=1e-3,
+                                   atol=1e-3)
