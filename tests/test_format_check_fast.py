@@ -174,9 +174,30 @@ def test_views_shards_mirrored_and_compression(tmp_path: Path) -> None:
         assert "views" not in handle["train"] and "mirrored" not in handle["train"]
 
 
+def test_empty_skipped_columns_and_row_lists_keep_their_types(tmp_path: Path) -> None:
+    """No skipped file, and a shard split given as plain (empty) lists: text and int64 still,
+    so readers can take /skipped as text and the rows as indices."""
+    path = tmp_path / "c.h5"
+    shard = _attributes(kind="shard", shard={"index": 0})
+    with write_cache(path, shard, ["a"]) as cache:
+        cache.split("train", [], rows=0, width=2, dtype="float32", labels=[], ids=[],
+                    source_rows=[])
+        cache.skipped([], [])
+    with h5py.File(path, "r") as handle:
+        for column in ("split", "id", "reason"):
+            data = handle["skipped"][column]
+            assert data.shape == (0,) and h5py.check_string_dtype(data.dtype).encoding == "utf-8"
+        assert handle["skipped/row"].dtype == np.int64 and handle["skipped/row"].shape == (0,)
+        assert handle["train/rows"].dtype == np.int64 and handle["train/rows"].shape == (0,)
+        assert handle["train/labels"].dtype == np.int32
+        assert h5py.check_string_dtype(handle["train/ids"].dtype).encoding == "utf-8"
+    assert _problems(path, shard) == ([], 0)
+
+
 @pytest.mark.parametrize("tta", [None, "flip"])
 def test_mirrored_goes_with_the_tta_attribute_only(tmp_path: Path, tta: str | None) -> None:
-    with pytest.raises(ValueError, match="exactly when the tta attribute is set"):
+    with pytest.raises(ValueError, match=r"^/<split>/mirrored is written exactly when the tta "
+                                         r"attribute is set$"):
         with write_cache(tmp_path / "c.h5", _attributes(tta=tta), ["a"]) as cache:
             cache.split("train", [np.zeros((1, 2))], rows=1, width=2, dtype="float32",
                         labels=[0], ids=["x"], mirrored=None if tta else [np.zeros((1, 2))])
