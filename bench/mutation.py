@@ -22,9 +22,11 @@ cores, about 30 minutes for the same 117 mutants (README, "Mutation testing").
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,9 +40,19 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST_FINGERPRINT = ["-k", "changes_it or not_change or distinct or same_inputs or held_out or "
                            "fractions or alone or hand_picked"]
 
-#: name -> (module file, covering tests (paths, then pytest options), mutant-name pattern or
-#: None for the whole module). A path missing at --rev is left out (the "before" runs).
-TARGETS: dict[str, tuple[str, list[str], str | None]] = {
+#: The functions of extract/datasets.py that make the content digest (mutmut's names for them).
+DIGEST = tuple(f"extract.datasets.x_{f}__mutmut_*"
+               for f in ("_folder_digest", "_array_digest", "_safe_digest", "_safe_digests"))
+#: The fast tests of predict's preprocessing: tests/test_preprocessing.py without its three
+#: tests that build a backbone or run an extraction.
+FAST_PREPROCESSING = ["tests/test_preprocessing_fast.py", "tests/test_preprocessing.py", "-k",
+                      "not (batch_resized_in_the_graph or pillow_plan or traced_functions)"]
+
+#: name -> (module file, covering tests (paths, then pytest options), mutant-name patterns
+#: (fnmatch, e.g. some functions) or None for the whole module). A path missing at --rev is
+#: left out (the "before" runs). A "-slow" target is the covering tests a target had before
+#: its fast table-driven tests (issue 20), kept so the "before" runs can be repeated.
+TARGETS: dict[str, tuple[str, list[str], str | tuple[str, ...] | None]] = {
     "batching": ("service/batching.py", ["tests/test_batching.py"], None),
     # what covered the batcher before tests/test_batching.py: the HTTP tests that batch
     "batching-http": ("service/batching.py", ["tests/test_service_http.py", "-k", "batched or 503"],
@@ -49,19 +61,32 @@ TARGETS: dict[str, tuple[str, list[str], str | None]] = {
     # before it, in classifiers/training.py (use --rev with the old targets' module there)
     "validation-split": ("classifiers/validation.py", ["tests/test_validation_split.py"], None),
     "validation-split-heads": ("classifiers/validation.py", ["tests/test_heads.py"], None),
-    "fingerprint": ("store/fingerprint.py", ["tests/test_fingerprint.py",
-                                             "tests/test_validation_split.py", *FAST_FINGERPRINT],
-                    None),
+    "fingerprint": ("store/fingerprint.py", ["tests/test_fingerprint_table.py"], None),
+    "fingerprint-slow": ("store/fingerprint.py", ["tests/test_fingerprint.py",
+                                                  "tests/test_validation_split.py",
+                                                  *FAST_FINGERPRINT], None),
     "atomic": ("store/atomic.py", ["tests/test_store.py"], None),
-    "partial": ("store/partial.py", ["tests/test_store.py", "tests/test_writers_and_disk_full.py"],
-                None),
-    "format": ("store/format.py", ["tests/test_format_spec.py", "tests/test_verify.py"], None),
-    "check": ("store/check.py", ["tests/test_verify.py", "tests/test_store.py"], None),
-    "preprocessing": ("extract/preprocessing.py", ["tests/test_preprocessing.py"], None),
-    # the one split writer (extraction, views, shards, merge) and the resume of a pass
-    "writer": ("store/writer.py", ["tests/test_store.py", "tests/test_writers_and_disk_full.py",
-                                   "tests/test_shards.py"], None),
-    "selection": ("store/selection.py", ["tests/test_store.py", "tests/test_cli.py"], None),
+    # the resume logic: segments kept, redone, assembled
+    "partial": ("store/partial.py", ["tests/test_partial_resume.py"], None),
+    "partial-slow": ("store/partial.py", ["tests/test_store.py",
+                                          "tests/test_writers_and_disk_full.py"], None),
+    "format": ("store/format.py", ["tests/test_format_check_fast.py", "tests/test_format_spec.py"],
+               None),
+    "format-slow": ("store/format.py", ["tests/test_format_spec.py", "tests/test_verify.py"], None),
+    "check": ("store/check.py", ["tests/test_format_check_fast.py"], None),
+    "check-slow": ("store/check.py", ["tests/test_verify.py", "tests/test_store.py"], None),
+    "preprocessing": ("extract/preprocessing.py", FAST_PREPROCESSING, None),
+    "preprocessing-slow": ("extract/preprocessing.py", ["tests/test_preprocessing.py"], None),
+    # the one split writer (extraction, views, shards, merge)
+    "writer": ("store/writer.py", ["tests/test_format_check_fast.py", "tests/test_partial_resume.py"],
+               None),
+    "writer-slow": ("store/writer.py", ["tests/test_store.py", "tests/test_writers_and_disk_full.py",
+                                        "tests/test_shards.py"], None),
+    "selection": ("store/selection.py", ["tests/test_fingerprint_table.py"], None),
+    "selection-slow": ("store/selection.py", ["tests/test_store.py", "tests/test_cli.py"], None),
+    # the dataset content digest (image folders, arrays) and the digest of one file
+    "digest": ("extract/datasets.py", ["tests/test_dataset_digest.py"], DIGEST),
+    "digest-slow": ("extract/datasets.py", ["tests/test_datasets.py"], DIGEST),
 }
 STATUSES = ("killed", "survived", "timeout", "no tests", "not checked", "suspicious", "skipped")
 
@@ -82,13 +107,23 @@ def tracked_copy(rev: str | None, target: Path) -> None:
 
 
 def mutmut(copy: Path, *args: str, timeout: float | None = None) -> str:
+    """mutmut's output; past `timeout`, its whole process group (the mutants it forked, which
+    outlive their parent otherwise) is killed and TimeoutExpired raised."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=copy, env=env,
-                          capture_output=True, text=True, timeout=timeout).stdout
+    with subprocess.Popen([sys.executable, "-m", "mutmut", *args], cwd=copy, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          start_new_session=True) as process:
+        try:
+            return process.communicate(timeout=timeout)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
 
 
 def run_target(name: str, options: argparse.Namespace) -> dict[str, object]:
     module, tests, pattern = TARGETS[name]
+    patterns = (pattern,) if isinstance(pattern, str) else tuple(pattern or ())
     copy = Path(tempfile.mkdtemp(prefix=f"headstart-mutation-{name}-"))
     try:
         tracked_copy(options.rev, copy)
@@ -102,15 +137,24 @@ def run_target(name: str, options: argparse.Namespace) -> dict[str, object]:
         with open(copy / "pyproject.toml", "a", encoding="utf-8") as handle:
             handle.write("\n[tool.mutmut]\n"
                          'source_paths = ["service/", "store/", "extract/", "classifiers/", "cli.py"]\n'
-                         'also_copy = ["bench/"]\n'
+                         'also_copy = ["bench/", "docs/"]\n'
                          f"only_mutate = [{json.dumps(module)}]\n"
                          f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
                          'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-m", "not ray"]\n'
                          # a mutant that hangs is stopped after 4x the clean run (default 15x)
-                         "timeout_multiplier = 4.0\n")
+                         "timeout_multiplier = 4.0\n"
+                         # fork each mutant from a server that has only collected the tests:
+                         # forked from mutmut's own process, which has run them (TensorFlow ops
+                         # included), a mutant's first TensorFlow op hangs (TensorFlow is not
+                         # fork-safe) and every such mutant counted as a timeout
+                         'process_isolation = "forkserver"\n'
+                         # ... and a fresh worker starts TensorFlow itself (seconds of CPU on
+                         # every core): the CPU-time limit, (tests + constant) x 4 x 2, leaves
+                         # room for that (default constant 1 s: such mutants all timed out)
+                         "timeout_constant = 10.0\n")
         started = time.monotonic()
         try:
-            mutmut(copy, "run", "--max-children", str(options.workers), *([pattern] if pattern else []),
+            mutmut(copy, "run", "--max-children", str(options.workers), *patterns,
                    timeout=options.limit)
             finished = True
         except subprocess.TimeoutExpired:
@@ -118,8 +162,9 @@ def run_target(name: str, options: argparse.Namespace) -> dict[str, object]:
         seconds = round(time.monotonic() - started)
         listed = mutmut(copy, "results", "--all", "true")
         status = dict(line.strip().rsplit(": ", 1) for line in listed.splitlines() if ": " in line)
-        if pattern:
-            status = {k: v for k, v in status.items() if k.startswith(pattern.rstrip("*"))}
+        if patterns:
+            status = {k: v for k, v in status.items()
+                      if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
         survivors = {}
         for key in sorted(k for k, v in status.items() if v == "survived"):
             shown = mutmut(copy, "show", key).splitlines()

@@ -208,21 +208,28 @@ def folder_dataset(root: Path, test_fraction: float = 0.2) -> Dataset:
         return preprocessing.load_file(path) if resized else preprocessing.decode_file(path)
 
     def digest() -> str:
-        sha = hashlib.sha256()
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            for split in SPLITS:
-                chunks = [paths[split][start:start + DIGEST_CHUNK]
-                          for start in range(0, len(paths[split]), DIGEST_CHUNK)]
-                file_digests = (d for chunk in pool.map(_safe_digests, chunks) for d in chunk)
-                for sample_id, label, file_digest in zip(
-                    splits[split].ids, splits[split].labels.tolist(), file_digests
-                ):
-                    sha.update(f"{split}\t{sample_id}\t{label}\t{file_digest}\n".encode())
-        sha.update("\n".join(class_names).encode())
-        return sha.hexdigest()
+        return _folder_digest(paths, splits, class_names)
 
     return Dataset(_dataset_name(root), {**source, "path": str(root)}, class_names, splits,
                    load, digest)
+
+
+def _folder_digest(paths: dict[str, list[Path]], splits: dict[str, SplitSamples],
+                   class_names: list[str]) -> str:
+    """An image folder's content digest: split, id, label and file digest of every sample, then
+    the class names (a module function, not a closure, so mutation testing can reach it)."""
+    sha = hashlib.sha256()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for split in SPLITS:
+            chunks = [paths[split][start:start + DIGEST_CHUNK]
+                      for start in range(0, len(paths[split]), DIGEST_CHUNK)]
+            file_digests = (d for chunk in pool.map(_safe_digests, chunks) for d in chunk)
+            for sample_id, label, file_digest in zip(
+                splits[split].ids, splits[split].labels.tolist(), file_digests
+            ):
+                sha.update(f"{split}\t{sample_id}\t{label}\t{file_digest}\n".encode())
+    sha.update("\n".join(class_names).encode())
+    return sha.hexdigest()
 
 
 def _id_text(relative: str) -> str:
@@ -295,13 +302,20 @@ def array_dataset(
         return preprocessing.load_array(pixels) if resized else preprocessing.decode_array(pixels)
 
     def digest() -> str:
-        sha = hashlib.sha256()
-        for split in SPLITS:
-            images, _ = arrays[split]
-            sha.update(f"{split}:{images.shape}:{images.dtype}".encode())
-            sha.update(np.ascontiguousarray(images).tobytes())
-            sha.update(splits[split].labels.tobytes())
-        sha.update("\n".join(class_names).encode())
-        return sha.hexdigest()
+        return _array_digest(arrays, splits, class_names)
 
     return Dataset(name, source, class_names, splits, load, digest)
+
+
+def _array_digest(arrays: dict[str, tuple[np.ndarray, np.ndarray]],
+                  splits: dict[str, SplitSamples], class_names: list[str]) -> str:
+    """An in-memory dataset's content digest: each split's shape, dtype, pixels and labels,
+    then the class names."""
+    sha = hashlib.sha256()
+    for split in SPLITS:
+        images, _ = arrays[split]
+        sha.update(f"{split}:{images.shape}:{images.dtype}".encode())
+        sha.update(np.ascontiguousarray(images).tobytes())
+        sha.update(splits[split].labels.tobytes())
+    sha.update("\n".join(class_names).encode())
+    return sha.hexdigest()
