@@ -224,6 +224,26 @@ def test_unknown_image_sides_in_a_traced_function_are_resized_antialiased() -> N
         np.testing.assert_array_equal(resized, _tf_resize(pixels, 16))  # shrinking: antialiased
 
 
+@pytest.mark.parametrize(("size", "interpolation"), [(64, "bilinear"), (48, "bicubic"),
+                                                     (32, "bilinear"), (40, "lanczos")])
+def test_enlarging_with_unknown_sides_is_the_plain_resize(size: int, interpolation: str) -> None:
+    """`enlarge_tensor` (what the onnx runtime's graph traces for any image up to the input
+    size) gives tf.image.resize's rounded, clipped values without antialiasing, the same size
+    unchanged; `decode_bytes` is `decode_file` of the same bytes."""
+    import tensorflow as tf
+
+    definition = Preprocessing(size, MOBILENET, interpolation, resizer="tensorflow")
+    paths = mini_files("train", "cat", 3)
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    traced = tf.function(definition.enlarge_tensor,
+                         input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    enlarged = np.asarray(traced(tf.constant(pixels, tf.float32)))
+    np.testing.assert_array_equal(enlarged, _tf_resize(pixels, size, interpolation))
+    for path in paths:
+        np.testing.assert_array_equal(definition.decode_bytes(path.read_bytes()),
+                                      definition.decode_file(path))
+
+
 def test_resize_tensor_returns_input_size_tensors_untouched() -> None:
     import tensorflow as tf
 

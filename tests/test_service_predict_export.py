@@ -94,9 +94,12 @@ def test_tflite_variants_load_and_answer(tmp_path, test_pixels) -> None:
         proba = TFLiteRunner(path).proba(pixels)
         assert proba.shape == expected.shape
         np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=0.05)
+        agreement = (proba.argmax(1) == expected.argmax(1)).mean()
+        # int8 is measured, not promised (0.79 here, calibrated on 8 images); a broken
+        # calibration or scale answers at chance (0.1 over 10 classes)
+        assert agreement >= {"none": 1.0, "float16": 0.9, "int8": 0.6}[quantize]
         if tolerance is not None:
             np.testing.assert_allclose(proba, expected, atol=tolerance)
-            assert (proba.argmax(1) == expected.argmax(1)).mean() >= (1.0 if quantize == "none" else 0.9)
 
 
 def test_non_linear_heads_are_refused() -> None:
