@@ -72,7 +72,9 @@ class SimilarFinder:
         return rows
 
     def similar(self, pixels: np.ndarray, k: int = 8) -> list[list[dict[str, Any]]]:
-        """uint8 batch (N x S x S x 3, resized) -> each image's k nearest training images."""
+        """uint8 batch (N x H x W x 3 of one size: resized, or as the cache runtime's forward
+        pass takes it, see `endtoend.predict.Predictor.load_file`) -> each image's k nearest
+        training images."""
         _check_k(k)
         if not len(pixels):
             return []

@@ -18,6 +18,7 @@ import numpy as np
 
 from classifiers.saved import SavedHead, load_saved_head
 from extract.images import BadImage, is_image_file
+from extract.onnx_runtime import enlarges_exactly
 from extract.runtimes import checked_runtime, runtime_forward, takes_decoded_images
 from extract.preprocessing import Preprocessing
 from extract.rebuild import cache_feature_model, cache_weights
@@ -82,15 +83,22 @@ class Predictor:
                 "images alike.")
 
     def load_file(self, path: Path) -> np.ndarray:
-        """An image file as `proba` takes it (raises BadImage): the extraction pass's decoded
-        image where the backbones resize in their graph, else resized to the input size."""
-        return (self.preprocessing.decode_file(path) if self.decoded
-                else self.preprocessing.load_file(path))
+        """An image file as `proba` takes it (raises BadImage): as decoded where the backbones
+        enlarge it in their own graph, else resized to the input size here."""
+        return self._prepared(self.preprocessing.decode_file(path))
 
     def load_bytes(self, data: bytes) -> np.ndarray:
         """An encoded image (an upload) as `proba` takes it (see `load_file`)."""
-        return (self.preprocessing.decode_bytes(data) if self.decoded
-                else self.preprocessing.load_bytes(data))
+        return self._prepared(self.preprocessing.decode_bytes(data))
+
+    def _prepared(self, pixels: np.ndarray) -> np.ndarray:
+        """A decoded image left as it is only where the graph would enlarge it itself (the
+        whole factors of `enlarges_exactly`); any other is resized in the caller's thread (a
+        request's, not the model's), to the same array the graph's path would give."""
+        height, width = pixels.shape[:2]
+        if self.decoded and enlarges_exactly(height, width, self.preprocessing.image_size):
+            return pixels
+        return self.preprocessing.resize_pixels(pixels)
 
     def stack(self, images: list[np.ndarray]) -> np.ndarray:
         """`load_file`/`load_bytes` images as one batch (`Preprocessing.stack`: at their own

@@ -4,14 +4,14 @@ with `extract.forward.forward_function`'s contract: uint8 N×H×W×3 (any one si
 features out.
 
 The converted graph holds the resize, the backbone's `preprocess_input` and the backbone, and
-takes float32 images (0..255 values), so uint8 batches and float batches (augmented views) give
-the numbers TensorFlow gives. For the default preprocessing (tensorflow resizer, bilinear) the
+takes float32 images holding uint8 values (0..255), so uint8 batches give the numbers TensorFlow
+gives. For the default preprocessing (tensorflow resizer, bilinear) the
 graph takes images of any size up to the input size and enlarges them itself (ONNX's Resize,
 linear with half-pixel centres, then rounded as in TensorFlow's graph), so CIFAR-sized batches
 cross as they are and the resize runs inside the session's threads. It is handed only the
 enlargements where it gives TensorFlow's uint8 arrays exactly (`enlarges_exactly`: a whole
-factor per side, odd or a power of two; 32 px to 64, 96, 128, 160 or 224 px, say), so an
-image is the same array whichever runtime or path resized it. Any other size is first resized
+factor per side, both odd or both powers of two; 32 px to 64, 96, 128, 160 or 224 px, say), so
+an image is the same array whichever runtime or path resized it. Any other size is first resized
 by `Preprocessing.resize_batch`, TensorFlow's own resize (tf2onnx cannot convert the
 antialiased resize, ScaleAndTranslate, and at other factors the two round a few pixels in a
 thousand differently).
@@ -45,8 +45,9 @@ CONVERTER_LIBRARIES = ("tf2onnx", "onnx", "tensorflow", "keras")
 #: The fingerprint inputs that decide the backbone a cache ran (its key's model part).
 MODEL_INPUTS = ("backbone", "alpha", "weights", "image_size", "pooling", "preprocessing")
 INPUT_NAME = "images"
-#: What the converted graph holds, in the model key: 2 = the resize of small images inside it
-#: (graphs of version 1 took the input size only).
+#: What the converted graph holds, in the model key of graphs that resize: 2 = the resize of
+#: small images inside it (earlier files, without the field, took the input size only; a store
+#: may still hold them: STORE/runtimes/ files are safe to delete, they are converted again).
 GRAPH_VERSION = 2
 
 
@@ -82,26 +83,37 @@ def model_key(inputs: dict[str, Any], mirror: bool = False) -> str:
         model["blocks"] = inputs["blocks"]
     if mirror:
         model["mirror"] = True
-    return fingerprint({"model": model, "graph": GRAPH_VERSION, "converter": converter_versions()})
+    key: dict[str, Any] = {"model": model, "converter": converter_versions()}
+    stored = inputs.get("preprocessing")
+    if isinstance(stored, dict) and resizes_in_graph(Preprocessing.from_dict(stored)):
+        key["graph"] = GRAPH_VERSION  # other graphs are those converted before it (version 1)
+    return fingerprint(key)
 
 
-#: Largest odd enlargement factor handed to the graph (measured exact up to it, see below).
+#: Largest odd and power-of-two enlargement factors handed to the graph (measured exact up to
+#: them on CIFAR images, tests/test_onnx_runtime.py).
 MAX_ODD_FACTOR = 15
+MAX_POWER_OF_TWO_FACTOR = 16
 
 
 def enlarges_exactly(height: int, width: int, size: int) -> bool:
-    """Whether ONNX's Resize enlarges an H×W image to S×S with TensorFlow's rounded values:
-    a whole factor k per side that is a power of two (every weight and sum then exact in
-    float32) or odd (the interpolated values are then multiples of 1/k² and never within
-    1/(2k²) of a rounding boundary, far beyond float error for k <= MAX_ODD_FACTOR). Even
-    factors such as 6, and fractional ones, round some pixels differently."""
-    def exact(side: int) -> bool:
+    """Whether ONNX's Resize enlarges an H×W image to S×S with TensorFlow's rounded values.
+
+    A whole factor per side, both powers of two (every weight and sum is then exact in float32)
+    or both odd (each interpolated value is then a multiple of 1/(ky·kx), an odd denominator, so
+    it never lies within float error of a rounding boundary n + 1/2); a side of factor 1 is not
+    interpolated and goes with either. Mixed kinds (2 and 3, say), even factors such as 6 and
+    fractional ones can put an exact value on n + 1/2, which the two runtimes may round apart.
+    """
+    factors = []
+    for side in (height, width):
         if side < 1 or side > size or size % side:
             return False
-        factor = size // side
-        return factor & (factor - 1) == 0 or (factor % 2 == 1 and factor <= MAX_ODD_FACTOR)
-
-    return exact(height) and exact(width)
+        factors.append(size // side)
+    scaled = [k for k in factors if k > 1]
+    if all(k & (k - 1) == 0 and k <= MAX_POWER_OF_TWO_FACTOR for k in scaled):
+        return True
+    return all(k % 2 == 1 and k <= MAX_ODD_FACTOR for k in scaled)
 
 
 def resizes_in_graph(preprocessing: Preprocessing) -> bool:
@@ -248,11 +260,24 @@ def converted_model(root: Path, inputs: dict[str, Any], model: Any | Callable[[]
         try:
             data = convert(keras_model, preprocessing, mirror=mirror)
         except Exception as error:  # tf2onnx raises many types, with long messages
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise HeadstartError(f"Cannot convert backbone {inputs.get('backbone')} to ONNX "
-                                 f"({first.rstrip('.')}); use --runtime tf.") from None
+                                 f"({_first_line(error)}); use --runtime tf.") from None
+        _loadable(data, inputs)  # a graph ONNX Runtime cannot run is never kept
         write_model(path, data)
     return path
+
+
+def _loadable(model: Path | bytes, inputs: dict[str, Any]) -> Any:
+    """A session of a converted model, or one sentence where ONNX Runtime cannot load it."""
+    try:
+        return session(model)
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise HeadstartError(f"ONNX Runtime cannot run backbone {inputs.get('backbone')} as "
+                             f"converted ({_first_line(error)}); use --runtime tf.") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
 
 
 @contextlib.contextmanager
@@ -300,7 +325,7 @@ def open_session(path: Path, model: Any, preprocessing: Preprocessing, root: Pat
         return session(path)
     except Exception:  # onnxruntime raises its own exception types for a bad file
         path.unlink(missing_ok=True)
-        return session(converted_model(root, inputs, model, preprocessing, mirror))
+        return _loadable(converted_model(root, inputs, model, preprocessing, mirror), inputs)
 
 
 def onnx_forward_function(runner: Any, preprocessing: Preprocessing

@@ -173,7 +173,8 @@ class Preprocessing:
     def enlarge_tensor(self, images: Any) -> Any:
         """`resize_tensor` for images no larger than the input size, whose height and width
         may be unknown (a graph traced for any such size, as `extract.onnx_runtime` converts):
-        the same numbers, as enlarging needs no antialiasing (and the same size is kept as is)."""
+        the same numbers, as enlarging needs no antialiasing (an image already at the input
+        size comes back with the same values, which are whole numbers)."""
         return self._rounded_resize(images, antialias=False)
 
     def _rounded_resize(self, images: Any, antialias: bool) -> Any:

@@ -39,7 +39,6 @@ class Model(Protocol):
     """What the service needs from a predictor (see endtoend.predict.Predictor)."""
 
     class_names: list[str]
-    preprocessing: Any
 
     def load_bytes(self, data: bytes) -> np.ndarray:
         """An uploaded image as `proba` takes it (raises BadImage)."""
@@ -307,7 +306,8 @@ def create_app(model: Model, settings: ServiceSettings = ServiceSettings(),
 
 
 async def _pixels(model: Model, request: Request) -> np.ndarray:
-    """The request's image, decoded and resized for the model (415 or 422 when it cannot be)."""
+    """The request's image as the model takes it (`Model.load_bytes`; 415 or 422 when it
+    cannot be decoded)."""
     data = await _image_bytes(request)
     try:
         return await run_in_threadpool(model.load_bytes, data)

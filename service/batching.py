@@ -69,6 +69,10 @@ class DynamicBatcher:
                 future.set_exception(RuntimeError("the server is shutting down"))
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def _run(self, images: list[np.ndarray]) -> np.ndarray:
+        """One batch through the model (in the model thread): stacked, then `run_batch`."""
+        return self.run_batch(self.stack(images))
+
     @property
     def waiting(self) -> int:
         """Images queued and not yet taken into a batch."""
@@ -105,7 +109,7 @@ class DynamicBatcher:
                 continue
             try:
                 proba = await loop.run_in_executor(
-                    self._pool, lambda: self.run_batch(self.stack([p for p, _ in live])))
+                    self._pool, self._run, [pixels for pixels, _ in live])
             except Exception as error:  # answer every waiting request, keep serving
                 for _, future in live:
                     if not future.done():

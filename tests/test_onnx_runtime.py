@@ -277,6 +277,42 @@ def test_the_graph_enlarges_to_tensorflows_arrays_at_the_factors_it_is_handed(si
         assert np.array_equal(enlarged, expected) == admitted
 
 
+def test_which_enlargements_the_graph_is_handed() -> None:
+    """Both factors powers of two (up to 16) or both odd (up to 15), a side of factor 1 with
+    either; mixed kinds (3 and 2: a 32 x 48 crop to 96 px), larger and fractional factors not."""
+    from extract.onnx_runtime import enlarges_exactly
+
+    admitted = [(32, 32, 64), (16, 32, 128), (32, 32, 512), (32, 32, 480), (32, 96, 96),
+                (32, 160, 160), (96, 96, 96), (12, 48, 48), (32, 96, 480)]
+    refused = [(32, 48, 96), (16, 24, 48), (32, 20, 160), (32, 32, 1024), (32, 32, 544),
+               (32, 32, 192), (32, 32, 48), (64, 64, 32), (32, 30, 64), (0, 32, 64)]
+    assert all(enlarges_exactly(*case) for case in admitted)
+    assert not any(enlarges_exactly(*case) for case in refused)
+
+
+def test_a_converted_graph_onnx_runtime_cannot_load_is_one_sentence_and_not_kept(
+        onnx_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import extract.onnx_runtime as onnx_runtime
+    from extract.rebuild import cache_feature_model, cache_weights
+    from extract.preprocessing import Preprocessing
+    from store.errors import HeadstartError
+    from store.runtimes import runtimes_dir
+
+    cache = _cache(onnx_store)
+
+    def refuses(model, threads=None):
+        raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an "
+                           "implementation for Frobnicate(1) node\nmore")
+
+    monkeypatch.setattr(onnx_runtime, "session", refuses)
+    with pytest.raises(HeadstartError, match=r"ONNX Runtime cannot run backbone mobilenet as "
+                                             r"converted \(.*Frobnicate.*\); use --runtime tf\.$"):
+        onnx_runtime.converted_model(tmp_path, cache.inputs,
+                                     cache_feature_model(cache, cache_weights(cache)),
+                                     Preprocessing.from_dict(cache.preprocessing))
+    assert not runtimes_dir(tmp_path).exists() or not list(runtimes_dir(tmp_path).iterdir())
+
+
 def test_small_batches_cross_as_they_are_and_larger_ones_are_resized_first(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from extract.backbones import get_backbone
@@ -295,12 +331,12 @@ def test_small_batches_cross_as_they_are_and_larger_ones_are_resized_first(
 
     forward = onnx_forward_function(Runner(), preprocessing)
     for shape in ((2, 24, 24, 3), (2, 48, 48, 3), (2, 12, 48, 3), (2, 60, 40, 3),
-                  (2, 32, 32, 3), (2, 8, 8, 3)):
+                  (2, 32, 32, 3), (2, 8, 8, 3), (2, 16, 24, 3)):
         forward(np.zeros(shape, np.uint8))
     # whole factors 2, 1, 4 x 1: to the graph as they are; larger images (TensorFlow's
-    # antialiased resize) and factors 1.5 and 6: resized first
+    # antialiased resize), factors 1.5 and 6, and 3 x 2: resized first
     assert seen == [(2, 24, 24, 3), (2, 48, 48, 3), (2, 12, 48, 3), (2, 48, 48, 3),
-                    (2, 48, 48, 3), (2, 48, 48, 3)]
+                    (2, 48, 48, 3), (2, 48, 48, 3), (2, 48, 48, 3)]
     bicubic = get_backbone("mobilenet").preprocessing(48, interpolation="bicubic")
     seen.clear()
     onnx_forward_function(Runner(), bicubic)(np.zeros((2, 32, 32, 3), np.uint8))
@@ -380,10 +416,11 @@ def test_serve_on_an_onnx_cache_answers_uploads_as_the_cached_rows(onnx_store: P
         assert answer.status_code == 200, answer.text
     got = {row["label"]: row["probability"] for row in answer.json()["predictions"]}
     assert [got[name] for name in model.class_names] == pytest.approx(expected.tolist(), abs=1e-5)
-    # a batch of a 32 px and a 40 px image: both resized to the input size, the same answers
+    # a batch of a 32 px and a 40 px image: both at the input size, the same answers
     larger = io.BytesIO()
     Image.open(path).resize((40, 40)).save(larger, format="PNG")
     images = [model.load_bytes(path.read_bytes()), model.load_bytes(larger.getvalue())]
+    assert images[1].shape == (64, 64, 3)  # 40 to 64 px is no whole factor: resized at load
     batch = model.stack(images)
     assert batch.shape == (2, 64, 64, 3)
     np.testing.assert_allclose(model.proba(batch)[0], expected, rtol=0, atol=1e-5)
