@@ -43,6 +43,11 @@ FAST_FINGERPRINT = ["-k", "changes_it or not_change or distinct or same_inputs o
 #: The functions of extract/datasets.py that make the content digest (mutmut's names for them).
 DIGEST = tuple(f"extract.datasets.x_{f}__mutmut_*"
                for f in ("_folder_digest", "_array_digest", "_safe_digest", "_safe_digests"))
+#: The resume logic of extract/pipeline.py: which segments are still to do, what a finished run
+#: kept, and the finished cache a plan reuses (the pass's other functions are not in the target).
+RESUME = tuple(f"extract.pipeline.x_{f}__mutmut_*"
+               for f in ("_run_backbone", "_finished_rows", "_segment_rows", "_finished",
+                         "_width_of_finished"))
 #: The fast tests of predict's preprocessing: tests/test_preprocessing.py without its three
 #: tests that build a backbone or run an extraction.
 FAST_PREPROCESSING = ["tests/test_preprocessing_fast.py", "tests/test_preprocessing.py", "-k",
@@ -87,6 +92,15 @@ TARGETS: dict[str, tuple[str, list[str], str | tuple[str, ...] | None]] = {
     # the dataset content digest (image folders, arrays) and the digest of one file
     "digest": ("extract/datasets.py", ["tests/test_dataset_digest.py"], DIGEST),
     "digest-slow": ("extract/datasets.py", ["tests/test_datasets.py"], DIGEST),
+    # shard files, finding them in a store, checking a set and merging it (round 4)
+    "shards": ("store/shards.py", ["tests/test_shards_fast.py"], None),
+    "shards-slow": ("store/shards.py", ["tests/test_shards.py"], None),
+    # the store: finished and reusable caches, leftovers, locks, names, the pin
+    "store": ("store/store.py", ["tests/test_store_fast.py"], None),
+    "store-slow": ("store/store.py", ["tests/test_store.py"], None),
+    # the pass's resume logic: the segments still to do, rows kept, the cache a plan reuses
+    "resume": ("extract/pipeline.py", ["tests/test_resume_fast.py"], RESUME),
+    "resume-slow": ("extract/pipeline.py", ["tests/test_extract.py"], RESUME),
 }
 STATUSES = ("killed", "survived", "timeout", "no tests", "not checked", "suspicious", "skipped")
 
