@@ -18,7 +18,7 @@ import numpy as np
 
 from classifiers.saved import SavedHead, load_saved_head
 from extract.images import BadImage, is_image_file
-from extract.onnx_runtime import enlarges_exactly
+from extract.onnx_runtime import takes_as_is
 from extract.runtimes import checked_runtime, runtime_forward, takes_decoded_images
 from extract.preprocessing import Preprocessing
 from extract.rebuild import cache_feature_model, cache_weights
@@ -92,11 +92,10 @@ class Predictor:
         return self._prepared(self.preprocessing.decode_bytes(data))
 
     def _prepared(self, pixels: np.ndarray) -> np.ndarray:
-        """A decoded image left as it is only where the graph would enlarge it itself (the
-        whole factors of `enlarges_exactly`); any other is resized in the caller's thread (a
-        request's, not the model's), to the same array the graph's path would give."""
-        height, width = pixels.shape[:2]
-        if self.decoded and enlarges_exactly(height, width, self.preprocessing.image_size):
+        """A decoded image left as it is only where the graph takes it so (`takes_as_is`);
+        any other is resized in the caller's thread (a request's, not the model's), to the same
+        array the graph's path would give."""
+        if self.decoded and takes_as_is(self.preprocessing, *pixels.shape[:2]):
             return pixels
         return self.preprocessing.resize_pixels(pixels)
 

@@ -116,6 +116,14 @@ def enlarges_exactly(height: int, width: int, size: int) -> bool:
     return all(k % 2 == 1 and k <= MAX_ODD_FACTOR for k in scaled)
 
 
+def takes_as_is(preprocessing: Preprocessing, height: int, width: int) -> bool:
+    """Whether the converted graph takes a decoded H×W batch as it is: at the input size, or
+    an enlargement it makes itself exactly as TensorFlow's resize; any other is resized first."""
+    size = preprocessing.image_size
+    return (height, width) == (size, size) or (resizes_in_graph(preprocessing)
+                                               and enlarges_exactly(height, width, size))
+
+
 def resizes_in_graph(preprocessing: Preprocessing) -> bool:
     """Whether the converted graph enlarges images itself: TensorFlow's bilinear resize, which
     ONNX's Resize (linear, half-pixel centres) computes alike; other interpolations and the
@@ -256,18 +264,41 @@ def converted_model(root: Path, inputs: dict[str, Any], model: Any | Callable[[]
     require()
     path = model_path(root, model_key(inputs, mirror))
     if not path.is_file():
-        keras_model = model() if callable(model) and not hasattr(model, "layers") else model
-        try:
-            data = convert(keras_model, preprocessing, mirror=mirror)
-        except Exception as error:  # tf2onnx raises many types, with long messages
-            raise HeadstartError(f"Cannot convert backbone {inputs.get('backbone')} to ONNX "
-                                 f"({_first_line(error)}); use --runtime tf.") from None
-        _loadable(data, inputs)  # a graph ONNX Runtime cannot run is never kept
-        write_model(path, data)
+        _convert(path, inputs, model, preprocessing, mirror)
     return path
 
 
-def _loadable(model: Path | bytes, inputs: dict[str, Any]) -> Any:
+def converted_session(root: Path, inputs: dict[str, Any], model: Any | Callable[[], Any],
+                      preprocessing: Preprocessing, mirror: bool = False) -> Any:
+    """The session of the store's converted model (see `converted_model`), made once: from the
+    file, or from the conversion that writes it. A file onnxruntime cannot load (damaged by
+    hand, say) is converted again once."""
+    require()
+    path = model_path(root, model_key(inputs, mirror))
+    if path.is_file():
+        try:
+            return session(path)
+        except Exception:  # onnxruntime raises its own exception types for a bad file
+            path.unlink(missing_ok=True)
+    return _convert(path, inputs, model, preprocessing, mirror)
+
+
+def _convert(path: Path, inputs: dict[str, Any], model: Any | Callable[[], Any],
+             preprocessing: Preprocessing, mirror: bool) -> Any:
+    """Convert the backbone, check that ONNX Runtime loads it (a graph it cannot run is never
+    kept), write it to `path`; returns the session."""
+    keras_model = model() if callable(model) and not hasattr(model, "layers") else model
+    try:
+        data = convert(keras_model, preprocessing, mirror=mirror)
+    except Exception as error:  # tf2onnx raises many types, with long messages
+        raise HeadstartError(f"Cannot convert backbone {inputs.get('backbone')} to ONNX "
+                             f"({_first_line(error)}); use --runtime tf.") from None
+    runner = _loadable(data, inputs)
+    write_model(path, data)
+    return runner
+
+
+def _loadable(model: bytes, inputs: dict[str, Any]) -> Any:
     """A session of a converted model, or one sentence where ONNX Runtime cannot load it."""
     try:
         return session(model)
@@ -317,29 +348,14 @@ def session(model: Path | bytes, threads: int | None = None) -> Any:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def open_session(path: Path, model: Any, preprocessing: Preprocessing, root: Path,
-                 inputs: dict[str, Any], mirror: bool = False) -> Any:
-    """The session of the store's converted model; a file onnxruntime cannot load (damaged
-    by hand, say) is converted again once."""
-    try:
-        return session(path)
-    except Exception:  # onnxruntime raises its own exception types for a bad file
-        path.unlink(missing_ok=True)
-        return _loadable(converted_model(root, inputs, model, preprocessing, mirror), inputs)
-
-
 def onnx_forward_function(runner: Any, preprocessing: Preprocessing
                           ) -> Callable[[np.ndarray], np.ndarray]:
     """`forward_function`'s contract on an onnxruntime session: a batch of decoded images
     (uint8 N×H×W×3, any one size) in, float32 features out."""
     name = runner.get_inputs()[0].name
-    size = preprocessing.image_size
-    enlarges = resizes_in_graph(preprocessing)
 
     def call(batch: np.ndarray) -> np.ndarray:
-        height, width = batch.shape[1:3]
-        if (height, width) != (size, size) and not (enlarges and
-                                                    enlarges_exactly(height, width, size)):
+        if not takes_as_is(preprocessing, *batch.shape[1:3]):
             batch = preprocessing.resize_batch(batch)
         images = np.ascontiguousarray(batch, dtype=np.float32)
         return runner.run(None, {name: images})[0].astype(np.float32, copy=False)

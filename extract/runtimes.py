@@ -54,10 +54,8 @@ def runtime_forward(runtime: str, model: Any, preprocessing: Preprocessing,
         raise ValueError("the onnx runtime needs the store and the fingerprint inputs")
     from extract import onnx_runtime
 
-    path = onnx_runtime.converted_model(store_root, inputs, model, preprocessing, mirror)
-    return onnx_runtime.onnx_forward_function(onnx_runtime.open_session(path, model, preprocessing,
-                                                                        store_root, inputs, mirror),
-                                              preprocessing)
+    runner = onnx_runtime.converted_session(store_root, inputs, model, preprocessing, mirror)
+    return onnx_runtime.onnx_forward_function(runner, preprocessing)
 
 
 def takes_decoded_images(runtime: str, preprocessing: Preprocessing) -> bool:

@@ -424,3 +424,32 @@ def test_serve_on_an_onnx_cache_answers_uploads_as_the_cached_rows(onnx_store: P
     batch = model.stack(images)
     assert batch.shape == (2, 64, 64, 3)
     np.testing.assert_allclose(model.proba(batch)[0], expected, rtol=0, atol=1e-5)
+
+
+def test_a_damaged_converted_file_is_converted_again_once(onnx_store: Path,
+                                                          tmp_path: Path) -> None:
+    import shutil
+
+    from extract.onnx_runtime import converted_session, onnx_forward_function
+    from extract.preprocessing import Preprocessing
+    from extract.rebuild import cache_feature_model, cache_weights
+    from store.runtimes import runtimes_dir
+
+    store = tmp_path / "store"
+    shutil.copytree(runtimes_dir(onnx_store), runtimes_dir(store))
+    (path,) = runtimes_dir(store).glob("*.onnx")
+    path.write_bytes(b"not an onnx model")
+    cache = _cache(onnx_store)
+    preprocessing = Preprocessing.from_dict(cache.preprocessing)
+    runner = converted_session(store, cache.inputs,
+                               lambda: cache_feature_model(cache, cache_weights(cache)),
+                               preprocessing)
+    assert path.read_bytes() != b"not an onnx model"  # converted and written again
+    ids = cache.ids("train")[:4]
+    batch = preprocessing.stack([preprocessing.decode_file(Path(cache.source["path"]) / i)
+                                 for i in ids])
+    features = onnx_forward_function(runner, preprocessing)(batch)
+    np.testing.assert_allclose(features, cache.features("train")[:4], rtol=0, atol=1e-5)
+    again = converted_session(store, cache.inputs, lambda: pytest.fail("converted again"),
+                              preprocessing)  # the file written is the one loaded next time
+    assert again.get_inputs()[0].name == runner.get_inputs()[0].name
