@@ -48,17 +48,25 @@ def _pairs(first: Callable[[], Any], second: Callable[[], Any], pairs: int,
     """Median seconds per call of each of two calls, timed in alternating pairs (one warm-up
     each); each timing repeats the call for about `sample_s` seconds, so that a busy machine's
     hiccups spread over many batches."""
+    a, b = _alternating([first, second], pairs, sample_s)
+    return a, b
+
+
+def _alternating(calls: list[Callable[[], Any]], rounds: int, sample_s: float = 1.0
+                 ) -> list[float]:
+    """`_pairs` for any number of calls: median seconds per call of each, timed in turn."""
     started = time.perf_counter()
-    first(), second()
-    repeats = max(1, round(2 * sample_s / (time.perf_counter() - started)))
-    a, b = [], []
-    for _ in range(pairs):
-        for fn, out in ((first, a), (second, b)):
+    for call in calls:
+        call()
+    repeats = max(1, round(len(calls) * sample_s / (time.perf_counter() - started)))
+    seconds: list[list[float]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for call, out in zip(calls, seconds):
             started = time.perf_counter()
             for _ in range(repeats):
-                fn()
+                call()
             out.append((time.perf_counter() - started) / repeats)
-    return median(a), median(b)
+    return [median(x) for x in seconds]
 
 
 def _keras_export(model: Any, folder: Path) -> dict[str, Any]:
@@ -102,6 +110,8 @@ def measure(name: str, settings: dict[str, Any], pairs: int, folder: Path) -> di
     data = convert(model, preprocessing)
     conversion = time.perf_counter() - started
     onnx_forward = onnx_forward_function(session(data), preprocessing)
+    # as extract runs it: slices of each batch from one thread per core, one single-threaded session
+    sliced_forward = onnx_forward_function(session(data, 1), preprocessing, cpu_threads())
 
     batch_size = settings.get("batch", BATCH)
     rng = np.random.default_rng(0)
@@ -110,12 +120,18 @@ def measure(name: str, settings: dict[str, Any], pairs: int, folder: Path) -> di
     row: dict[str, Any] = {"model": name, "threads": cpu_threads(), "onnx_bytes": len(data),
                            "conversion_s": conversion, "batch": batch_size}
     for label, batch in (("forward", at_size), ("resize", small)):
-        diff = float(np.abs(tf_forward(batch) - onnx_forward(batch)).max())
-        tf_s, onnx_s = _pairs(lambda: tf_forward(batch), lambda: onnx_forward(batch), pairs)
-        row[label] = {"tf_ips": batch_size / tf_s, "onnx_ips": batch_size / onnx_s,
-                      "ratio": tf_s / onnx_s, "max_abs_diff": diff}
+        diff = float(max(np.abs(tf_forward(batch) - onnx_forward(batch)).max(),
+                         np.abs(tf_forward(batch) - sliced_forward(batch)).max()))
+        tf_s, onnx_s, sliced_s = _alternating(
+            [lambda: tf_forward(batch), lambda: onnx_forward(batch),
+             lambda: sliced_forward(batch)], pairs)
+        row[label] = {"tf_ips": batch_size / tf_s, "onnx_session_ips": batch_size / onnx_s,
+                      "session_ratio": tf_s / onnx_s, "onnx_ips": batch_size / sliced_s,
+                      "ratio": tf_s / sliced_s, "max_abs_diff": diff}
         log(f"{name} {label}: TF {batch_size / tf_s:.0f} img/s, ONNX Runtime "
-            f"{batch_size / onnx_s:.0f} img/s ({tf_s / onnx_s:.2f}x), max abs diff {diff:.2e}")
+            f"{batch_size / sliced_s:.0f} img/s sliced per core ({tf_s / sliced_s:.2f}x), "
+            f"{batch_size / onnx_s:.0f} img/s on one session ({tf_s / onnx_s:.2f}x), "
+            f"max abs diff {diff:.2e}")
 
     exported = _keras_export(model, folder)
     if exported.get("ok"):
@@ -180,8 +196,11 @@ def markdown(rows: list[dict[str, Any]], extracts: list[dict[str, Any]], facts: 
         "its preprocessing (avg pooling; the preset cls+mean, its converter resizing before the "
         "session under ONNX Runtime). TF is "
         "`extract.forward.forward_function` (the extraction pass's traced function); ONNX Runtime "
-        "is `extract.onnx_runtime` (tf2onnx, opset 17, CPUExecutionProvider, intra-op threads = "
-        "the cores this process may use, no spin-waiting). Median of alternating pairs in one run, "
+        "is `extract.onnx_runtime` (tf2onnx, opset 17, CPUExecutionProvider, no spin-waiting) "
+        "as `extract` runs it: each batch split into two slices per core, run at once from one "
+        "thread per core on a session of one intra-op thread; *one session*: the whole batch on one session of "
+        "intra-op threads = the cores this process may use (as predict and serve run it). "
+        "Median of alternating rounds (TF, one session, sliced) in one run, "
         "each timing about a second of batches. *forward*: "
         "uint8 images already at the input size (each runtime's forward ceiling); *with resize*: "
         "32 px images (CIFAR-sized, as extract hands them over), enlarged inside each runtime's "
@@ -189,24 +208,26 @@ def markdown(rows: list[dict[str, Any]], extracts: list[dict[str, Any]], facts: 
         "TensorFlow's uint8 arrays at these whole factors). Max abs diff: features of the same "
         "batch under both runtimes.",
         "",
-        "| model | TF forward img/s | ONNX forward img/s | ratio | TF with resize img/s | "
-        "ONNX with resize img/s | ratio | max abs diff | conversion s | ONNX MB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | TF forward img/s | ONNX forward img/s | ratio | one session | "
+        "TF with resize img/s | ONNX with resize img/s | ratio | one session | max abs diff | "
+        "conversion s | ONNX MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         f, z = r["forward"], r["resize"]
         lines.append(
             f"| {r['model']} | {f['tf_ips']:,.0f} | {f['onnx_ips']:,.0f} | {f['ratio']:.2f}x | "
-            f"{z['tf_ips']:,.0f} | {z['onnx_ips']:,.0f} | {z['ratio']:.2f}x | "
+            f"{f['session_ratio']:.2f}x | {z['tf_ips']:,.0f} | {z['onnx_ips']:,.0f} | "
+            f"{z['ratio']:.2f}x | {z['session_ratio']:.2f}x | "
             f"{max(f['max_abs_diff'], z['max_abs_diff']):.1e} | {r['conversion_s']:.1f} | "
             f"{r['onnx_bytes'] / 1e6:.1f} |")
     if extracts:
         lines += ["", "`extract` end to end (decode, resize, backbone, segment writes; the "
                   "pass's own clock, model build and conversion excluded), CIFAR-10 files, "
-                  "median of alternating pairs. *of ONNX forward ceiling*: of the session on "
-                  "images already at the input size; *of ONNX session, same batches*: of the "
-                  "session alone on 32 px batches like those the pass hands it (its resize "
-                  "included):", "",
+                  "median of alternating pairs. *of ONNX forward ceiling*: of ONNX Runtime run as "
+                  "the pass runs it (sliced per core) on images already at the input size; *of "
+                  "ONNX session, same batches*: of it alone on 32 px batches like those the pass "
+                  "hands it (its resize included):", "",
                   "| model | images | TF img/s | ONNX img/s | ratio | of ONNX forward ceiling "
                   "| of ONNX session, same batches |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -234,7 +255,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--only", nargs="*", choices=list(CONFIGS), default=list(CONFIGS))
-    parser.add_argument("--extract", type=int, default=2048, help="CIFAR-10 images for the "
+    parser.add_argument("--extract", type=int, default=8192, help="CIFAR-10 images for the "
                         "end-to-end extract rows (MobileNet; ResNet50 an eighth; VGG16 and the "
                         "preset none; 0: none)")
     args = parser.parse_args()

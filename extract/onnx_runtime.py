@@ -15,6 +15,11 @@ an image is the same array whichever runtime or path resized it. Any other size 
 by `Preprocessing.resize_batch`, TensorFlow's own resize (tf2onnx cannot convert the
 antialiased resize, ScaleAndTranslate, and at other factors the two round a few pixels in a
 thousand differently).
+For throughput (the extraction pass) a batch is split into slices run at once from one thread
+per core on a session of one intra-op thread (`onnx_forward_function`'s `threads`): MobileNet's
+small convolutions share two threads poorly, and on 2 cores this ran 1.1-1.3x the images per
+second of one session on both threads (`bench/onnx_runtime.py`); predict and serve, whose
+batches are often one image, keep one session on all cores.
 A second graph with the horizontal mirror between the resize and `preprocess_input` gives the
 mirrored view of `--tta flip`, as `extract.multiblock.mirror_graph_inputs` does for TensorFlow.
 """
@@ -25,6 +30,7 @@ import contextlib
 import functools
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -269,22 +275,23 @@ def converted_model(root: Path, inputs: dict[str, Any], model: Any | Callable[[]
 
 
 def converted_session(root: Path, inputs: dict[str, Any], model: Any | Callable[[], Any],
-                      preprocessing: Preprocessing, mirror: bool = False) -> Any:
-    """The session of the store's converted model (see `converted_model`), made once: from the
-    file, or from the conversion that writes it. A file onnxruntime cannot load (damaged by
-    hand, say) is converted again once."""
+                      preprocessing: Preprocessing, mirror: bool = False,
+                      threads: int | None = None) -> Any:
+    """The session (`threads` intra-op threads; all cores) of the store's converted model (see
+    `converted_model`), made once: from the file, or from the conversion that writes it. A file
+    onnxruntime cannot load (damaged by hand, say) is converted again once."""
     require()
     path = model_path(root, model_key(inputs, mirror))
     if path.is_file():
         try:
-            return session(path)
+            return session(path, threads)
         except Exception:  # onnxruntime raises its own exception types for a bad file
             path.unlink(missing_ok=True)
-    return _convert(path, inputs, model, preprocessing, mirror)
+    return _convert(path, inputs, model, preprocessing, mirror, threads)
 
 
 def _convert(path: Path, inputs: dict[str, Any], model: Any | Callable[[], Any],
-             preprocessing: Preprocessing, mirror: bool) -> Any:
+             preprocessing: Preprocessing, mirror: bool, threads: int | None = None) -> Any:
     """Convert the backbone, check that ONNX Runtime loads it (a graph it cannot run is never
     kept), write it to `path`; returns the session."""
     keras_model = model() if callable(model) and not hasattr(model, "layers") else model
@@ -293,15 +300,15 @@ def _convert(path: Path, inputs: dict[str, Any], model: Any | Callable[[], Any],
     except Exception as error:  # tf2onnx raises many types, with long messages
         raise HeadstartError(f"Cannot convert backbone {inputs.get('backbone')} to ONNX "
                              f"({_first_line(error)}); use --runtime tf.") from None
-    runner = _loadable(data, inputs)
+    runner = _loadable(data, inputs, threads)
     write_model(path, data)
     return runner
 
 
-def _loadable(model: bytes, inputs: dict[str, Any]) -> Any:
+def _loadable(model: bytes, inputs: dict[str, Any], threads: int | None = None) -> Any:
     """A session of a converted model, or one sentence where ONNX Runtime cannot load it."""
     try:
-        return session(model)
+        return session(model, threads)
     except Exception as error:  # onnxruntime raises its own exception types
         raise HeadstartError(f"ONNX Runtime cannot run backbone {inputs.get('backbone')} as "
                              f"converted ({_first_line(error)}); use --runtime tf.") from None
@@ -348,17 +355,28 @@ def session(model: Path | bytes, threads: int | None = None) -> Any:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def onnx_forward_function(runner: Any, preprocessing: Preprocessing
+def onnx_forward_function(runner: Any, preprocessing: Preprocessing, threads: int = 1
                           ) -> Callable[[np.ndarray], np.ndarray]:
     """`forward_function`'s contract on an onnxruntime session: a batch of decoded images
-    (uint8 N×H×W×3, any one size) in, float32 features out."""
+    (uint8 N×H×W×3, any one size) in, float32 features out. With `threads` > 1 each batch is
+    split into two slices per thread, run on `runner` from that many threads at once and put
+    back in order (two per thread, so that a thread slowed by the decoding threads takes fewer
+    of them): give it a session of one intra-op thread."""
     name = runner.get_inputs()[0].name
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="onnx-slice") if threads > 1 else None
+
+    def run(images: np.ndarray) -> np.ndarray:
+        return runner.run(None, {name: np.ascontiguousarray(images, dtype=np.float32)})[0]
 
     def call(batch: np.ndarray) -> np.ndarray:
         if not takes_as_is(preprocessing, *batch.shape[1:3]):
             batch = preprocessing.resize_batch(batch)
-        images = np.ascontiguousarray(batch, dtype=np.float32)
-        return runner.run(None, {name: images})[0].astype(np.float32, copy=False)
+        if pool is None or len(batch) < 2:
+            features = run(batch)
+        else:
+            parts = np.array_split(batch, min(2 * threads, len(batch)))
+            features = np.concatenate(list(pool.map(run, parts)))
+        return features.astype(np.float32, copy=False)
 
     return call
 

@@ -161,7 +161,8 @@ def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool,
 
     def make(model: Any, preprocessing: Any, compute: Any, mirror: bool = False) -> Any:
         return runtime_forward(plan.compute.runtime, model, preprocessing, compute,
-                               store_root=store_root, inputs=plan.inputs, mirror=mirror)
+                               store_root=store_root, inputs=plan.inputs, mirror=mirror,
+                               throughput=True)
 
     forward = views_forward(model, plan.preprocessing, plan.compute, plan.tta, make=make)
     forward(_warm_up_batch(plan, todo[0][0]))  # trace before the clock starts

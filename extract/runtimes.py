@@ -41,11 +41,14 @@ def checked_runtime(cache_name: str, inputs: dict[str, Any], asked: str | None) 
 
 def runtime_forward(runtime: str, model: Any, preprocessing: Preprocessing,
                     compute: ComputeOptions | None = None, *, store_root: Path | None = None,
-                    inputs: dict[str, Any] | None = None, mirror: bool = False
-                    ) -> Callable[[np.ndarray], np.ndarray]:
+                    inputs: dict[str, Any] | None = None, mirror: bool = False,
+                    throughput: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     """The forward function of `runtime` for a Keras feature model (of the mirrored images
     with `mirror`). For onnx, `store_root` and the cache's (or plan's) fingerprint
-    `inputs` locate the converted model in the store."""
+    `inputs` locate the converted model in the store; `throughput` (large batches, as the
+    extraction pass's) runs slices of each batch from one thread per core on a single-threaded
+    session, rather than the whole batch on one session of all cores' threads (the lower
+    latency for the one-image batches of predict and serve)."""
     if check_runtime(runtime) == "tf":
         from extract.forward import forward_function
 
@@ -54,8 +57,10 @@ def runtime_forward(runtime: str, model: Any, preprocessing: Preprocessing,
         raise ValueError("the onnx runtime needs the store and the fingerprint inputs")
     from extract import onnx_runtime
 
-    runner = onnx_runtime.converted_session(store_root, inputs, model, preprocessing, mirror)
-    return onnx_runtime.onnx_forward_function(runner, preprocessing)
+    threads = onnx_runtime.cpu_threads() if throughput else 1
+    runner = onnx_runtime.converted_session(store_root, inputs, model, preprocessing, mirror,
+                                            threads=1 if threads > 1 else None)
+    return onnx_runtime.onnx_forward_function(runner, preprocessing, threads)
 
 
 def takes_decoded_images(runtime: str, preprocessing: Preprocessing) -> bool:

@@ -343,6 +343,44 @@ def test_small_batches_cross_as_they_are_and_larger_ones_are_resized_first(
     assert seen == [(2, 48, 48, 3)]  # no bicubic resize in the graph: resized first
 
 
+def test_throughput_mode_runs_slices_at_once_and_keeps_their_order() -> None:
+    """threads=2 (the extraction pass): two slices per thread, run concurrently on the same
+    session, features back in row order; a single image is never split."""
+    import threading
+
+    from extract.backbones import get_backbone
+    from extract.onnx_runtime import onnx_forward_function
+
+    preprocessing = get_backbone("mobilenet").preprocessing(32)
+    seen: list[int] = []
+    inside, most = [0], [0]
+    lock, gate = threading.Lock(), threading.Barrier(2, timeout=10)
+
+    class Runner:
+        def get_inputs(self):
+            return [type("Input", (), {"name": "images"})()]
+
+        def run(self, _, feed):
+            images = feed["images"]
+            with lock:
+                seen.append(len(images))
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            if len(images) > 1:
+                gate.wait()  # returns only once a second slice is running beside this one
+            with lock:
+                inside[0] -= 1
+            return [images.reshape(len(images), -1)[:, :1].astype(np.float32)]
+
+    forward = onnx_forward_function(Runner(), preprocessing, threads=2)
+    batch = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1) * np.ones((1, 32, 32, 3), np.uint8)
+    np.testing.assert_array_equal(forward(batch)[:, 0], np.arange(10))
+    assert sorted(seen) == [2, 2, 3, 3] and most[0] == 2
+    seen.clear()
+    np.testing.assert_array_equal(forward(batch[3:4])[:, 0], [3])
+    assert seen == [1]
+
+
 def test_test_time_views_on_onnx(onnx_store: Path, tmp_path: Path) -> None:
     """--tta flip --runtime onnx: the original view is the one-view onnx cache's, bit for bit;
     the mirrored view is TensorFlow's mirrored view (within float error); a head fitted with
