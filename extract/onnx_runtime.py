@@ -18,7 +18,8 @@ thousand differently).
 For throughput (the extraction pass) a batch is split into slices run at once from one thread
 per core on a session of one intra-op thread (`onnx_forward_function`'s `threads`): MobileNet's
 small convolutions share two threads poorly, and on 2 cores this ran 1.1-1.3x the images per
-second of one session on both threads (`bench/onnx_runtime.py`); predict and serve, whose
+second of one session on both threads (`bench/onnx_runtime.py`; the pass also keeps two
+batches in flight, `extract.runtimes.concurrent_calls`); predict and serve, whose
 batches are often one image, keep one session on all cores.
 A second graph with the horizontal mirror between the resize and `preprocess_input` gives the
 mirrored view of `--tta flip`, as `extract.multiblock.mirror_graph_inputs` does for TensorFlow.

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from extract.augment import Augmentation
 from extract.backbones import build_feature_model
 from extract.forward import ViewsForward, views_forward
-from extract.runtimes import runtime_forward
+from extract.runtimes import concurrent_calls, runtime_forward
 from extract.images import BadImage
 from extract.multiblock import BlockColumns, multiblock_model
 from extract.plan import ExtractionPlan
@@ -165,6 +166,7 @@ def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool,
                                throughput=True)
 
     forward = views_forward(model, plan.preprocessing, plan.compute, plan.tta, make=make)
+    concurrent = concurrent_calls(plan.compute.runtime)
     forward(_warm_up_batch(plan, todo[0][0]))  # trace before the clock starts
     from tqdm import tqdm
 
@@ -174,13 +176,14 @@ def _run_backbone(plan: ExtractionPlan, partial: PartialCache, progress: bool,
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
         with ThreadPoolExecutor(max_workers=plan.workers) as pool, \
-                ThreadPoolExecutor(max_workers=1) as writer:
+                ThreadPoolExecutor(max_workers=1) as writer, \
+                ThreadPoolExecutor(max_workers=2, thread_name_prefix="backbone") as calls:
             prefetch = _Prefetch(plan, partial, pool, todo)
             written: Future | None = None
             try:
                 for split, k in todo:
                     segment = _compute_segment(plan, forward, prefetch.segment(split, k), width,
-                                               bar, split)
+                                               bar, split, calls if concurrent else None)
                     if written is not None:
                         written.result()  # at most one write in flight; re-raises its error
                     written = writer.submit(partial.write_segment, split, k, segment)
@@ -279,32 +282,40 @@ class _Prefetch:
 
 
 def _compute_segment(plan: ExtractionPlan, forward: ViewsForward, batches: Iterator[_Batch],
-                     width: int, bar: Any, split: str) -> Segment:
+                     width: int, bar: Any, split: str, calls: ThreadPoolExecutor | None = None
+                     ) -> Segment:
     """Run the backbone over one segment's decoded (and, for views, augmented) images; with
-    `plan.tta`, over their mirrored views too."""
+    `plan.tta`, over their mirrored views too. With `calls`, two batches at once on it."""
     rows: list[int] = []
     skipped_rows: list[int] = []
     reasons: list[str] = []
     features: list[tuple[np.ndarray, np.ndarray | None]] = []
     held: list[np.ndarray] = []  # views: the segment's resized images, augmented together below
-    for batch in batches:
-        rows += batch.rows
-        skipped_rows += batch.skipped_rows
-        reasons += batch.reasons
-        bar.update(len(batch.skipped_rows))
-        if plan.augmentation is not None:
-            held.append(plan.preprocessing.resize_batch(batch.pixels))
-        elif len(batch.rows):
-            features.append(_features(plan, forward, batch.pixels))
-            bar.update(len(batch.rows))
+
+    def decoded() -> Iterator[Callable[[], tuple[np.ndarray, np.ndarray | None]]]:
+        for batch in batches:
+            rows.extend(batch.rows)
+            skipped_rows.extend(batch.skipped_rows)
+            reasons.extend(batch.reasons)
+            bar.update(len(batch.skipped_rows))
+            if plan.augmentation is not None:
+                held.append(plan.preprocessing.resize_batch(batch.pixels))
+            elif len(batch.rows):
+                yield functools.partial(_features, plan, forward, batch.pixels)
+
+    for stored in _in_order(decoded(), calls):
+        features.append(stored)
+        bar.update(len(stored[0]))
     if held:
         images = np.concatenate(held)
         if len(images):
             images = plan.augmentation.apply(images, np.asarray(rows), plan.view, split)
-        for start in range(0, len(images), plan.batch_size):
-            inputs = images[start:start + plan.batch_size]
-            features.append(_features(plan, forward, inputs))
-            bar.update(len(inputs))
+        starts = range(0, len(images), plan.batch_size)
+        for stored in _in_order((functools.partial(_features, plan, forward,
+                                                   images[start:start + plan.batch_size])
+                                 for start in starts), calls):
+            features.append(stored)
+            bar.update(len(stored[0]))
     empty = np.zeros((0, width), dtype=plan.dtype)
     return Segment(
         np.concatenate([f for f, _ in features]) if features else empty,
@@ -314,6 +325,23 @@ def _compute_segment(plan: ExtractionPlan, forward: ViewsForward, batches: Itera
         (np.concatenate([m for _, m in features]) if features else empty)
         if plan.tta is not None else None,
     )
+
+
+def _in_order(calls: Iterable[Callable[[], Any]], pool: ThreadPoolExecutor | None,
+              depth: int = 2) -> Iterator[Any]:
+    """The results of `calls` in order: each called in this thread without `pool`, else up to
+    `depth` running at once on it."""
+    if pool is None:
+        for call in calls:
+            yield call()
+        return
+    pending: deque[Future] = deque()
+    for call in calls:
+        pending.append(pool.submit(call))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _features(plan: ExtractionPlan, forward: ViewsForward, inputs: np.ndarray

@@ -92,7 +92,9 @@ class Backbone:
         return "model", list(COLUMNS if plan.blocks == 1 else
                              [BlockColumns("b1", 0, 1), BlockColumns("b2", 1, 3)])
 
-    def make(self, runtime, model, preprocessing, compute, *, store_root, inputs, mirror):
+    def make(self, runtime, model, preprocessing, compute, *, store_root, inputs, mirror,
+             throughput):
+        assert throughput  # the pass asks for the runtime's throughput mode
         self.made.append((runtime, model, preprocessing, compute, store_root, inputs, mirror))
 
         def forward(batch: np.ndarray) -> np.ndarray:
