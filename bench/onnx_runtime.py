@@ -97,7 +97,11 @@ def _backbone(settings: dict[str, Any]) -> tuple[Any, Any, str]:
     return get_backbone(settings["backbone"]), Weights.parse(settings["weights"]), "avg"
 
 
-def measure(name: str, settings: dict[str, Any], pairs: int, folder: Path) -> dict[str, Any]:
+def measure(name: str, settings: dict[str, Any], pairs: int, folder: Path
+            ) -> tuple[dict[str, Any], dict[str, Callable[[], float]]]:
+    """The forward-only row of one model, and probes of ONNX Runtime's ceiling (images per
+    second now, as the pass runs it, on images at the input size and on 32 px ones) for
+    `extraction` to time beside each pass."""
     from extract.backbones import build_feature_model
     from extract.forward import forward_function
     from extract.onnx_runtime import convert, cpu_threads, onnx_forward_function, session
@@ -143,7 +147,15 @@ def measure(name: str, settings: dict[str, Any], pairs: int, folder: Path) -> di
             f"{batch_size / sliced_s:.0f}, two batches at once {2 * batch_size / two_s:.0f}), "
             f"{batch_size / onnx_s:.0f} img/s on one session ({tf_s / onnx_s:.2f}x), "
             f"max abs diff {diff:.2e}")
-    calls.shutdown()
+
+    def probe(batch: np.ndarray, seconds: float = 1.0) -> Callable[[], float]:
+        def rate() -> float:
+            started, images = time.perf_counter(), 0
+            while time.perf_counter() - started < seconds:
+                two_at_once(batch)
+                images += 2 * len(batch)
+            return images / (time.perf_counter() - started)
+        return rate
 
     exported = _keras_export(model, folder)
     if exported.get("ok"):
@@ -157,13 +169,15 @@ def measure(name: str, settings: dict[str, Any], pairs: int, folder: Path) -> di
                         max_abs_diff=float(difference))
     row["keras_export"] = exported
     log(f"{name} keras export: {exported}")
-    return row
+    return row, {"forward": probe(at_size), "resize": probe(small)}
 
 
 def extraction(name: str, settings: dict[str, Any], images: int, pairs: int, folder: Path,
-               ceilings: dict[str, float]) -> dict[str, Any]:
+               probes: dict[str, Callable[[], float]]) -> dict[str, Any]:
     """`extract_features` end to end (decode, resize, backbone, writes) under each runtime, in
-    alternating pairs on fresh caches of `images` CIFAR-10 files; the ONNX model converted once."""
+    alternating pairs on fresh caches of `images` CIFAR-10 files; the ONNX model converted once.
+    ONNX Runtime's ceilings are probed right after each pair, so that the pass's share of them
+    is a median of ratios taken at one moment (a busy machine slows both)."""
     import shutil
 
     from extract.pipeline import extract_features
@@ -173,6 +187,7 @@ def extraction(name: str, settings: dict[str, Any], images: int, pairs: int, fol
     data = subset(images)
     store = Store(folder / f"store-{name}")
     seconds: dict[str, list[float]] = {"tf": [], "onnx": []}
+    shares: dict[str, list[float]] = {"forward": [], "resize": []}
     for run in range(pairs + 1):  # the first pair warms up (and converts)
         for runtime in ("tf", "onnx"):
             plan = ExtractSettings(str(data), settings["backbone"], settings["weights"],
@@ -182,10 +197,15 @@ def extraction(name: str, settings: dict[str, Any], images: int, pairs: int, fol
             if run:
                 seconds[runtime].append(result.seconds / result.computed)
             shutil.rmtree(store.caches_dir)
+        if run:
+            for label, out in shares.items():
+                out.append(1 / seconds["onnx"][-1] / probes[label]())
     tf_s, onnx_s = median(seconds["tf"]), median(seconds["onnx"])
     row = {"model": name, "images": images, "tf_ips": 1 / tf_s, "onnx_ips": 1 / onnx_s,
-           "ratio": tf_s / onnx_s, "of_onnx_ceiling": (1 / onnx_s) / ceilings["forward"],
-           "of_onnx_session": (1 / onnx_s) / ceilings["resize"]}
+           "ratio": tf_s / onnx_s, "of_onnx_ceiling": median(shares["forward"]),
+           "of_onnx_session": median(shares["resize"]),
+           "per_pair": {"tf_ips": [1 / x for x in seconds["tf"]],
+                        "onnx_ips": [1 / x for x in seconds["onnx"]], "shares": shares}}
     log(f"{name} extract: TF {1 / tf_s:.0f} img/s, ONNX Runtime {1 / onnx_s:.0f} img/s "
         f"({tf_s / onnx_s:.2f}x; {row['of_onnx_ceiling']:.2f} of ONNX's forward ceiling, "
         f"{row['of_onnx_session']:.2f} of its session on the same 32 px batches)")
@@ -238,9 +258,10 @@ def markdown(rows: list[dict[str, Any]], extracts: list[dict[str, Any]], facts: 
         lines += ["", "`extract` end to end (decode, resize, backbone, segment writes; the "
                   "pass's own clock, model build and conversion excluded), CIFAR-10 files, "
                   "median of alternating pairs. *of ONNX forward ceiling*: of ONNX Runtime run as "
-                  "the pass runs it (sliced per core, the better of one and two batches at "
-                  "once) on images already at the input size; *of ONNX session, same batches*: of it alone on 32 px batches like those the pass "
-                  "hands it (its resize included):", "",
+                  "the pass runs it (sliced per core, two batches at once) on images already at "
+                  "the input size; *of ONNX session, same batches*: of it alone on 32 px batches "
+                  "like those the pass hands it (its resize included); both probed for a second "
+                  "right after each pair, the median of the pairs' shares:", "",
                   "| model | images | TF img/s | ONNX img/s | ratio | of ONNX forward ceiling "
                   "| of ONNX session, same batches |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -283,13 +304,13 @@ def main() -> None:
     rows, extracts = [], []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.only:
-            rows.append(measure(name, CONFIGS[name], args.pairs, Path(folder)))
+            row, probes = measure(name, CONFIGS[name], args.pairs, Path(folder))
+            rows.append(row)
             if args.extract and name.startswith(("mobilenet", "resnet50")):
-                images = args.extract if name.startswith("mobilenet") else max(64, args.extract // 8)
+                images = (args.extract if name.startswith("mobilenet")
+                          else max(64, args.extract // 8))
                 extracts.append(extraction(name, CONFIGS[name], images,
-                                           max(1, args.pairs // 2), Path(folder),
-                                           {k: rows[-1][k]["onnx_ips"] for k in ("forward",
-                                                                                "resize")}))
+                                           max(1, args.pairs // 2), Path(folder), probes))
     command = "python " + " ".join(["bench/onnx_runtime.py", *sys.argv[1:]])
     save_json("onnx.json", {"machine": facts, "date": date, "command": command, "rows": rows,
                             "extract": extracts})
