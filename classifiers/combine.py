@@ -22,6 +22,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold, cross_val_predict
 from sklearn.utils.multiclass import check_classification_targets
@@ -84,10 +85,13 @@ class EnsembleHead(ClassifierMixin, BaseEstimator):
                 # that class probability 0 in the fold's rows and says so; that is intended here
                 warnings.filterwarnings("ignore", "Number of classes in training fold",
                                         RuntimeWarning)
+                # the meta-learner's lbfgs stopping at max_iter is not the user's to act on
+                # (its out-of-fold score is what the ensemble reports)
+                warnings.filterwarnings("ignore", category=ConvergenceWarning)
                 oof = cross_val_predict(self._meta(), features, y, cv=folds,
                                         method="predict_proba")
+                self.meta_ = self._meta().fit(features, y)
             self.oof_proba_ = self._spread(oof, np.unique(y), n_classes)
-            self.meta_ = self._meta().fit(features, y)
         return self
 
     def _meta(self) -> LogisticRegression:
