@@ -44,18 +44,11 @@ CONFIGS = {
 BATCH = 64  # per batch, unless the config says (VGG16: 32, as in the issue)
 
 
-def _pairs(first: Callable[[], Any], second: Callable[[], Any], pairs: int,
-           sample_s: float = 1.0) -> tuple[float, float]:
-    """Median seconds per call of each of two calls, timed in alternating pairs (one warm-up
-    each); each timing repeats the call for about `sample_s` seconds, so that a busy machine's
-    hiccups spread over many batches."""
-    a, b = _alternating([first, second], pairs, sample_s)
-    return a, b
-
-
 def _alternating(calls: list[Callable[[], Any]], rounds: int, sample_s: float = 1.0
                  ) -> list[float]:
-    """`_pairs` for any number of calls: median seconds per call of each, timed in turn."""
+    """Median seconds per call of each of `calls`, timed in turn for `rounds` rounds (one
+    warm-up each); each timing repeats the call for about `sample_s` seconds, so that a busy
+    machine's hiccups spread over many batches."""
     started = time.perf_counter()
     for call in calls:
         call()
@@ -104,7 +97,9 @@ def measure(name: str, settings: dict[str, Any], pairs: int, folder: Path
     `extraction` to time beside each pass."""
     from extract.backbones import build_feature_model
     from extract.forward import forward_function
-    from extract.onnx_runtime import convert, cpu_threads, onnx_forward_function, session
+    from extract.onnx_runtime import (convert, cpu_threads, onnx_forward_function, session,
+                                      session_threads)
+    from extract.pipeline import _in_order
 
     spec, weights, pooling = _backbone(settings)
     size = settings["image_size"]
@@ -116,7 +111,8 @@ def measure(name: str, settings: dict[str, Any], pairs: int, folder: Path
     conversion = time.perf_counter() - started
     onnx_forward = onnx_forward_function(session(data), preprocessing)
     # as extract runs it: slices of each batch from one thread per core, one single-threaded session
-    sliced_forward = onnx_forward_function(session(data, 1), preprocessing, cpu_threads())
+    sliced_forward = onnx_forward_function(session(data, session_threads(cpu_threads())),
+                                           preprocessing, cpu_threads())
 
     batch_size = settings.get("batch", BATCH)
     rng = np.random.default_rng(0)
@@ -127,8 +123,8 @@ def measure(name: str, settings: dict[str, Any], pairs: int, folder: Path
     calls = ThreadPoolExecutor(2)
 
     def two_at_once(batch: np.ndarray) -> None:  # as the pass calls it: two batches in flight
-        for future in [calls.submit(sliced_forward, batch) for _ in range(2)]:
-            future.result()
+        for _ in _in_order([lambda: sliced_forward(batch)] * 2, calls):
+            pass
 
     for label, batch in (("forward", at_size), ("resize", small)):
         diff = float(max(np.abs(tf_forward(batch) - onnx_forward(batch)).max(),
@@ -162,8 +158,9 @@ def measure(name: str, settings: dict[str, Any], pairs: int, folder: Path
         runner = session(Path(exported.pop("path")))
         inputs = preprocessing.apply(at_size)
         feed = {runner.get_inputs()[0].name: inputs}
-        tf_s, keras_s = _pairs(lambda: tf_forward(at_size), lambda: runner.run(None, feed),
-                               pairs if name.startswith("mobilenet") else 1)
+        tf_s, keras_s = _alternating([lambda: tf_forward(at_size),
+                                      lambda: runner.run(None, feed)],
+                                     pairs if name.startswith("mobilenet") else 1)
         difference = np.abs(runner.run(None, feed)[0] - tf_forward(at_size)).max()
         exported.update(onnx_ips=batch_size / keras_s, ratio=tf_s / keras_s,
                         max_abs_diff=float(difference))

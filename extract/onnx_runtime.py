@@ -337,6 +337,12 @@ def cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def session_threads(slices: int) -> int | None:
+    """Intra-op threads of a session that `slices` threads run at once (`onnx_forward_function`):
+    one each, else (None) all cores."""
+    return 1 if slices > 1 else None
+
+
 def session(model: Path | bytes, threads: int | None = None) -> Any:
     """An onnxruntime session on the CPU provider, `threads` intra-op threads (all cores)."""
     require()

@@ -59,7 +59,7 @@ def runtime_forward(runtime: str, model: Any, preprocessing: Preprocessing,
 
     threads = onnx_runtime.cpu_threads() if throughput else 1
     runner = onnx_runtime.converted_session(store_root, inputs, model, preprocessing, mirror,
-                                            threads=1 if threads > 1 else None)
+                                            threads=onnx_runtime.session_threads(threads))
     return onnx_runtime.onnx_forward_function(runner, preprocessing, threads)
 
 
